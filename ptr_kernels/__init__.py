@@ -1,0 +1,8 @@
+"""ptr_kernels: fused Triton kernels for position-dependent trust-region policy losses (CPPO, DPPO, PPO)."""
+
+from .api import PolicyLoss, policy_loss
+from .config import PolicyLossConfig
+from .reference import policy_loss_reference
+
+__all__ = ["PolicyLoss", "PolicyLossConfig", "policy_loss", "policy_loss_reference"]
+__version__ = "0.1.0"

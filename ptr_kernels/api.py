@@ -1,0 +1,66 @@
+"""Public API: `policy_loss` (functional) and `PolicyLoss` (nn.Module), with backend dispatch."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .config import PolicyLossConfig, resolve_config
+from .reference import policy_loss_reference
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                response_mask: Optional[torch.Tensor] = None, *, cu_seqlens: Optional[torch.Tensor] = None,
+                config: Optional[PolicyLossConfig] = None, backend: str = "auto",
+                rollout_is_weights: Optional[torch.Tensor] = None, dp_size: int = 1,
+                batch_num_tokens=None, global_batch_size=None, **overrides):
+    """Position-dependent trust-region policy loss (CPPO, DPPO, PPO clip) and its metrics.
+
+    Args:
+        log_prob: `[B, T]` (padded) or `[N]` (packed) log pi(y_t | s_t) of the policy being trained; the
+            only input that carries gradient (returned in its dtype).
+        old_log_prob: same shape, log mu(y_t | s_t) of the rollout policy (the anchor).
+        advantages: `[B, T]` or `[B]` (padded); `[N]` or `[S]` (packed).
+        response_mask: `[B, T]` or `[N]`, bool/int/float 0/1; None means every position is valid.
+        cu_seqlens: `[S + 1]` int32/int64 offsets of packed sequences (FlashAttention convention).
+        config: a `PolicyLossConfig`; keyword `overrides` replace its fields (`method="dppo", delta=0.2`).
+        backend: "auto" (Triton kernel for CUDA tensors, reference on CPU), "reference" or "triton".
+        rollout_is_weights: optional per-token factor on the loss (no gradient), shape of log_prob.
+        dp_size, batch_num_tokens, global_batch_size: verl's global normalizers (SPEC section 6).
+
+    Returns:
+        `(loss, metrics)`: a 0-dim loss and a dict of 0-dim metric tensors on the input's device.
+    """
+    config = resolve_config(config, overrides)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is invalid: expected one of {', '.join(map(repr, BACKENDS))}")
+    if backend == "auto":
+        backend = "triton" if log_prob.is_cuda else "reference"
+    kwargs = dict(cu_seqlens=cu_seqlens, config=config, rollout_is_weights=rollout_is_weights, dp_size=dp_size,
+                  batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
+    if backend == "reference":
+        return policy_loss_reference(log_prob, old_log_prob, advantages, response_mask, **kwargs)
+    return _triton_policy_loss(log_prob, old_log_prob, advantages, response_mask, **kwargs)
+
+
+def _triton_policy_loss(*args, **kwargs):
+    raise NotImplementedError("backend='triton' is not implemented yet")
+
+
+class PolicyLoss(torch.nn.Module):
+    """`nn.Module` over `policy_loss` with a fixed config: `loss, metrics = PolicyLoss(cfg)(lp, old_lp, adv, mask)`."""
+
+    def __init__(self, config: Optional[PolicyLossConfig] = None, backend: str = "auto", **overrides):
+        super().__init__()
+        self.config = resolve_config(config, overrides)
+        self.backend = backend
+
+    def forward(self, log_prob, old_log_prob, advantages, response_mask=None, **kwargs):
+        return policy_loss(log_prob, old_log_prob, advantages, response_mask, config=self.config,
+                           backend=self.backend, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.config}, backend={self.backend!r}"

@@ -1,0 +1,142 @@
+"""`PolicyLossConfig`: every hyperparameter of SPEC sections 2-6, with SPEC's names and defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+METHODS = ("cppo", "dppo", "ppo")
+DIVERGENCES = ("binary_tv", "binary_kl")
+LOGIT_DIVERGENCES = ("topk_tv", "topk_kl")  # need full distributions: SPEC section 7
+LENGTH_MODES = ("sequence", "padded")
+GATES = ("hard", "soft")
+SURROGATES = ("ratio", "logp")
+LOSS_AGG_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
+
+
+def _fail(field: str, value, allowed: str) -> None:
+    raise ValueError(f"PolicyLossConfig.{field}={value!r} is invalid: expected {allowed}")
+
+
+def _check_choice(field: str, value, choices) -> None:
+    if value not in choices:
+        _fail(field, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def _check_number(field: str, value, *, low=None, high=None, low_open=False, high_open=False,
+                  optional=False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(field, value, "a finite number" + (" or None" if optional else ""))
+    lo_ok = low is None or (value > low if low_open else value >= low)
+    hi_ok = high is None or (value < high if high_open else value <= high)
+    if not (lo_ok and hi_ok):
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
+        hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+        rng = f"{lo or '(-inf'}, {hi or 'inf)'}"
+        _fail(field, value, f"a number in {rng}" + (" or None" if optional else ""))
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """Hyperparameters of the policy loss. Validated on construction (ValueError names the field).
+
+    method: "cppo" (position-weighted threshold + prefix budget), "dppo" (divergence mask), "ppo" (ratio clip).
+    divergence: D_t for cppo/dppo, "binary_tv" |pi - mu| or "binary_kl" KL(mu || pi) on {y_t, rest}.
+    delta: token threshold (cppo, and dppo's default for both sides); delta_low / delta_high: dppo's
+        thresholds for A < 0 / A > 0 (None: delta).
+    w_min: position weight at the last position (cppo); 1 disables the position weight.
+    delta_b, delta_b_quantile, delta_b_max_mult: prefix budget per unit weight; with a quantile q the
+        per-sequence budget is min(max_mult * delta_b, max(delta_b, Quantile_q(D))); None keeps delta_b fixed.
+    length_mode: T_w of the position weight: "sequence" (last valid position), "padded" (row width, or the
+        longest packed sequence) or an int horizon.
+    gate: "hard" (0/1 mask) or "soft" (min(1, 1/z), paper App. C).
+    surrogate: "ratio" (-A r M) or "logp" (-A sg(min(r, ratio_cap)) log_prob M).
+    log_ratio_clamp: |log_prob - old_log_prob| is clamped to this before exp (None: no clamp).
+    clip_ratio_low, clip_ratio_high, clip_ratio_c: ppo clip range and dual-clip constant (None: off).
+    loss_agg_mode, loss_scale_factor: verl's aggregation; loss_scale_factor divides seq-mean-token-sum-norm
+        (None: the padded width T; required for packed input).
+    """
+
+    method: str = "cppo"
+    divergence: str = "binary_tv"
+    delta: float = 0.15
+    delta_low: Optional[float] = None
+    delta_high: Optional[float] = None
+    w_min: float = 0.8
+    delta_b: float = 0.02
+    delta_b_quantile: Optional[float] = 0.9
+    delta_b_max_mult: float = 2.0
+    length_mode: Union[str, int] = "sequence"
+    gate: str = "hard"
+    surrogate: str = "ratio"
+    ratio_cap: float = 20.0
+    log_ratio_clamp: Optional[float] = 20.0
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.28
+    clip_ratio_c: Optional[float] = None
+    loss_agg_mode: str = "token-mean"
+    loss_scale_factor: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        if self.divergence in LOGIT_DIVERGENCES:
+            _fail("divergence", self.divergence,
+                  "one of 'binary_tv', 'binary_kl' (top-K divergences need logits, SPEC section 7)")
+        _check_choice("divergence", self.divergence, DIVERGENCES)
+        _check_number("delta", self.delta, low=0, low_open=True)
+        _check_number("delta_low", self.delta_low, low=0, low_open=True, optional=True)
+        _check_number("delta_high", self.delta_high, low=0, low_open=True, optional=True)
+        _check_number("w_min", self.w_min, low=0, high=1, low_open=True)
+        _check_number("delta_b", self.delta_b, low=0)
+        _check_number("delta_b_quantile", self.delta_b_quantile, low=0, high=1, optional=True)
+        _check_number("delta_b_max_mult", self.delta_b_max_mult, low=1)
+        if isinstance(self.length_mode, str):
+            _check_choice("length_mode", self.length_mode, LENGTH_MODES)
+        elif isinstance(self.length_mode, bool) or not isinstance(self.length_mode, int) or self.length_mode < 1:
+            _fail("length_mode", self.length_mode, "'sequence', 'padded' or an int horizon >= 1")
+        _check_choice("gate", self.gate, GATES)
+        _check_choice("surrogate", self.surrogate, SURROGATES)
+        _check_number("ratio_cap", self.ratio_cap, low=0, low_open=True)
+        _check_number("log_ratio_clamp", self.log_ratio_clamp, low=0, low_open=True, optional=True)
+        _check_number("clip_ratio_low", self.clip_ratio_low, low=0, high=1, high_open=True)
+        _check_number("clip_ratio_high", self.clip_ratio_high, low=0)
+        _check_number("clip_ratio_c", self.clip_ratio_c, low=1, low_open=True, optional=True)
+        _check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
+        _check_number("loss_scale_factor", self.loss_scale_factor, low=0, low_open=True, optional=True)
+
+    @property
+    def delta_low_value(self) -> float:
+        return self.delta if self.delta_low is None else self.delta_low
+
+    @property
+    def delta_high_value(self) -> float:
+        return self.delta if self.delta_high is None else self.delta_high
+
+    def replace(self, **overrides) -> "PolicyLossConfig":
+        """A copy with some fields changed (validated again); unknown names raise ValueError."""
+        return resolve_config(self, overrides)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig))
+
+
+def resolve_config(config: Optional[PolicyLossConfig], overrides: dict) -> PolicyLossConfig:
+    """`config` (default: SPEC's defaults) with keyword `overrides` applied, validated."""
+    if config is None:
+        config = PolicyLossConfig()
+    elif not isinstance(config, PolicyLossConfig):
+        raise ValueError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
+    unknown = sorted(set(overrides) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown policy loss option(s) {unknown}; valid options: {', '.join(FIELDS)}")
+    return dataclasses.replace(config, **overrides) if overrides else config

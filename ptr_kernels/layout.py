@@ -1,0 +1,136 @@
+"""Input validation and the two layouts (SPEC section 1).
+
+padded: `[B, T]` tensors, optional `response_mask [B, T]`, advantages `[B, T]` or `[B]`.
+packed: `[N]` tensors with `cu_seqlens [S + 1]` (FlashAttention convention), optional mask `[N]`,
+        advantages `[N]` or `[S]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What `check_inputs` learned about a batch."""
+
+    packed: bool
+    num_seqs: int  # B (padded) or S (packed)
+    width: Optional[int]  # T for padded input, None for packed
+    adv_per_seq: bool  # advantages hold one value per sequence
+
+
+def _check_float(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seqlens=None,
+                 rollout_is_weights=None) -> Layout:
+    """Validate shapes, dtypes and devices; raise ValueError naming the offending argument.
+
+    `cu_seqlens` values are checked eagerly on CPU; on an accelerator they are checked with an
+    asynchronous device assert, so validation never forces a host sync.
+    """
+    _check_float("log_prob", log_prob)
+    _check_float("old_log_prob", old_log_prob)
+    _check_float("advantages", advantages)
+    device = log_prob.device
+    named = {"old_log_prob": old_log_prob, "advantages": advantages, "response_mask": response_mask,
+             "cu_seqlens": cu_seqlens, "rollout_is_weights": rollout_is_weights}
+    for name, t in named.items():
+        if t is not None:
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but log_prob is on {device}")
+    if old_log_prob.shape != log_prob.shape:
+        raise ValueError(f"old_log_prob has shape {tuple(old_log_prob.shape)}, "
+                         f"expected log_prob's {tuple(log_prob.shape)}")
+    if response_mask is not None:
+        if response_mask.shape != log_prob.shape:
+            raise ValueError(f"response_mask has shape {tuple(response_mask.shape)}, "
+                             f"expected log_prob's {tuple(log_prob.shape)}")
+        if response_mask.is_complex():
+            raise ValueError(f"response_mask must be bool, integer or float 0/1, got {response_mask.dtype}")
+    if rollout_is_weights is not None:
+        _check_float("rollout_is_weights", rollout_is_weights)
+        if rollout_is_weights.shape != log_prob.shape:
+            raise ValueError(f"rollout_is_weights has shape {tuple(rollout_is_weights.shape)}, "
+                             f"expected log_prob's {tuple(log_prob.shape)}")
+
+    if cu_seqlens is None:
+        if log_prob.dim() != 2:
+            raise ValueError(f"log_prob has shape {tuple(log_prob.shape)}: padded input is [B, T]; "
+                             "1-D packed input [N] needs cu_seqlens")
+        B, T = log_prob.shape
+        if advantages.shape not in ((B, T), (B,)):
+            raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected [B, T] = {(B, T)} "
+                             f"or [B] = {(B,)}")
+        return Layout(packed=False, num_seqs=B, width=T, adv_per_seq=advantages.dim() == 1)
+
+    if log_prob.dim() != 1:
+        raise ValueError(f"log_prob has shape {tuple(log_prob.shape)}: with cu_seqlens the input is packed "
+                         "[N]; padded [B, T] input takes response_mask instead of cu_seqlens")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be a 1-D int32 or int64 tensor [S + 1], got "
+                         f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+    N = log_prob.shape[0]
+    S = cu_seqlens.numel() - 1
+    if advantages.shape not in ((N,), (S,)):
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected [N] = {(N,)} or [S] = {(S,)}")
+    _check_cu_seqlens(cu_seqlens, N)
+    # N == S is ambiguous; per-token is what a [N] tensor means everywhere else.
+    return Layout(packed=True, num_seqs=S, width=None, adv_per_seq=advantages.shape == (S,) and N != S)
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, N: int) -> None:
+    first_ok = cu_seqlens[0] == 0
+    sorted_ok = (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
+    last_ok = cu_seqlens[-1] == N
+    if cu_seqlens.device.type != "cpu":
+        torch._assert_async(first_ok & sorted_ok & last_ok,
+                            "cu_seqlens must start at 0, be non-decreasing and end at N")
+        return
+    if not first_ok:
+        raise ValueError(f"cu_seqlens must start at 0, got {int(cu_seqlens[0])}")
+    if not sorted_ok:
+        raise ValueError("cu_seqlens must be non-decreasing")
+    if not last_ok:
+        raise ValueError(f"cu_seqlens must end at N = {N} (the packed length), got {int(cu_seqlens[-1])}")
+
+
+def mask_as_bool(response_mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The 0/1 mask as bool (all-valid when None)."""
+    if response_mask is None:
+        return torch.ones_like(like, dtype=torch.bool)
+    return response_mask if response_mask.dtype == torch.bool else response_mask != 0
+
+
+def packed_to_rows(x: torch.Tensor, cu_seqlens: torch.Tensor, width: int, fill=0.0) -> torch.Tensor:
+    """Scatter packed `[N, ...]` into rows `[S, width, ...]`; positions past a sequence's end hold `fill`."""
+    S = cu_seqlens.numel() - 1
+    starts = cu_seqlens[:-1].long()
+    lengths = cu_seqlens[1:].long() - starts
+    col = torch.arange(width, device=x.device)
+    inside = col[None, :] < lengths[:, None]
+    index = (starts[:, None] + col[None, :]).clamp(max=max(x.shape[0] - 1, 0))
+    if x.shape[0] == 0:
+        return torch.full((S, width) + x.shape[1:], fill, dtype=x.dtype, device=x.device)
+    rows = x[index]
+    inside = inside.view(inside.shape + (1,) * (x.dim() - 1))
+    return torch.where(inside, rows, torch.full((), fill, dtype=x.dtype, device=x.device))
+
+
+def max_seqlen(cu_seqlens: torch.Tensor) -> int:
+    """Longest packed sequence (a host sync: used by the reference and by `length_mode="padded"`)."""
+    if cu_seqlens.numel() < 2:
+        return 0
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())

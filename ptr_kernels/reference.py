@@ -1,0 +1,245 @@
+"""The pure-PyTorch reference: SPEC sections 2-6 and 8, literally and vectorized.
+
+This module is the one readable statement of the math; every kernel is tested against it. It works on
+rows `[S, T]` (a padded batch as is, a packed batch scattered into rows), with no Python loop over
+sequences or tokens: the prefix budget is a cumsum along the row, the calibrated delta_b a `nanquantile`.
+Arithmetic is float64 for float64 inputs and float32 otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .config import PolicyLossConfig
+from .layout import check_inputs, mask_as_bool, max_seqlen, packed_to_rows
+
+
+class TokenTerms(NamedTuple):
+    """Per-token quantities in rows `[S, T]` (zero at masked positions); `delta_b` is `[S]`."""
+
+    loss: torch.Tensor  # l_t * m_t (carries the gradient to log_prob)
+    gate: torch.Tensor  # M_t: 0/1 for the hard gate, g_t for the soft gate; for ppo 1 - zero-gradient clip
+    log_ratio: torch.Tensor  # x_t (clamped)
+    ratio: torch.Tensor  # r_t
+    divergence: torch.Tensor  # D_t
+    weight: torch.Tensor  # w_t (1 for dppo and ppo)
+    threshold: torch.Tensor  # c_t for cppo, delta_side for dppo, +inf for ppo
+    delta_b: torch.Tensor  # delta_b_i, [S] (cppo; zeros otherwise)
+    rejected_token: torch.Tensor  # bool: A x > 0 and w D > delta (cppo) / D > delta_side (dppo) / clipped (ppo)
+    rejected_budget: torch.Tensor  # bool: A x > 0, w D <= delta, but over the prefix budget (cppo only)
+    clip_low: torch.Tensor  # bool, ppo: A < 0 and r < 1 - clip_ratio_low
+    clip_high: torch.Tensor  # bool, ppo: A > 0 and r > 1 + clip_ratio_high
+    clip_dual: torch.Tensor  # bool, ppo: A < 0 and the dual-clip bound -A c is the loss
+    mask: torch.Tensor  # bool m_t
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def divergence(log_prob: torch.Tensor, old_log_prob: torch.Tensor, kind: str) -> torch.Tensor:
+    """Binary divergences of SPEC section 2 between pi = exp(log_prob) and mu = exp(old_log_prob)."""
+    pi, mu = log_prob.exp(), old_log_prob.exp()
+    if kind == "binary_tv":
+        return (pi - mu).abs()
+    if kind == "binary_kl":
+        return mu * (old_log_prob - log_prob) + (1 - mu) * torch.log((1 - mu + 1e-8) / (1 - pi + 1e-8))
+    raise ValueError(f"unknown divergence {kind!r}")
+
+
+def position_weight(positions: torch.Tensor, horizon: torch.Tensor, w_min: float) -> torch.Tensor:
+    """w_t = max(w_min, 1 - (1 - w_min) (t - 1) / max(T_w - 1, 1)) for 1-based positions t."""
+    span = (horizon - 1).clamp(min=1).to(positions.dtype)
+    return (1 - (1 - w_min) * (positions - 1) / span).clamp(min=w_min)
+
+
+def calibrated_delta_b(div: torch.Tensor, mask: torch.Tensor, config: PolicyLossConfig) -> torch.Tensor:
+    """delta_b_i per row `[S]`: fixed, or min(mult * delta_b, max(delta_b, Quantile_q(D over the row)))."""
+    S = div.shape[0]
+    if config.delta_b_quantile is None:
+        return div.new_full((S,), config.delta_b)
+    if div.shape[1] == 0:  # no positions at all: every row is empty
+        return div.new_full((S,), config.delta_b)
+    q = torch.nanquantile(torch.where(mask, div, torch.nan), config.delta_b_quantile, dim=1)
+    q = torch.nan_to_num(q, nan=config.delta_b)  # empty rows: the value is never used
+    return q.clamp(min=config.delta_b, max=config.delta_b_max_mult * config.delta_b)
+
+
+def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConfig, *,
+                rollout_is_weights=None, padded_width: Optional[int] = None) -> TokenTerms:
+    """SPEC sections 2-5 on rows: `log_prob`, `old_log_prob`, `mask` `[S, T]`; advantages `[S, T]` or `[S]`.
+
+    `padded_width` is T_w for `length_mode="padded"` (default: the row width T).
+    """
+    dt = compute_dtype(log_prob.dtype)
+    S, T = log_prob.shape
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand(S, T)
+    # Masked positions take no part anywhere: replace whatever they hold (inf, NaN) before any math.
+    lp = torch.where(mask, log_prob.to(dt), 0.0)
+    olp = torch.where(mask, old_log_prob.to(dt), 0.0)
+    adv = torch.where(mask, advantages.to(dt), 0.0)
+    m = mask.to(dt)
+
+    x = lp - olp
+    if config.log_ratio_clamp is not None:
+        x = x.clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
+    ratio = x.exp()
+    with torch.no_grad():
+        div = divergence(lp, olp, config.divergence) * m
+        toward_mu = adv * x <= 0  # moves back toward the rollout policy are always kept
+        no_flag = torch.zeros_like(mask)
+        ones = torch.ones_like(m)
+        delta_b = lp.new_zeros(S)
+        clip_low = clip_high = clip_dual = rejected_budget = no_flag
+
+        if config.method == "cppo":
+            positions = torch.arange(1, T + 1, device=lp.device, dtype=dt)
+            if config.length_mode == "sequence":
+                horizon = (mask * positions).amax(dim=1, keepdim=True) if T else lp.new_zeros(S, 1)
+            elif config.length_mode == "padded":
+                horizon = torch.tensor(T if padded_width is None else padded_width, device=lp.device)
+            else:
+                horizon = torch.tensor(config.length_mode, device=lp.device)
+            weight = position_weight(positions, horizon, config.w_min).expand(S, T) * m
+            delta_b = calibrated_delta_b(div, mask, config)
+            step = weight * div
+            # exclusive prefix sums S_{t-1}, W_{t-1}: the budget at t uses the prefix before t
+            prefix_div = torch.cat([step.new_zeros(S, 1), torch.cumsum(step, dim=1)[:, :-1]], dim=1)
+            prefix_weight = torch.cat([step.new_zeros(S, 1), torch.cumsum(weight, dim=1)[:, :-1]], dim=1)
+            budget = config.delta + delta_b[:, None] * prefix_weight
+            threshold = torch.minimum(torch.full_like(budget, config.delta), budget - prefix_div)
+            inside = step <= threshold
+            rejected_token = ~toward_mu & (step > config.delta) & mask
+            rejected_budget = ~toward_mu & ~inside & ~rejected_token & mask
+            if config.gate == "hard":
+                gate = (toward_mu | inside).to(dt)
+            else:
+                z = torch.maximum(step / config.delta, (prefix_div + step) / budget)
+                gate = torch.where(toward_mu, ones, torch.clamp(1 / z, max=1.0))
+        elif config.method == "dppo":
+            weight = m
+            threshold = torch.where(adv > 0, config.delta_high_value, config.delta_low_value).to(dt)
+            inside = div <= threshold
+            gate = (toward_mu | inside).to(dt)
+            rejected_token = ~toward_mu & ~inside & mask
+        else:  # ppo
+            weight = m
+            threshold = torch.full_like(m, torch.inf)
+            clip_high = (adv > 0) & (ratio > 1 + config.clip_ratio_high) & mask
+            clip_low = (adv < 0) & (ratio < 1 - config.clip_ratio_low) & mask
+            if config.clip_ratio_c is not None:
+                clipped = ratio.clamp(1 - config.clip_ratio_low, 1 + config.clip_ratio_high)
+                clip_dual = (adv < 0) & (torch.maximum(ratio, clipped) > config.clip_ratio_c) & mask
+            rejected_token = clip_low | clip_high | clip_dual
+            gate = (~rejected_token).to(dt)
+
+    if config.method == "ppo":
+        unclipped = -adv * ratio
+        clipped = -adv * ratio.clamp(1 - config.clip_ratio_low, 1 + config.clip_ratio_high)
+        loss = torch.maximum(unclipped, clipped)
+        if config.clip_ratio_c is not None:
+            loss = torch.where(adv < 0, torch.minimum(loss, -adv * config.clip_ratio_c), loss)
+    elif config.surrogate == "ratio":
+        loss = -adv * ratio * gate
+    else:  # "logp": the gradient -A r M with the ratio capped and held constant
+        loss = -adv * ratio.clamp(max=config.ratio_cap).detach() * lp * gate
+    if rollout_is_weights is not None:
+        loss = loss * torch.where(mask, rollout_is_weights.to(dt), 0.0)
+    loss = torch.where(mask, loss, 0.0)
+    return TokenTerms(loss=loss, gate=gate * m, log_ratio=x * m, ratio=ratio * m, divergence=div,
+                      weight=weight, threshold=threshold, delta_b=delta_b, rejected_token=rejected_token,
+                      rejected_budget=rejected_budget, clip_low=clip_low, clip_high=clip_high,
+                      clip_dual=clip_dual, mask=mask)
+
+
+def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str, *, dp_size: float = 1,
+              batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None) -> torch.Tensor:
+    """SPEC section 6 (verl's `agg_loss`) on rows `[S, T]`; an empty batch gives 0, never NaN."""
+    m = mask.to(token_loss.dtype)
+    seq_loss = token_loss.sum(dim=1)  # L_i
+    seq_tokens = m.sum(dim=1)  # n_i
+    if loss_agg_mode == "token-sum":
+        return seq_loss.sum() * dp_size
+    if loss_agg_mode == "token-mean":
+        n_tok = seq_tokens.sum() if batch_num_tokens is None else batch_num_tokens
+        return _safe_div(seq_loss.sum(), n_tok) * dp_size
+    non_empty = seq_tokens > 0
+    n_seq = non_empty.sum() if global_batch_size is None else global_batch_size
+    if loss_agg_mode == "seq-mean-token-mean":
+        per_seq = torch.where(non_empty, seq_loss / seq_tokens.clamp(min=1), 0.0)
+        return _safe_div(per_seq.sum(), n_seq) * dp_size
+    seq_mean = _safe_div(seq_loss.sum(), n_seq) * dp_size
+    if loss_agg_mode == "seq-mean-token-sum":
+        return seq_mean
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        scale = token_loss.shape[1] if loss_scale_factor is None else loss_scale_factor
+        return seq_mean / scale
+    raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}")
+
+
+def _safe_div(num: torch.Tensor, den) -> torch.Tensor:
+    """num / den, and 0 where den == 0 (num is then 0 too: nothing to average)."""
+    den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
+    return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
+
+
+def metrics(terms: TokenTerms, log_prob, old_log_prob, config: PolicyLossConfig) -> dict:
+    """SPEC section 8 as 0-dim tensors (no host sync); means over valid tokens, 0 for an empty batch."""
+    m = terms.mask
+    dt = terms.loss.dtype
+    n_tok = m.sum().to(dt)
+    with torch.no_grad():
+        lp = torch.where(m, log_prob.to(dt), 0.0)
+        olp = torch.where(m, old_log_prob.to(dt), 0.0)
+
+        def frac(flags):
+            return _safe_div(flags.to(dt).sum(), n_tok)
+
+        out = {
+            "mask_frac": frac(terms.rejected_token | terms.rejected_budget),
+            "ppo_kl": _safe_div((olp - lp).sum(), n_tok),
+            "divergence_mean": _safe_div(terms.divergence.sum(), n_tok),
+        }
+        if config.method == "cppo":
+            non_empty = m.any(dim=1)
+            out["mask_frac_token"] = frac(terms.rejected_token)
+            out["mask_frac_budget"] = frac(terms.rejected_budget)
+            out["delta_b_mean"] = _safe_div(torch.where(non_empty, terms.delta_b, 0.0).sum(),
+                                            non_empty.sum().to(dt))
+        if config.method == "ppo":
+            out["clip_frac_low"] = frac(terms.clip_low)
+            out["clip_frac_high"] = frac(terms.clip_high)
+            out["clip_frac_dual"] = frac(terms.clip_dual)
+    return out
+
+
+def policy_loss_reference(log_prob, old_log_prob, advantages, response_mask=None, *, cu_seqlens=None,
+                          config: Optional[PolicyLossConfig] = None, rollout_is_weights=None, dp_size=1,
+                          batch_num_tokens=None, global_batch_size=None):
+    """The reference policy loss: `(loss, metrics)`, same contract as `ptr_kernels.policy_loss`.
+
+    Packed input is scattered into rows of the longest sequence's width (one host sync: the reference
+    is the readable statement, not the fast path).
+    """
+    config = config or PolicyLossConfig()
+    layout = check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights)
+    mask = mask_as_bool(response_mask, log_prob)
+    loss_scale_factor = config.loss_scale_factor
+    if layout.packed:
+        if config.loss_agg_mode == "seq-mean-token-sum-norm" and loss_scale_factor is None:
+            raise ValueError("loss_scale_factor is required for loss_agg_mode='seq-mean-token-sum-norm' "
+                             "with packed input (there is no padded width to default to)")
+        width = max_seqlen(cu_seqlens)
+        rows = lambda t: None if t is None else packed_to_rows(t, cu_seqlens, width)  # noqa: E731
+        log_prob, old_log_prob, rollout_is_weights = rows(log_prob), rows(old_log_prob), rows(rollout_is_weights)
+        advantages = advantages if layout.adv_per_seq else rows(advantages)
+        mask = packed_to_rows(mask, cu_seqlens, width, fill=False)
+    terms = token_terms(log_prob, old_log_prob, advantages, mask, config,
+                        rollout_is_weights=rollout_is_weights)
+    loss = aggregate(terms.loss, mask, config.loss_agg_mode, dp_size=dp_size,
+                     batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
+                     loss_scale_factor=loss_scale_factor)
+    return loss, metrics(terms, log_prob, old_log_prob, config)
