@@ -123,7 +123,9 @@ def packed_to_rows(x: torch.Tensor, cu_seqlens: torch.Tensor, width: int, fill=0
     inside = col[None, :] < lengths[:, None]
     index = (starts[:, None] + col[None, :]).clamp(max=max(x.shape[0] - 1, 0))
     if x.shape[0] == 0:
-        return torch.full((S, width) + x.shape[1:], fill, dtype=x.dtype, device=x.device)
+        rows = torch.full((S, width) + x.shape[1:], fill, dtype=x.dtype, device=x.device)
+        # + the (empty, exactly 0) sum keeps the rows in x's autograd graph: loss.backward() must work
+        return rows + x.sum() if x.requires_grad else rows
     rows = x[index]
     inside = inside.view(inside.shape + (1,) * (x.dim() - 1))
     return torch.where(inside, rows, torch.full((), fill, dtype=x.dtype, device=x.device))

@@ -60,7 +60,7 @@ def calibrated_delta_b(div: torch.Tensor, mask: torch.Tensor, config: PolicyLoss
     S = div.shape[0]
     if config.delta_b_quantile is None:
         return div.new_full((S,), config.delta_b)
-    if div.shape[1] == 0:  # no positions at all: every row is empty
+    if div.numel() == 0:  # no rows or no positions: every row is empty (and quantile rejects empty input)
         return div.new_full((S,), config.delta_b)
     q = torch.nanquantile(torch.where(mask, div, torch.nan), config.delta_b_quantile, dim=1)
     q = torch.nan_to_num(q, nan=config.delta_b)  # empty rows: the value is never used
