@@ -47,7 +47,9 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
 
 
 def _triton_policy_loss(*args, **kwargs):
-    raise NotImplementedError("backend='triton' is not implemented yet")
+    # imported here so that importing ptr_kernels does not import triton (TRITON_INTERPRET must be set first)
+    from .autograd import triton_policy_loss
+    return triton_policy_loss(*args, **kwargs)
 
 
 class PolicyLoss(torch.nn.Module):

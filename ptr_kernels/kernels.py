@@ -1,0 +1,455 @@
+"""The fused Triton kernel: SPEC sections 2-5 and the per-sequence partial sums of sections 6 and 8.
+
+Design (docs/kernels.md has the long form):
+- grid = (number of sequences,): one program per padded row or packed sequence; a program walks its
+  sequence in blocks of BLOCK tokens, so any length and any number of sequences work (offsets in int64).
+- cppo carries the running prefix sums across blocks (exclusive scan inside a block = tl.cumsum minus
+  the element, plus the carry).
+- pass A (only when needed): the last valid position (T_w for length_mode="sequence" with a mask) and,
+  for the calibrated delta_b, the count of valid D, #{D <= lo}, #{D < hi} and the range of D. The
+  quantile is clamped to [lo, hi] = [delta_b, delta_b_max_mult * delta_b], so the counts settle the
+  common cases; otherwise the two order statistics are selected by bisection on order-preserving int32
+  keys of the float32 D (one counting pass per bisection step, no sort, no host round trip).
+- pass B: per token the mask/gate, the loss and d loss / d log_prob (unscaled: backward only multiplies
+  by the upstream gradient), plus per-sequence sums for the aggregation and the metrics.
+Arithmetic is float32 for every input dtype (float64 inputs too: they are read and computed in float32).
+Masked positions are replaced by 0 before any arithmetic, so inf/NaN there never reach a result.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from .reference import _safe_div, compute_dtype
+
+# Columns of the per-sequence statistics buffer `[S, NUM_STATS]` written by the kernel.
+STAT_TOKENS, STAT_REJ_TOKEN, STAT_REJ_BUDGET, STAT_CLIP_LOW, STAT_CLIP_HIGH, STAT_CLIP_DUAL, \
+    STAT_KL, STAT_DIV, STAT_DELTA_B = range(9)
+NUM_STATS = 9
+
+METHOD_IDS = {"cppo": 0, "dppo": 1, "ppo": 2}
+# T_w source: the last valid position (or the sequence length when there is no mask), a scalar argument
+# (an int horizon, or the padded width), or the longest packed sequence read from device memory.
+HORIZON_LAST, HORIZON_ARG, HORIZON_MAX_LEN = 0, 1, 2
+MAX_BLOCK = 1024
+MIN_BLOCK = 16
+
+
+@triton.jit
+def _valid(mask_ptr, offs, inside, HAS_MASK: tl.constexpr):
+    """m_t as int1 for one block (False past the end of the sequence)."""
+    if HAS_MASK:
+        return inside & (tl.load(mask_ptr + offs, mask=inside, other=0) != 0)
+    return inside
+
+
+@triton.jit
+def _load_zeroed(ptr, offs, valid):
+    """A float block in float32 with masked positions replaced by 0 (they may hold inf/NaN)."""
+    return tl.where(valid, tl.load(ptr + offs, mask=valid, other=0.0).to(tl.float32), 0.0)
+
+
+@triton.jit
+def _divergence(lp, olp, valid, KL: tl.constexpr):
+    """D_t of SPEC section 2 (binary_tv or binary_kl), 0 at masked positions."""
+    pi = tl.exp(lp)
+    mu = tl.exp(olp)
+    if KL:
+        d = mu * (olp - lp) + (1.0 - mu) * tl.log((1.0 - mu + 1e-8) / (1.0 - pi + 1e-8))
+    else:
+        d = tl.abs(pi - mu)
+    return tl.where(valid, d, 0.0)
+
+
+@triton.jit
+def _order_key(d):
+    """int32 key with the order of the float32 value (flip the magnitude bits of negatives)."""
+    bits = d.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _key_value(key):
+    """Inverse of `_order_key` (the same bit flip) back to float32."""
+    return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _block_keys(lp_ptr, olp_ptr, mask_ptr, start, pos, length, KL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Order keys of D over one block, and the validity of each position."""
+    inside = pos < length
+    offs = start + pos
+    valid = _valid(mask_ptr, offs, inside, HAS_MASK)
+    d = _divergence(_load_zeroed(lp_ptr, offs, valid), _load_zeroed(olp_ptr, offs, valid), valid, KL)
+    return _order_key(d), valid
+
+
+@triton.jit
+def _count_le(lp_ptr, olp_ptr, mask_ptr, start, length, bound,
+              KL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """#{valid t : key(D_t) <= bound} over one sequence."""
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for off in range(0, length, BLOCK):
+        key, valid = _block_keys(lp_ptr, olp_ptr, mask_ptr, start, off + tl.arange(0, BLOCK), length, KL, HAS_MASK)
+        acc += (valid & (key <= bound)).to(tl.int32)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _select_quantile(lp_ptr, olp_ptr, mask_ptr, start, length, kb, ka, frac, key_lo, key_hi,
+                     KL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """d_(kb) + frac * (d_(ka) - d_(kb)) from the order statistics kb <= ka (0-based) of the valid D.
+
+    Bisection on the int32 keys in [key_lo, key_hi] (the range of the valid keys) for the smallest key
+    with at least kb + 1 keys <= it; then d_(ka) is either the same value or the next larger key.
+    """
+    while key_lo < key_hi:
+        mid = ((key_lo.to(tl.int64) + key_hi.to(tl.int64)) >> 1).to(tl.int32)  # floor, no int32 overflow
+        enough = _count_le(lp_ptr, olp_ptr, mask_ptr, start, length, mid, KL, HAS_MASK, BLOCK) >= kb + 1
+        key_hi = tl.where(enough, mid, key_hi)
+        key_lo = tl.where(enough, key_lo, mid + 1)
+    key_b = key_lo
+    # one more pass: how many keys tie with d_(kb), and the next larger key
+    n_le = tl.zeros([BLOCK], dtype=tl.int32)
+    above = tl.full([BLOCK], 2147483647, dtype=tl.int32)
+    for off in range(0, length, BLOCK):
+        key, valid = _block_keys(lp_ptr, olp_ptr, mask_ptr, start, off + tl.arange(0, BLOCK), length, KL, HAS_MASK)
+        n_le += (valid & (key <= key_b)).to(tl.int32)
+        above = tl.minimum(above, tl.where(valid & (key > key_b), key, 2147483647))
+    key_a = tl.where(tl.sum(n_le, axis=0) >= ka + 1, key_b, tl.min(above, axis=0))
+    d_b = _key_value(key_b)
+    d_a = _key_value(key_a)
+    return d_b + frac * (d_a - d_b)
+
+
+@triton.jit
+def _policy_loss_kernel(
+    lp_ptr, olp_ptr, adv_ptr, mask_ptr, rw_ptr, cu_ptr, max_len_ptr,  # inputs
+    grad_ptr, seq_loss_ptr, stats_ptr,  # outputs: [like log_prob] f32, [S] f32, [S, NUM_STATS] f32
+    width, horizon_arg,  # padded row width T; T_w when HORIZON == HORIZON_ARG
+    delta, delta_low, delta_high, w_min, delta_b, quantile, delta_b_hi, ratio_cap, log_ratio_clamp,
+    ratio_lo, ratio_hi, clip_c,
+    METHOD: tl.constexpr, KL: tl.constexpr, SOFT: tl.constexpr, LOGP: tl.constexpr, QUANTILE: tl.constexpr, HORIZON: tl.constexpr,
+    SCAN_FIRST: tl.constexpr, PACKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_RW: tl.constexpr,
+    ADV_PER_SEQ: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per sequence: pass A (T_w, quantile counts) when needed, then pass B (mask, loss, grad)."""
+    seq = tl.program_id(0)
+    if PACKED:
+        start = tl.load(cu_ptr + seq).to(tl.int64)
+        length = tl.load(cu_ptr + seq + 1).to(tl.int64) - start
+    else:
+        start = seq.to(tl.int64) * width
+        length = tl.cast(width, tl.int64)
+    # Scalars arrive as Python numbers (fp64 under some launchers): pin them to float32.
+    delta = tl.cast(delta, tl.float32)
+    delta_b = tl.cast(delta_b, tl.float32)
+    delta_b_hi = tl.cast(delta_b_hi, tl.float32)
+    w_min = tl.cast(w_min, tl.float32)
+    log_ratio_clamp = tl.cast(log_ratio_clamp, tl.float32)
+    ratio_lo = tl.cast(ratio_lo, tl.float32)
+    ratio_hi = tl.cast(ratio_hi, tl.float32)
+    clip_c = tl.cast(clip_c, tl.float32)
+    ratio_cap = tl.cast(ratio_cap, tl.float32)
+    ar = tl.arange(0, BLOCK)
+
+    # ---- pass A: last valid position and the counts of the calibrated delta_b ----
+    last = length.to(tl.float32)
+    if SCAN_FIRST:
+        last_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        n_acc = tl.zeros([BLOCK], dtype=tl.int32)
+        lo_acc = tl.zeros([BLOCK], dtype=tl.int32)
+        hi_acc = tl.zeros([BLOCK], dtype=tl.int32)
+        kmin_acc = tl.full([BLOCK], 2147483647, dtype=tl.int32)
+        kmax_acc = tl.full([BLOCK], -2147483648, dtype=tl.int32)
+        for off in range(0, length, BLOCK):
+            pos = off + ar
+            inside = pos < length
+            offs = start + pos
+            valid = _valid(mask_ptr, offs, inside, HAS_MASK)
+            last_acc = tl.maximum(last_acc, tl.where(valid, (pos + 1).to(tl.float32), 0.0))
+            if QUANTILE:
+                lp = _load_zeroed(lp_ptr, offs, valid)
+                olp = _load_zeroed(olp_ptr, offs, valid)
+                d = _divergence(lp, olp, valid, KL)
+                key = _order_key(d)
+                n_acc += valid.to(tl.int32)
+                lo_acc += (valid & (d <= delta_b)).to(tl.int32)
+                hi_acc += (valid & (d < delta_b_hi)).to(tl.int32)
+                kmin_acc = tl.minimum(kmin_acc, tl.where(valid, key, 2147483647))
+                kmax_acc = tl.maximum(kmax_acc, tl.where(valid, key, -2147483648))
+        if HAS_MASK:
+            last = tl.max(last_acc, axis=0)
+
+    # ---- T_w and the per-sequence budget delta_b_i ----
+    if HORIZON == 1:
+        horizon = tl.cast(horizon_arg, tl.float32)
+    elif HORIZON == 2:
+        horizon = tl.load(max_len_ptr).to(tl.float32)
+    else:
+        horizon = last
+    span = tl.maximum(horizon - 1.0, 1.0)
+    db = delta_b
+    if QUANTILE:
+        n = tl.sum(n_acc, axis=0)
+        n_lo = tl.sum(lo_acc, axis=0)
+        n_hi = tl.sum(hi_acc, axis=0)
+        # torch.quantile: position q (n - 1), linear interpolation between ranks floor and ceil
+        rank = tl.cast(quantile, tl.float32) * (n - 1).to(tl.float32)
+        kb = tl.floor(rank).to(tl.int32)
+        frac = rank - kb.to(tl.float32)
+        ka = kb + (frac > 0).to(tl.int32)
+        # d_(ka) <= lo: the quantile clamps to lo; d_(kb) >= hi: to hi (an empty row keeps lo, unused)
+        at_lo = (n == 0) | (n_lo >= ka + 1)
+        db = tl.where(at_lo, delta_b, delta_b_hi)
+        if (~at_lo) & (n_hi > kb):
+            value = _select_quantile(lp_ptr, olp_ptr, mask_ptr, start, length, kb, ka, frac,
+                                     tl.min(kmin_acc, axis=0), tl.max(kmax_acc, axis=0), KL, HAS_MASK, BLOCK)
+            db = tl.minimum(tl.maximum(value, delta_b), delta_b_hi)
+
+    # ---- pass B: per-token mask, loss and gradient; per-sequence sums ----
+    if ADV_PER_SEQ:
+        adv_seq = tl.load(adv_ptr + seq).to(tl.float32)
+    carry_slack = 0.0  # sum of w (delta_b_i - D) over the prefix: the budget slack delta_b_i W - S
+    carry_s = 0.0  # S (soft gate)
+    carry_w = 0.0  # W (soft gate)
+    loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    tok_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    rej_tok_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    rej_bud_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    clip_lo_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    clip_hi_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    clip_du_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    kl_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    div_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(0, length, BLOCK):
+        pos = off + ar
+        inside = pos < length
+        offs = start + pos
+        valid = _valid(mask_ptr, offs, inside, HAS_MASK)
+        lp = _load_zeroed(lp_ptr, offs, valid)
+        olp = _load_zeroed(olp_ptr, offs, valid)
+        if ADV_PER_SEQ:
+            adv = tl.where(valid, adv_seq, 0.0)
+        else:
+            adv = _load_zeroed(adv_ptr, offs, valid)
+
+        diff = lp - olp
+        x = tl.minimum(tl.maximum(diff, -log_ratio_clamp), log_ratio_clamp)  # clamp = inf when disabled
+        d_x = ((diff >= -log_ratio_clamp) & (diff <= log_ratio_clamp)).to(tl.float32)  # d x / d log_prob
+        r = tl.exp(x)
+        d = _divergence(lp, olp, valid, KL)
+        toward = adv * x <= 0.0  # moves back toward the rollout policy are always kept
+        none = tl.zeros([BLOCK], dtype=tl.int1)
+        rej_bud = none
+        clip_lo = none
+        clip_hi = none
+        clip_du = none
+
+        if METHOD == 0:  # cppo
+            w = tl.where(valid, tl.maximum(w_min, 1.0 - (1.0 - w_min) * pos.to(tl.float32) / span), 0.0)
+            step = w * d
+            slack_step = w * (db - d)
+            # exclusive prefix: inclusive scan minus the element, plus the carry of earlier blocks
+            slack_prev = carry_slack + (tl.cumsum(slack_step, axis=0) - slack_step)
+            inside_t = step <= tl.minimum(delta, delta + slack_prev)
+            rej_tok = valid & ~toward & (step > delta)
+            rej_bud = valid & ~toward & ~inside_t & ~rej_tok
+            if SOFT:
+                s_prev = carry_s + (tl.cumsum(step, axis=0) - step)
+                w_prev = carry_w + (tl.cumsum(w, axis=0) - w)
+                z = tl.maximum(step / delta, (s_prev + step) / (delta + db * w_prev))
+                gate = tl.where(toward, 1.0, tl.minimum(1.0 / z, 1.0))  # z = 0 gives 1/z = inf -> 1
+                carry_s += tl.sum(step, axis=0)
+                carry_w += tl.sum(w, axis=0)
+            else:
+                gate = (toward | inside_t).to(tl.float32)
+            carry_slack += tl.sum(slack_step, axis=0)
+        elif METHOD == 1:  # dppo
+            threshold = tl.where(adv > 0.0, tl.cast(delta_high, tl.float32), tl.cast(delta_low, tl.float32))
+            inside_t = d <= threshold
+            rej_tok = valid & ~toward & ~inside_t
+            gate = (toward | inside_t).to(tl.float32)
+
+        if METHOD == 2:  # ppo: clip, clip-higher, dual-clip (clip_c = inf when off)
+            r_clip = tl.minimum(tl.maximum(r, ratio_lo), ratio_hi)
+            unclipped = -adv * r
+            clipped = -adv * r_clip
+            loss = tl.maximum(unclipped, clipped)
+            grad = tl.where(clipped > unclipped, 0.0, -adv * r * d_x)  # the clipped branch is constant
+            dual = (adv < 0.0) & (loss > -adv * clip_c)
+            loss = tl.where(dual, -adv * clip_c, loss)
+            grad = tl.where(dual, 0.0, grad)
+            clip_lo = valid & (adv < 0.0) & (r < ratio_lo)
+            clip_hi = valid & (adv > 0.0) & (r > ratio_hi)
+            clip_du = valid & (adv < 0.0) & (tl.maximum(r, r_clip) > clip_c)
+            rej_tok = clip_lo | clip_hi | clip_du
+        else:
+            if LOGP:  # -A sg(min(r, cap)) log_prob M
+                capped = tl.minimum(r, ratio_cap)
+                loss = -adv * capped * lp * gate
+                grad = -adv * capped * gate
+            else:  # -A r M
+                loss = -adv * r * gate
+                grad = loss * d_x
+        if HAS_RW:
+            rw = _load_zeroed(rw_ptr, offs, valid)
+            loss = loss * rw
+            grad = grad * rw
+        loss = tl.where(valid, loss, 0.0)
+        tl.store(grad_ptr + offs, tl.where(valid, grad, 0.0), mask=inside)
+
+        loss_acc += loss
+        tok_acc += valid.to(tl.float32)
+        rej_tok_acc += rej_tok.to(tl.float32)
+        rej_bud_acc += rej_bud.to(tl.float32)
+        clip_lo_acc += clip_lo.to(tl.float32)
+        clip_hi_acc += clip_hi.to(tl.float32)
+        clip_du_acc += clip_du.to(tl.float32)
+        kl_acc += olp - lp
+        div_acc += d
+
+    n_tokens = tl.sum(tok_acc, axis=0)
+    tl.store(seq_loss_ptr + seq, tl.sum(loss_acc, axis=0))
+    row = stats_ptr + seq.to(tl.int64) * NUM_STATS
+    tl.store(row + 0, n_tokens)
+    tl.store(row + 1, tl.sum(rej_tok_acc, axis=0))
+    tl.store(row + 2, tl.sum(rej_bud_acc, axis=0))
+    tl.store(row + 3, tl.sum(clip_lo_acc, axis=0))
+    tl.store(row + 4, tl.sum(clip_hi_acc, axis=0))
+    tl.store(row + 5, tl.sum(clip_du_acc, axis=0))
+    tl.store(row + 6, tl.sum(kl_acc, axis=0))
+    tl.store(row + 7, tl.sum(div_acc, axis=0))
+    tl.store(row + 8, tl.where(n_tokens > 0, db, 0.0))
+
+
+def interpreter_active() -> bool:
+    """Whether this module's kernels run in the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    return isinstance(_policy_loss_kernel, InterpretedFunction)
+
+
+def check_device(device: torch.device) -> None:
+    """CPU tensors need the Triton interpreter; raise a RuntimeError saying how to enable it."""
+    if device.type == "cpu" and not interpreter_active():
+        raise RuntimeError(
+            "backend='triton' got CPU tensors, but Triton kernels run on CPU only in the Triton interpreter: "
+            "set the environment variable TRITON_INTERPRET=1 before triton is first imported "
+            "(or use backend='reference' / move the tensors to CUDA)")
+
+
+def _block_size(num_tokens: int, num_seqs: int) -> int:
+    """A power of two near the mean sequence length, in [MIN_BLOCK, MAX_BLOCK] (shapes only, no sync)."""
+    mean = -(-num_tokens // max(num_seqs, 1))
+    return min(max(triton.next_power_of_2(max(mean, 1)), MIN_BLOCK), MAX_BLOCK)
+
+
+def launch(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+           response_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+           rollout_is_weights: Optional[torch.Tensor], *, adv_per_seq: bool, method: str, divergence: str,
+           gate: str, surrogate: str, length_mode: str, horizon: int, delta: float, delta_low: float,
+           delta_high: float, w_min: float, delta_b: float, delta_b_quantile: Optional[float],
+           delta_b_max_mult: float, ratio_cap: float, log_ratio_clamp: Optional[float], clip_ratio_low: float,
+           clip_ratio_high: float, clip_ratio_c: Optional[float], block: int = 0):
+    """Run the kernel on validated inputs; no host sync.
+
+    Args: the tensors of `policy_loss` (padded `[B, T]` or packed `[N]` + `cu_seqlens [S + 1]`), the
+    config's fields (`length_mode` "sequence", "padded" or "int" with the int in `horizon`) and `block`
+    (tokens per block, a power of two; 0 picks one from the shapes).
+
+    Returns:
+        seq_loss `[S]` f32: L_i = sum_t m_t l_t; stats `[S, NUM_STATS]` f32 (see the STAT_* columns);
+        grad `[like log_prob]` f32: d L_i / d log_prob_t (0 at masked positions).
+    """
+    packed = cu_seqlens is not None
+    num_seqs = cu_seqlens.numel() - 1 if packed else log_prob.shape[0]
+    width = 0 if packed else log_prob.shape[1]
+    device = log_prob.device
+    seq_loss = torch.zeros(num_seqs, dtype=torch.float32, device=device)
+    stats = torch.zeros(num_seqs, NUM_STATS, dtype=torch.float32, device=device)
+    grad = torch.zeros(log_prob.shape, dtype=torch.float32, device=device)
+    if num_seqs == 0 or log_prob.numel() == 0:
+        return seq_loss, stats, grad
+
+    mask = None if response_mask is None else response_mask.contiguous()
+    if mask is not None and mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)  # same bytes; a uint8 pointer loads everywhere
+    if method == "cppo" and length_mode == "padded" and packed:
+        horizon_kind, max_len = HORIZON_MAX_LEN, (cu_seqlens[1:] - cu_seqlens[:-1]).max()  # stays on device
+    elif method == "cppo" and length_mode in ("padded", "int"):
+        horizon_kind, max_len = HORIZON_ARG, None
+        horizon = width if length_mode == "padded" else horizon
+    else:
+        horizon_kind, max_len = HORIZON_LAST, None
+    quantile = method == "cppo" and delta_b_quantile is not None
+    scan_first = quantile or (method == "cppo" and horizon_kind == HORIZON_LAST and mask is not None)
+    inf = float("inf")
+    block = block or _block_size(log_prob.numel(), num_seqs)
+
+    _policy_loss_kernel[(num_seqs,)](
+        log_prob.contiguous(), old_log_prob.contiguous(), advantages.contiguous(), mask,
+        None if rollout_is_weights is None else rollout_is_weights.contiguous(), cu_seqlens, max_len,
+        grad, seq_loss, stats,
+        width, int(horizon),
+        float(delta), float(delta_low), float(delta_high), float(w_min), float(delta_b),
+        float(delta_b_quantile or 0.0), float(delta_b_max_mult * delta_b), float(ratio_cap),
+        inf if log_ratio_clamp is None else float(log_ratio_clamp),
+        1.0 - clip_ratio_low, 1.0 + clip_ratio_high, inf if clip_ratio_c is None else float(clip_ratio_c),
+        METHOD=METHOD_IDS[method], KL=divergence == "binary_kl", SOFT=gate == "soft", LOGP=surrogate == "logp", QUANTILE=quantile, HORIZON=horizon_kind,
+        SCAN_FIRST=scan_first, PACKED=packed, HAS_MASK=mask is not None, HAS_RW=rollout_is_weights is not None,
+        ADV_PER_SEQ=adv_per_seq, NUM_STATS=NUM_STATS, BLOCK=block,
+    )
+    return seq_loss, stats, grad
+
+
+def aggregate(seq_loss: torch.Tensor, seq_tokens: torch.Tensor, loss_agg_mode: str, *, dp_size=1,
+              batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
+    """SPEC section 6 from the per-sequence sums L_i `[S]` and n_i `[S]`; normalizers may be numbers or
+    0-dim tensors (never read on the host). `loss_scale_factor` must be resolved (the width T by default)."""
+    if loss_agg_mode == "token-sum":
+        return seq_loss.sum() * dp_size
+    if loss_agg_mode == "token-mean":
+        n_tok = seq_tokens.sum() if batch_num_tokens is None else batch_num_tokens
+        return _safe_div(seq_loss.sum(), n_tok) * dp_size
+    non_empty = seq_tokens > 0
+    n_seq = non_empty.sum() if global_batch_size is None else global_batch_size
+    if loss_agg_mode == "seq-mean-token-mean":
+        per_seq = torch.where(non_empty, seq_loss / seq_tokens.clamp(min=1), 0.0)
+        return _safe_div(per_seq.sum(), n_seq) * dp_size
+    seq_mean = _safe_div(seq_loss.sum(), n_seq) * dp_size
+    if loss_agg_mode == "seq-mean-token-sum":
+        return seq_mean
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        return seq_mean / loss_scale_factor
+    raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}")
+
+
+def metrics(stats: torch.Tensor, method: str, dtype: torch.dtype) -> dict:
+    """SPEC section 8 (the reference's keys) from the per-sequence statistics `[S, NUM_STATS]`."""
+    stats = stats.to(dtype)
+    totals = stats.sum(dim=0)
+    per_token = _safe_div(totals, totals[STAT_TOKENS])  # every column but delta_b is a per-token mean
+    out = {
+        "mask_frac": per_token[STAT_REJ_TOKEN] + per_token[STAT_REJ_BUDGET],  # disjoint flags
+        "ppo_kl": per_token[STAT_KL],
+        "divergence_mean": per_token[STAT_DIV],
+    }
+    if method == "cppo":
+        out["mask_frac_token"] = per_token[STAT_REJ_TOKEN]
+        out["mask_frac_budget"] = per_token[STAT_REJ_BUDGET]
+        non_empty = (stats[:, STAT_TOKENS] > 0).sum().to(dtype)
+        out["delta_b_mean"] = _safe_div(totals[STAT_DELTA_B], non_empty)
+    if method == "ppo":
+        out["clip_frac_low"] = per_token[STAT_CLIP_LOW]
+        out["clip_frac_high"] = per_token[STAT_CLIP_HIGH]
+        out["clip_frac_dual"] = per_token[STAT_CLIP_DUAL]
+    return out
+
+
+def result_dtype(log_prob: torch.Tensor) -> torch.dtype:
+    """The loss/metrics dtype: the reference's compute dtype (float64 for float64 input, else float32)."""
+    return compute_dtype(log_prob.dtype)
