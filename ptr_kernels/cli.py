@@ -1,29 +1,30 @@
-"""`ptr-kernels` command line: an argparse dispatcher over subcommand modules.
+"""The `ptr-kernels` command line (also `python -m ptr_kernels`).
 
-Each subcommand module provides `add_arguments(parser)` and `run(args) -> int` (the exit code).
+Subcommands:
+  bench   benchmark sweep of the fused kernel against eager, torch.compile, the per-sequence loop and verl
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-SUBCOMMANDS = {
-    "fuzz": ("ptr_kernels.fuzz", "compare a backend with the literal SPEC loop on seeded random cases"),
-    "bench": ("ptr_kernels.benchmark", "time the fused kernel against eager, torch.compile, loop and verl"),
-}
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ptr-kernels", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    from . import benchmark
+    bench = commands.add_parser("bench", help="benchmark sweep (CSV, plots, markdown tables, targets)",
+                                description=benchmark.__doc__.split("\n")[0])
+    benchmark.add_arguments(bench)
+    bench.set_defaults(func=benchmark.run)
+    return parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ptr-kernels", description="Position-dependent trust-region policy "
-                                     "losses (CPPO, DPPO, PPO clip): correctness fuzzing and benchmarks.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module, summary) in SUBCOMMANDS.items():
-        # the modules import torch but not triton: `fuzz` sets TRITON_INTERPRET before triton is imported
-        importlib.import_module(module).add_arguments(sub.add_parser(name, help=summary, description=summary))
-    args = parser.parse_args(argv)
-    return importlib.import_module(SUBCOMMANDS[args.command][0]).run(args)
+    args = build_parser().parse_args(argv)
+    return args.func(args)
 
 
 if __name__ == "__main__":
