@@ -1,0 +1,102 @@
+"""`ptr-kernels bench` end to end on the CPU tiny sweep, and the targets table on synthetic rows."""
+
+import csv
+import math
+
+import pytest
+
+from ptr_kernels import benchmark
+from ptr_kernels.cli import main
+
+TIMING_METRICS = ("time_us", "bandwidth_gbs", "copy_fraction")
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["bench", "--device", "cpu", "--sweep", "tiny", "--out", str(out), "--max-reps", "3"]) == 0
+    return out
+
+
+def test_cpu_sweep_writes_csv_plots_and_report(sweep_dir):
+    with open(sweep_dir / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == benchmark.CSV_FIELDS
+        rows = list(reader)
+    assert rows[0]["provider"] == "copy" and float(rows[0]["p50"]) > 0
+    measured = {(r["provider"], r["method"], r["layout"]) for r in rows if r["metric"] == "time_us"}
+    assert ("eager", "cppo", "packed") in measured and ("loop", "cppo", "padded") in measured
+    assert ("verl", "dppo", "padded") in measured and ("verl", "ppo", "padded") in measured
+    for r in rows:
+        assert r["device"].startswith("cpu") and r["torch"] and r["triton"] and r["commit"]
+        assert r["metric"] not in ("error", "skipped"), r
+        if r["provider"] == "copy":
+            continue
+        assert r["provider"] in benchmark.PROVIDERS and r["method"] in benchmark.METHODS
+        assert r["layout"] in benchmark.LAYOUTS and r["mode"] in benchmark.MODES
+        assert int(r["tokens"]) > 0 and int(r["batch"]) > 0
+        p20, p50, p80 = (float(r[k]) for k in ("p20", "p50", "p80"))
+        assert all(math.isfinite(v) and v >= 0 for v in (p20, p50, p80))
+        if r["metric"] in TIMING_METRICS:
+            assert 0 < p20 <= p50 <= p80
+        if r["metric"] == "grad_err" or r["metric"] == "loss_err":
+            assert p50 < 1e-4, r  # every provider computes the reference's loss
+    for name in ("time_cppo_fwd.png", "time_cppo_fwd_bwd.png", "speedup_ppo_fwd_bwd.png", "results.md"):
+        assert (sweep_dir / name).stat().st_size > 0, name
+    assert "kernel timings need a GPU" in (sweep_dir / "results.md").read_text()
+
+
+def test_report_from_csv(sweep_dir, tmp_path):
+    assert main(["bench", "--report", str(sweep_dir / "results.csv"), "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "results.md").read_text()
+    assert "### Targets" in md and "eager p50" in md
+    assert (tmp_path / "time_dppo_fwd_bwd.png").exists()
+
+
+def _row(provider, method, layout, shape, tokens, mode, metric, value, device="NVIDIA H200"):
+    return dict(provider=provider, method=method, layout=layout, shape=shape, batch="1", tokens=str(tokens),
+                mode=mode, metric=metric, p20=str(value), p50=str(value), p80=str(value), note="", dtype="float32",
+                device=device, torch="2.11", triton="3.6", commit="abc")
+
+
+def test_targets_pass_and_miss():
+    rows = [
+        _row("fused", "cppo", "padded", "256x4096", 2**20, "fwd_bwd", "time_us", 40.0),
+        _row("fused", "cppo", "padded", "512x8192", 2**22, "fwd_bwd", "time_us", 100.0),
+        _row("eager", "cppo", "padded", "512x8192", 2**22, "fwd_bwd", "time_us", 1500.0),  # 15x: MISS
+        _row("compile", "cppo", "padded", "512x8192", 2**22, "fwd_bwd", "time_us", 400.0),  # 4x: PASS
+        _row("fused", "cppo", "padded", "2048x8192", 2**24, "fwd_bwd", "copy_fraction", 0.75),
+    ]
+    status = {(t[0], t[1]): t[4] for t in benchmark.targets(rows)}
+    assert status[("cppo fwd+bwd at 1M tokens", "fused, padded 256x4096")] == "PASS"
+    assert status[("speedup vs eager at 512x8192", "cppo fwd+bwd, padded")] == "MISS"
+    assert status[("speedup vs compile at 512x8192", "cppo fwd+bwd, padded")] == "PASS"
+    assert status[("speedup vs loop at 4,096 sequences", "cppo fwd+bwd, padded 4096x1024")] == "no data"
+    assert status[("copy bandwidth fraction at >= 16M tokens", "cppo fwd+bwd, padded 2048x8192")] == "PASS"
+    cpu = [dict(r, device="cpu x86_64 (2 cores)") for r in rows]
+    assert {t[4] for t in benchmark.targets(cpu)} <= {"n/a (CPU)", "no data"}
+
+
+def test_plan_orders_and_filters_jobs():
+    jobs = benchmark.plan(benchmark.PROVIDERS, benchmark.METHODS, benchmark.LAYOUTS, benchmark.SWEEPS["full"])
+    providers = [p for p, _, _ in jobs]
+    assert providers[0] == "eager" and providers[-1] == "compile"
+    assert all(benchmark.supports(p, m, s.layout) for p, m, s in jobs)
+    assert {(m, s.layout) for p, m, s in jobs if p == "loop"} == {("cppo", "padded")}
+    first_compile = next(j for j in jobs if j[0] == "compile")
+    assert first_compile[1:] == ("cppo", benchmark.Shape("padded", 512, 512 * 8192, compile_priority=0, loop=True))
+    loop_4096 = providers.index("loop")
+    assert jobs[loop_4096][2].batch == 4096 and loop_4096 < providers.index("fused")
+
+
+def test_inputs_and_min_bytes():
+    import torch
+
+    shape = benchmark.Shape("packed", 16, 2048)
+    a = benchmark.make_inputs(shape, torch.device("cpu"), torch.float32, seed=0, structure_seed=1)
+    b = benchmark.make_inputs(shape, torch.device("cpu"), torch.float32, seed=1, structure_seed=1)
+    assert torch.equal(a.cu_seqlens, b.cu_seqlens) and torch.equal(a.mask, b.mask)
+    assert not torch.equal(a.log_prob, b.log_prob)
+    assert int(a.cu_seqlens[-1]) == 2048 and bool((a.cu_seqlens[1:] > a.cu_seqlens[:-1]).all())
+    # fp32 log_prob, old_log_prob, advantages + bool mask read, fp32 gradient written: 17 bytes per token
+    assert a.min_bytes("fwd_bwd") == 17 * 2048 + 4 * 17 and a.min_bytes("fwd") == 13 * 2048 + 4 * 17
