@@ -1,6 +1,7 @@
 """The `ptr-kernels` command line (also `python -m ptr_kernels`).
 
 Subcommands:
+  fuzz    compare a backend with the literal SPEC loop on seeded random cases
   bench   benchmark sweep of the fused kernel against eager, torch.compile, the per-sequence loop and verl
 """
 
@@ -13,6 +14,12 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptr-kernels", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+
+    from . import fuzz  # imports torch, not triton: fuzz sets TRITON_INTERPRET before triton is imported
+    check = commands.add_parser("fuzz", help="compare a backend with the literal SPEC loop on random cases",
+                                description=fuzz.__doc__.split("\n")[0])
+    fuzz.add_arguments(check)
+    check.set_defaults(func=fuzz.run)
 
     from . import benchmark
     bench = commands.add_parser("bench", help="benchmark sweep (CSV, plots, markdown tables, targets)",

@@ -23,6 +23,8 @@ class LiteralResult:
     """What the literal loop computes. Tensors are float64/bool on the CPU, in the input layout.
 
     loss: the aggregated scalar.
+    loss_magnitude: the same aggregation of |rho_t l_t|: the size of the terms the loss sums, the scale of
+        its rounding error (the loss itself can cancel to near 0).
     gate: M_t per token (0/1, or g_t for the soft gate; for ppo 0 where clipping zeroes the gradient);
         0 at masked positions.
     grad: d loss / d log_prob per token; 0 at masked positions.
@@ -31,6 +33,7 @@ class LiteralResult:
     """
 
     loss: float
+    loss_magnitude: float
     gate: torch.Tensor
     grad: torch.Tensor
     metrics: dict
@@ -65,8 +68,9 @@ def policy_loss_literal(log_prob, old_log_prob, advantages, response_mask=None, 
     """SPEC's policy loss, token by token. Same inputs as `ptr_kernels.policy_loss` (padded `[B, T]` with
     `response_mask`, or packed `[N]` with `cu_seqlens`), any float dtype (read as float64).
 
-    `gate_override`: optional `(where, value)` pair of `[B, T]`/`[N]` tensors; at `where` the hard decision
-    M_t (or g_t) is replaced by `value` (the fuzz uses it to show that a disagreement is only a near tie).
+    `gate_override`: optional `(where, value)` pair of `[B, T]`/`[N]` tensors; at `where` the decision M_t
+    used by the loss and gradient is replaced by `value` (the fuzz uses it to show that a disagreement is
+    only a near tie); the metrics keep the literal decisions.
     """
     config = config or PolicyLossConfig()
     layout = check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights)
@@ -98,17 +102,18 @@ def policy_loss_literal(log_prob, old_log_prob, advantages, response_mask=None, 
     gate = [0.0] * n_total
     dl = [0.0] * n_total  # d l_t / d log_prob_t (before the aggregation weight)
     near_tie = [False] * n_total
-    seq_loss, seq_n = [], []
+    seq_loss, seq_abs, seq_n = [], [], []
     counts = dict(rejected=0, token=0, budget=0, clip_low=0, clip_high=0, clip_dual=0)
     kl_sum = div_sum = 0.0
     delta_bs = []
 
     for i, seq in enumerate(seqs):
         valid = [(t, k) for t, k in enumerate(seq, start=1) if valid_all[k]]
-        L_i = 0.0
+        L_i = L_abs = 0.0
         seq_n.append(len(valid))
         if not valid:
             seq_loss.append(0.0)
+            seq_abs.append(0.0)
             continue
         D = {k: _divergence(lp_all[k], olp_all[k], c.divergence) for _, k in valid}
         if c.method == "cppo":
@@ -178,13 +183,8 @@ def policy_loss_literal(log_prob, old_log_prob, advantages, response_mask=None, 
                 rej_budget = False
                 M = 0.0 if rej_token else 1.0
 
-            if override is not None and override[0][k]:
+            if override is not None and override[0][k]:  # the loss and gradient only; metric flags stay
                 M = override[1][k]
-                if c.method == "cppo" and c.gate == "hard" and not toward_mu:
-                    rej_token = M == 0.0 and over_token
-                    rej_budget = M == 0.0 and not over_token
-                elif c.method == "dppo":
-                    rej_token = M == 0.0
 
             rho = rw_all[k] if rw_all is not None else 1.0
             if c.method == "ppo":
@@ -204,12 +204,14 @@ def policy_loss_literal(log_prob, old_log_prob, advantages, response_mask=None, 
                 l_t = -A * min(r, c.ratio_cap) * lp * M
                 g_t = -A * min(r, c.ratio_cap) * M
             L_i += rho * l_t
+            L_abs += abs(rho * l_t)
             dl[k] = rho * g_t
             gate[k] = M
             counts["rejected"] += rej_token or rej_budget
             counts["token"] += rej_token
             counts["budget"] += rej_budget
         seq_loss.append(L_i)
+        seq_abs.append(L_abs)
 
     # SPEC section 6: the aggregation, and each token's weight d loss / d l_t
     mode = c.loss_agg_mode
@@ -234,6 +236,7 @@ def policy_loss_literal(log_prob, old_log_prob, advantages, response_mask=None, 
                 scale = width
         seq_weight = [dp_size / (n_seq * scale) if n_seq > 0 else 0.0] * len(seqs)
     loss = sum(wt * L for wt, L in zip(seq_weight, seq_loss))
+    loss_magnitude = sum(abs(wt) * L for wt, L in zip(seq_weight, seq_abs))
     grad = [0.0] * n_total
     for i, seq in enumerate(seqs):
         for k in seq:
@@ -252,5 +255,5 @@ def policy_loss_literal(log_prob, old_log_prob, advantages, response_mask=None, 
         metrics["clip_frac_dual"] = frac(counts["clip_dual"])
 
     as_tensor = lambda v, dtype=torch.float64: torch.tensor(v, dtype=dtype).reshape(shape)  # noqa: E731
-    return LiteralResult(loss=loss, gate=as_tensor(gate), grad=as_tensor(grad), metrics=metrics,
-                         near_tie=as_tensor(near_tie, torch.bool))
+    return LiteralResult(loss=loss, loss_magnitude=loss_magnitude, gate=as_tensor(gate), grad=as_tensor(grad),
+                         metrics=metrics, near_tie=as_tensor(near_tie, torch.bool))
