@@ -118,7 +118,9 @@ def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConf
                 gate = (toward_mu | inside).to(dt)
             else:
                 z = torch.maximum(step / config.delta, (prefix_div + step) / budget)
-                gate = torch.where(toward_mu, ones, torch.clamp(1 / z, max=1.0))
+                # min(1, 1/z) for z > 0; z >= 0 in exact arithmetic, but a rounded binary KL can be < 0,
+                # where 1/z would be a huge negative "gate": z <= 1 is inside, as for the hard gate
+                gate = torch.where(toward_mu | (z <= 1), ones, 1 / z)
         elif config.method == "dppo":
             weight = m
             threshold = torch.where(adv > 0, config.delta_high_value, config.delta_low_value).to(dt)

@@ -265,3 +265,17 @@ def test_empty_batch_gives_zero_loss_and_gradient(batch, mode, method):
     assert policy_loss_literal(lp.detach(), lp.detach() - 1.0, **inp,
                                config=PolicyLossConfig(method=method, loss_agg_mode=mode,
                                                        loss_scale_factor=7.0)).loss == 0.0
+
+
+def test_soft_gate_stays_in_unit_interval_when_binary_kl_rounds_below_zero():
+    # pi slightly above mu, A > 0: a move away from mu with a true KL of ~1e-14, which float32 rounds to < 0.
+    # min(1, 1/z) would then be a huge negative factor on the loss; z <= 1 means inside: g = 1.
+    lp = torch.tensor([[-2.68933367729187]], dtype=torch.float32)
+    olp = torch.tensor([[-2.6893341541290283]], dtype=torch.float32)
+    adv, mask = torch.ones(1), torch.ones(1, 1, dtype=torch.bool)
+    config = PolicyLossConfig(gate="soft", divergence="binary_kl")
+    terms = token_terms(lp, olp, adv, mask, config)
+    assert terms.divergence.item() < 0  # the rounding this test is about
+    assert terms.gate.item() == 1.0
+    loss, _ = policy_loss(lp, olp, adv, mask, config=config, backend="reference")
+    assert loss.item() == pytest.approx(-math.exp(lp.item() - olp.item()), rel=1e-6)
