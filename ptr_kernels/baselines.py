@@ -211,7 +211,7 @@ def cppo_per_sequence_loop(log_prob: torch.Tensor, old_log_prob: torch.Tensor, a
                 gate[i, idx] = (toward_mu | inside).to(gate.dtype)
             else:
                 z = torch.maximum(wd / config.delta, spent / budget)
-                gate[i, idx] = torch.where(toward_mu, 1.0, torch.clamp(1 / z, max=1.0))
+                gate[i, idx] = torch.where(toward_mu | (z <= 1), 1.0, 1 / z)  # z < 0 if a KL rounds below 0
     if config.surrogate == "ratio":
         pg_losses = -advantages * ratio * gate
     else:
