@@ -20,7 +20,8 @@ grad, as in training) or "fwd_bwd" (forward + `loss.backward()`):
   at the end: what a training loop pays when the host (Python, launches, syncs) is the bottleneck.
 - peak_mem_mib (CUDA): `max_memory_allocated` during one call minus the memory held before it (inputs included).
 - launches, host_syncs (CUDA): GPU activities (kernels, memcpy, memset) and `cudaStreamSynchronize` calls in one
-  call, from `torch.profiler`.
+  call, from `torch.profiler`, in one session after all timings, at the smallest shape of each (provider,
+  method, layout) (the counts do not depend on the shape, except the loop's, which grow with the sequences).
 - bandwidth_gbs and copy_fraction: the minimal bytes of the call (each input read once: log_prob, old_log_prob,
   advantages, mask and cu_seqlens; for fwd_bwd also the gradient written once) over time_us, and that over the
   device-to-device copy bandwidth measured at the start of the run (read + write bytes of a 1 GiB copy).
@@ -36,7 +37,9 @@ from an existing CSV.
 from __future__ import annotations
 
 import argparse
+import bisect
 import csv
+import gc
 import math
 import os
 import platform
@@ -65,7 +68,8 @@ COPY_BYTES = 2**30
 WALL_MAX_S = 0.02  # wall_us only for calls below this: above it the host is not the bottleneck
 PROFILE_MAX_S = 0.2  # profiling a call with more launches than this allows costs more than it tells
 MEMORY_MAX_S = 1.0  # peak memory only for calls below this (it costs one more call per mode)
-COMPILE_RESERVE_S = 60.0  # do not start a compile with less budget left
+COMPILE_RESERVE_S = 90.0  # do not start a compile with less budget left
+COUNT_RESERVE_S = 20.0  # budget kept for reading the profile of the launch counts
 CPU_NOTE = "CPU run: wall-clock times of PyTorch on this CPU; kernel timings need a GPU."
 
 
@@ -296,25 +300,35 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
 _SYNC_CALLS = ("cudaStreamSynchronize", "cuStreamSynchronize")
 _LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
                  "cudaMemcpyAsync", "cudaMemsetAsync")
+MARK = "ptr_kernels.benchmark.counted:"
 
 
-def count_launches(fn: Callable[[], object], device: torch.device) -> tuple:
-    """(GPU activities, host syncs) of one call, from torch.profiler. GPU activities are the kernel, memcpy
-    and memset events on the device timeline (or, if the profiler gives none, the launch API calls)."""
+def count_marked(events) -> dict:
+    """{label: (GPU activities, host syncs)} for each `record_function(label)` range whose label starts
+    with MARK, from a torch.profiler event list.
+
+    GPU activities are the kernel, memcpy and memset events on the device timeline that start inside the range
+    (a marked call ends with a device synchronize, so all its GPU work lies inside); if the profiler recorded
+    none, the launch API calls on the host. Host syncs are the `cudaStreamSynchronize` calls in the range.
+    """
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        out = fn()
-        torch.cuda.synchronize(device)
-    del out
-    events = prof.events()
-    on_device = sum(1 for e in events if e.device_type == DeviceType.CUDA)
-    if on_device == 0:
-        on_device = sum(1 for e in events if e.name in _LAUNCH_CALLS)
-    syncs = sum(1 for e in events if e.name in _SYNC_CALLS)
-    return on_device, syncs
+    ranges = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                    if e.name.startswith(MARK) and e.device_type == DeviceType.CPU)
+    starts = [r[0] for r in ranges]
+    device, api, syncs = ({r[2]: 0 for r in ranges} for _ in range(3))
+    for e in events:
+        if e.name.startswith(MARK):
+            continue
+        i = bisect.bisect_right(starts, e.time_range.start) - 1
+        if i < 0 or e.time_range.start > ranges[i][1]:
+            continue
+        label = ranges[i][2]
+        # GPU "user annotation" events mirror record_function ranges (Inductor's, autograd's): not launches
+        device[label] += e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        api[label] += e.name in _LAUNCH_CALLS
+        syncs[label] += e.name in _SYNC_CALLS
+    return {label: (device[label] or api[label], syncs[label]) for label in device}
 
 
 def quantiles(values: list) -> tuple:
@@ -384,10 +398,6 @@ class CsvSink:
         self.file.close()
 
 
-class ContextLost(RuntimeError):
-    """The CUDA context is unusable (an illegal access or a device assert): nothing more can run."""
-
-
 def cuda_alive(device: torch.device) -> bool:
     if device.type != "cuda":
         return True
@@ -408,52 +418,69 @@ class SweepSettings:
     deadline: float  # time.monotonic() after which no new config starts
 
 
-def bench_config(sink: CsvSink, settings: SweepSettings, provider: str, method: str, shape: Shape,
-                 timer: Timer, copy_gbs: Optional[float]) -> None:
-    """Every metric of one (provider, method, shape), both modes, written to `sink`."""
-    device, cuda = settings.device, settings.device.type == "cuda"
-    key = (provider, method, shape.layout, shape.name, shape.batch, shape.tokens)
-    first = make_inputs(shape, device, settings.dtype, seed=0, structure_seed=shape.tokens)
-    set_bytes = first.min_bytes("fwd")
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 60 * 2**20) if cuda else 0
-    n_sets = min(8, max(2, math.ceil(2 * l2 / set_bytes)))
-    sets = [first] + [make_inputs(shape, device, settings.dtype, seed=i, structure_seed=shape.tokens)
-                      for i in range(1, n_sets)]
-    call = make_call(provider, method)
+class Runner:
+    """One (provider, method, shape): its input sets on the device and `run(i, mode)` for call i.
 
-    def run(i, mode):
-        inp = sets[i % n_sets]
+    Calls rotate over enough input sets to hold at least twice the L2 cache (2 to 8 sets); every set has the
+    same structure (mask, cu_seqlens), so a compiled graph serves them all.
+    """
+
+    def __init__(self, settings: SweepSettings, provider: str, method: str, shape: Shape):
+        device = settings.device
+        self.key = (provider, method, shape.layout, shape.name, shape.batch, shape.tokens)
+        first = make_inputs(shape, device, settings.dtype, seed=0, structure_seed=shape.tokens)
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 60 * 2**20) \
+            if device.type == "cuda" else 0
+        n_sets = min(8, max(2, math.ceil(2 * l2 / first.min_bytes("fwd"))))
+        self.sets = [first] + [make_inputs(shape, device, settings.dtype, seed=i, structure_seed=shape.tokens)
+                               for i in range(1, n_sets)]
+        self.call = make_call(provider, method)
+
+    def run(self, i: int, mode: str) -> torch.Tensor:
+        inp = self.sets[i % len(self.sets)]
         inp.log_prob.grad = None
-        return step(call, inp, mode)
+        return step(self.call, inp, mode)
 
-    # warm-up: the first call compiles (compile provider, Triton JIT); the second gives the cost estimate
-    t0 = time.perf_counter()
-    loss = run(0, "fwd_bwd")
-    timer.sync()
-    first_s = time.perf_counter() - t0
+    def warm_up(self, timer: Timer) -> tuple:
+        """Two fwd_bwd calls on set 0 (one if the first takes over 2 s): (first call s, estimate s per call).
+        The first call compiles (compile provider, Triton JIT); the gradient of set 0 is left in place."""
+        t0 = time.perf_counter()
+        self.loss = self.run(0, "fwd_bwd")
+        timer.sync()
+        first = est = time.perf_counter() - t0
+        if first < 2.0 or self.key[0] == "compile":
+            t0 = time.perf_counter()
+            self.loss = self.run(0, "fwd_bwd")
+            timer.sync()
+            est = time.perf_counter() - t0
+        return first, est
+
+
+def bench_config(sink: CsvSink, settings: SweepSettings, provider: str, method: str, shape: Shape,
+                 timer: Timer, copy_gbs: Optional[float]) -> float:
+    """Every timing metric of one (provider, method, shape), both modes, written to `sink`; returns the
+    estimated seconds per fwd_bwd call."""
+    device, cuda = settings.device, settings.device.type == "cuda"
+    runner = Runner(settings, provider, method, shape)
+    key, sets = runner.key, runner.sets
+    first_s, est = runner.warm_up(timer)
     if provider == "compile":
         sink.add(*key, "fwd_bwd", "compile_s", (first_s,) * 3, note="first call, compile included")
-    est = first_s
-    if first_s < 2.0 or provider == "compile":
-        t0 = time.perf_counter()
-        loss = run(0, "fwd_bwd")
-        timer.sync()
-        est = time.perf_counter() - t0
 
-    if provider != "eager":  # agreement with the reference on input set 0 (this call's loss and gradient)
+    if provider != "eager":  # agreement with the reference on input set 0 (the warm-up's loss and gradient)
         grad = sets[0].log_prob.grad.clone()
         sets[0].log_prob.grad = None
         ref_loss = step(make_call("eager", method), sets[0], "fwd_bwd")
         sink.add(*key, "fwd_bwd", "grad_err", (relative_error(grad, sets[0].log_prob.grad),) * 3)
         if provider != "verl" or method == "ppo":
-            sink.add(*key, "fwd_bwd", "loss_err", (relative_error(loss, ref_loss),) * 3)
+            sink.add(*key, "fwd_bwd", "loss_err", (relative_error(runner.loss, ref_loss),) * 3)
         del grad, ref_loss
-    del loss
+    del runner.loss
 
     for mode in MODES:
         reps = max(settings.min_reps, min(settings.max_reps, int(settings.target_s / max(est, 1e-6))))
-        times = timer.times(lambda i: run(i, mode), reps)
-        note = f"{reps} calls, {n_sets} input sets" + (", L2 flushed" if cuda else "")
+        times = timer.times(lambda i: runner.run(i, mode), reps)
+        note = f"{reps} calls, {len(sets)} input sets" + (", L2 flushed" if cuda else "")
         t20, t50, t80 = quantiles(times)
         sink.add(*key, mode, "time_us", (t20, t50, t80), note=note)
         nbytes = sets[0].min_bytes(mode)
@@ -466,19 +493,36 @@ def bench_config(sink: CsvSink, settings: SweepSettings, provider: str, method: 
             continue
         if est < WALL_MAX_S:
             calls = max(3, min(200, int(0.02 / max(est, 1e-6))))
-            sink.add(*key, mode, "wall_us", quantiles(timer.wall(lambda i: run(i, mode), calls)),
+            sink.add(*key, mode, "wall_us", quantiles(timer.wall(lambda i: runner.run(i, mode), calls)),
                      note=f"5 batches of {calls} back-to-back calls")
         if est < MEMORY_MAX_S:
-            sink.add(*key, mode, "peak_mem_mib", (peak_memory_mib(lambda: run(0, mode), device),) * 3)
-        if est < PROFILE_MAX_S:
-            launches, syncs = count_launches(lambda: run(0, mode), device)
-            sink.add(*key, mode, "launches", (launches,) * 3)
-            sink.add(*key, mode, "host_syncs", (syncs,) * 3)
+            sink.add(*key, mode, "peak_mem_mib", (peak_memory_mib(lambda: runner.run(0, mode), device),) * 3)
+    return est
+
+
+def mark_calls(settings: SweepSettings, provider: str, method: str, shape: Shape, timer: Timer,
+               marks: dict) -> None:
+    """Inside a running profiler session: one marked call per mode of one config, recorded in `marks`
+    ({label: (row key, mode)}). An unmarked call precedes each, since a session can drop the first GPU
+    events it sees (pytorch#192021)."""
+    from torch.profiler import record_function
+
+    runner = Runner(settings, provider, method, shape)
+    runner.warm_up(timer)
+    del runner.loss
+    for mode in MODES:
+        runner.run(0, mode)
+        timer.sync()
+        label = f"{MARK}{len(marks)}"
+        with record_function(label):
+            runner.run(0, mode)
+            timer.sync()
+        marks[label] = (runner.key, mode)
 
 
 def _priority(provider: str, method: str, shape: Shape) -> tuple:
-    """Run order: the cheap eager baseline, the loop at the 4,096-sequence target, the fused kernel, the compile
-    provider at its first-priority shape, the other baselines, then the other compiles. So a timeout (compiles
+    """Run order: the cheap eager baseline, the loop at the 4,096-sequence target, the fused kernel, the other
+    baselines, the compile provider at its first-priority shape, then the other compiles. So a timeout (compiles
     are the slow part) or a crash of the fused kernel (a lost CUDA context ends the run) loses the least."""
     if provider == "eager":
         return (0,)
@@ -487,8 +531,8 @@ def _priority(provider: str, method: str, shape: Shape) -> tuple:
     if provider == "fused":
         return (2, shape.tokens)  # largest last: the likeliest to fail
     if provider == "compile":
-        return (3 if shape.compile_priority == 0 else 6, shape.compile_priority, METHODS.index(method))
-    return (4 if provider == "verl" else 5,)
+        return (5 if shape.compile_priority == 0 else 6, shape.compile_priority, METHODS.index(method))
+    return (3 if provider == "verl" else 4,)
 
 
 def plan(providers, methods, layouts, shapes) -> list:
@@ -527,7 +571,6 @@ def sweep(args, device: torch.device, out: Path) -> list:
     if not cuda:
         print(CPU_NOTE)
     timer = Timer(device)
-    copy_gbs = None
     bw = copy_bandwidth(timer, device, nbytes=COPY_BYTES if cuda else 64 * 2**20)
     copy_gbs = statistics.median(bw)
     sink.add("copy", "-", "-", "1GiB" if cuda else "64MiB", "", "", "-", "bandwidth_gbs", quantiles(bw),
@@ -535,29 +578,65 @@ def sweep(args, device: torch.device, out: Path) -> list:
     print(f"copy bandwidth: {copy_gbs:.0f} GB/s")
 
     jobs = plan(providers, args.methods, args.layouts, shapes)
-    lost = None
-    for provider, method, shape in tqdm(jobs, desc="bench", unit="config", file=sys.stdout, mininterval=1.0):
+    estimates = {}  # (provider, method, layout) -> [(tokens, shape, s per call)] of the configs that ran
+    lost = None  # why the CUDA context became unusable
+
+    def attempt(phase, provider, method, shape, work, reserve=0.0):
+        """Run `work()` for one config unless less than `reserve` s of the budget is left or CUDA is lost;
+        record errors and go on."""
+        nonlocal lost
         key = (provider, method, shape.layout, shape.name, shape.batch, shape.tokens, "-")
         left = settings.deadline - time.monotonic()
         if lost is not None:
-            sink.add(*key, "skipped", note=f"CUDA context lost earlier: {lost}")
-            continue
-        if left <= 0 or (provider == "compile" and left < COMPILE_RESERVE_S):
-            sink.add(*key, "skipped", note=f"time budget of {args.time_budget} s spent")
-            continue
+            sink.add(*key, "skipped", note=f"{phase}: CUDA context lost earlier ({lost})")
+            return None
+        if left <= reserve or (provider == "compile" and left < reserve + COMPILE_RESERVE_S):
+            sink.add(*key, "skipped", note=f"{phase}: time budget of {args.time_budget} s spent")
+            return None
+        failed = None
         try:
-            bench_config(sink, settings, provider, method, shape, timer, copy_gbs)
+            return work()
         except Exception as e:  # noqa: BLE001 - one failing provider must not stop the sweep
-            message = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            tqdm.write(f"{provider} {method} {shape.name}: {message}")
-            sink.add(*key, "error", note=message)
-            if isinstance(e, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            elif not cuda_alive(device):
-                lost = message
+            failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            tqdm.write(f"{phase} {provider} {method} {shape.name}: {failed}")
+            sink.add(*key, "error", note=f"{phase}: {failed}")
         finally:
             if provider == "compile":
                 torch._dynamo.reset()  # one compile per shape: drop the graphs and their recompile count
+        gc.collect()  # free what the failed config held, now that its traceback is gone
+        if cuda:
+            torch.cuda.empty_cache()
+            if not cuda_alive(device):
+                lost = failed
+        return None
+
+    for provider, method, shape in tqdm(jobs, desc="timing", unit="config", file=sys.stdout, mininterval=1.0):
+        est = attempt("timing", provider, method, shape,
+                      lambda: bench_config(sink, settings, provider, method, shape, timer, copy_gbs))
+        if est is not None:
+            estimates.setdefault((provider, method, shape.layout), []).append((shape.tokens, shape, est))
+
+    if cuda:
+        # Launch counts come last and in one profiler session: a session can leave CUPTI hooked in and slow
+        # later launches (pytorch#144455). Counts do not depend on the shape except the loop's (per sequence),
+        # so one shape each, the smallest that ran; the compile provider last, since it compiles again.
+        from torch.profiler import ProfilerActivity, profile
+
+        counted = sorted(((p, m, min(runs, key=lambda r: r[0])) for (p, m, _), runs in estimates.items()),
+                         key=lambda c: c[0] == "compile")
+        marks = {}
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for provider, method, (_, shape, est) in tqdm(counted, desc="launches", unit="config",
+                                                          file=sys.stdout):
+                if est < PROFILE_MAX_S:
+                    attempt("launches", provider, method, shape, reserve=COUNT_RESERVE_S,
+                            work=lambda: mark_calls(settings, provider, method, shape, timer, marks))
+        if marks:
+            for label, (launches, syncs) in count_marked(prof.events()).items():
+                key, mode = marks[label]
+                note = "grows with the number of sequences" if key[0] == "loop" else ""
+                sink.add(*key, mode, "launches", (launches,) * 3, note=note)
+                sink.add(*key, mode, "host_syncs", (syncs,) * 3)
     sink.close()
     print(f"sweep took {time.monotonic() - start:.0f} s; rows in {sink.path}")
     return sink.rows

@@ -100,3 +100,25 @@ def test_inputs_and_min_bytes():
     assert int(a.cu_seqlens[-1]) == 2048 and bool((a.cu_seqlens[1:] > a.cu_seqlens[:-1]).all())
     # fp32 log_prob, old_log_prob, advantages + bool mask read, fp32 gradient written: 17 bytes per token
     assert a.min_bytes("fwd_bwd") == 17 * 2048 + 4 * 17 and a.min_bytes("fwd") == 13 * 2048 + 4 * 17
+
+
+def test_count_marked_attributes_events_to_ranges():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def ev(name, start, end=None, device=DeviceType.CPU, annotation=False):
+        return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation,
+                               time_range=SimpleNamespace(start=start, end=start if end is None else end))
+
+    mark = benchmark.MARK
+    events = [
+        ev("kernel_before_any_mark", 1, device=DeviceType.CUDA),
+        ev(mark + "0", 10, 20), ev(mark + "0", 11, 19, device=DeviceType.CUDA, annotation=True),
+        ev("cudaLaunchKernel", 11), ev("k", 12, device=DeviceType.CUDA), ev("k", 13, device=DeviceType.CUDA),
+        ev("## Call CompiledFxGraph", 12, device=DeviceType.CUDA, annotation=True),
+        ev("cudaStreamSynchronize", 14), ev("cudaDeviceSynchronize", 19),
+        ev("kernel_between_marks", 25, device=DeviceType.CUDA),
+        ev(mark + "1", 30, 40), ev("cuLaunchKernel", 31), ev("cudaMemsetAsync", 32),  # no device events: API
+    ]
+    assert benchmark.count_marked(events) == {mark + "0": (2, 1), mark + "1": (2, 0)}
