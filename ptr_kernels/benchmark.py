@@ -550,8 +550,9 @@ def plan(providers, methods, layouts, shapes) -> list:
     return sorted(jobs, key=lambda job: _priority(*job))  # stable: shapes stay in sweep order
 
 
-def sweep(args, device: torch.device, out: Path) -> list:
-    """Run the sweep into `out/results.csv`; returns the rows."""
+def sweep(args, device: torch.device, out: Path, deadline: float = math.inf) -> list:
+    """Run the sweep into `out/results.csv`; returns the rows. No config starts after `deadline`
+    (`time.monotonic()`); the launch counts stop COUNT_RESERVE_S earlier, to leave time for the report."""
     from tqdm import tqdm
 
     dtype = getattr(torch, args.dtype)
@@ -565,8 +566,7 @@ def sweep(args, device: torch.device, out: Path) -> list:
     sink = CsvSink(out / "results.csv", env, args.dtype)
     start = time.monotonic()
     settings = SweepSettings(device=device, dtype=dtype, target_s=0.25 if cuda else 0.05,
-                             max_reps=args.max_reps or (100 if cuda else 10), min_reps=3,
-                             deadline=start + args.time_budget if args.time_budget else math.inf)
+                             max_reps=args.max_reps or (100 if cuda else 10), min_reps=3, deadline=deadline)
     print(f"device: {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
     if not cuda:
         print(CPU_NOTE)
@@ -625,18 +625,23 @@ def sweep(args, device: torch.device, out: Path) -> list:
         counted = sorted(((p, m, min(runs, key=lambda r: r[0])) for (p, m, _), runs in estimates.items()),
                          key=lambda c: c[0] == "compile")
         marks = {}
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for provider, method, (_, shape, est) in tqdm(counted, desc="launches", unit="config",
-                                                          file=sys.stdout):
-                if est < PROFILE_MAX_S:
-                    attempt("launches", provider, method, shape, reserve=COUNT_RESERVE_S,
-                            work=lambda: mark_calls(settings, provider, method, shape, timer, marks))
-        if marks:
-            for label, (launches, syncs) in count_marked(prof.events()).items():
-                key, mode = marks[label]
-                note = "grows with the number of sequences" if key[0] == "loop" else ""
-                sink.add(*key, mode, "launches", (launches,) * 3, note=note)
-                sink.add(*key, mode, "host_syncs", (syncs,) * 3)
+        try:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for provider, method, (_, shape, est) in tqdm(counted, desc="launches", unit="config",
+                                                              file=sys.stdout):
+                    if est < PROFILE_MAX_S:
+                        attempt("launches", provider, method, shape, reserve=COUNT_RESERVE_S,
+                                work=lambda: mark_calls(settings, provider, method, shape, timer, marks))
+            counts = count_marked(prof.events()) if marks else {}
+        except Exception as e:  # noqa: BLE001 - the profiler itself failed: keep the timings
+            print(f"launch counting failed: {type(e).__name__}: {e}")
+            sink.add("profiler", "-", "-", "-", "", "", "-", "error", note=f"launches: {type(e).__name__}: {e}")
+            counts = {}
+        for label, (launches, syncs) in counts.items():
+            key, mode = marks[label]
+            note = "grows with the number of sequences" if key[0] == "loop" else ""
+            sink.add(*key, mode, "launches", (launches,) * 3, note=note)
+            sink.add(*key, mode, "host_syncs", (syncs,) * 3)
     sink.close()
     print(f"sweep took {time.monotonic() - start:.0f} s; rows in {sink.path}")
     return sink.rows
@@ -856,12 +861,11 @@ def plots(rows, out: Path) -> list:
 def report(rows, out: Path, csv_path) -> None:
     """Write results.md and the plots next to the CSV; print the targets."""
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown(rows)
-    (out / "results.md").write_text(f"Results from `{csv_path}`.\n\n" + md)
-    pngs = plots(rows, out)
+    (out / "results.md").write_text(f"Results from `{csv_path}`.\n\n" + markdown(rows))
     print("\n".join(_table(("target", "case", "measured", "required", "status"), targets(rows))))
     if rows and rows[0]["device"].startswith("cpu"):
         print(CPU_NOTE)
+    pngs = plots(rows, out)
     print(f"wrote {out / 'results.md'} and {len(pngs)} plots to {out}")
 
 
@@ -896,7 +900,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: $OUT if set, else bench/results)")
     parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds after which no new config starts (the rest are recorded as skipped)")
+                        help="seconds from the start after which no new config starts (the rest are recorded as "
+                             "skipped); the run ends about 20 s after it (the config under way, the report)")
     parser.add_argument("--max-reps", type=int, default=None, help="most timed calls per config and mode")
     parser.add_argument("--report", type=Path, default=None, metavar="CSV",
                         help="only write plots, results.md and targets from an existing results CSV")
@@ -904,6 +909,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`ptr-kernels bench`: run the sweep (or `--report` an earlier one); 0 on success."""
+    deadline = math.inf if args.time_budget is None else time.monotonic() + args.time_budget
     out = args.out or Path(os.environ.get("OUT") or "bench/results")
     if args.report is not None:
         report(load_rows(args.report), out, args.report)
@@ -923,7 +929,7 @@ def run(args: argparse.Namespace) -> int:
                   "'fused' (Triton interpreter, TRITON_INTERPRET=1) run when named in --providers")
             args.providers = ["eager", "loop", "verl"]
     out.mkdir(parents=True, exist_ok=True)
-    rows = sweep(args, device, out)
+    rows = sweep(args, device, out, deadline)
     report(rows, out, out / "results.csv")
     return 0
 

@@ -122,3 +122,27 @@ def test_count_marked_attributes_events_to_ranges():
         ev(mark + "1", 30, 40), ev("cuLaunchKernel", 31), ev("cudaMemsetAsync", 32),  # no device events: API
     ]
     assert benchmark.count_marked(events) == {mark + "0": (2, 1), mark + "1": (2, 0)}
+
+
+def test_errors_and_time_budget_are_recorded(tmp_path, monkeypatch):
+    original = benchmark.make_call
+
+    def make_call(provider, method):
+        if provider == "verl":
+            raise RuntimeError("provider broke")
+        return original(provider, method)
+
+    monkeypatch.setattr(benchmark, "make_call", make_call)
+    args = ["bench", "--device", "cpu", "--providers", "eager,verl", "--methods", "ppo", "--layouts", "padded",
+            "--max-reps", "3", "--out", str(tmp_path)]
+    assert main(args) == 0
+    rows = benchmark.load_rows(tmp_path / "results.csv")
+    errors = [r for r in rows if r["metric"] == "error"]
+    assert {r["provider"] for r in errors} == {"verl"} and "provider broke" in errors[0]["note"]
+    assert any(r["provider"] == "eager" and r["metric"] == "time_us" for r in rows)
+    assert "provider broke" in (tmp_path / "results.md").read_text()
+
+    assert main(args + ["--time-budget", "0"]) == 0  # nothing starts, every config is recorded as skipped
+    rows = benchmark.load_rows(tmp_path / "results.csv")
+    skipped = [r for r in rows if r["metric"] == "skipped"]
+    assert len(skipped) == 4 and all("time budget" in r["note"] for r in skipped)
