@@ -215,12 +215,13 @@ def test_gradcheck_float64(method, cfg):
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("junk", [float("inf"), float("-inf"), float("nan")])
 def test_masked_positions_never_reach_the_result(seed, junk):
-    case = random_case(3000 + seed, layout="padded" if seed % 2 else "packed", methods=[("cppo", "dppo", "ppo")[seed % 3]])
+    case = random_case(3000 + seed, layout="padded" if seed % 2 else "packed",
+                       methods=[("cppo", "dppo", "ppo")[seed % 3]])
     inp = case.inputs()
     mask = mask_as_bool(inp["response_mask"], inp["log_prob"])
     if mask.all():  # put holes in, so there is something to fill
         mask = mask.clone()
-        mask.view(-1)[:: 3] = False
+        mask.view(-1)[::3] = False
         inp["response_mask"] = mask
 
     def filled(value):

@@ -154,8 +154,15 @@ def test_verl_sum_norm_has_no_sequence_count():
 def test_cppo_per_sequence_loop_matches_reference(seed):
     case = random_case(4000 + seed, layout="padded", methods=["cppo"])
     inp = case.inputs()
-    mask = inp["response_mask"] if inp["response_mask"] is not None else torch.ones_like(inp["log_prob"], dtype=torch.bool)
-    finite = lambda t, fill: None if t is None else torch.where(mask, t, fill) if t.shape == mask.shape else t  # noqa: E731
+    mask = inp["response_mask"]
+    if mask is None:
+        mask = torch.ones_like(inp["log_prob"], dtype=torch.bool)
+
+    def finite(t, fill):  # verl-style code computes at masked positions: no garbage there
+        if t is None or t.shape != mask.shape:
+            return t
+        return torch.where(mask, t, fill)
+
     lp, olp = finite(inp["log_prob"], -1.0), finite(inp["old_log_prob"], -1.0)
     adv, rw = finite(inp["advantages"], 0.0), finite(inp["rollout_is_weights"], 1.0)
     mode = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"][seed % 3]
