@@ -141,10 +141,11 @@ def packed_lengths(shape: Shape, seed: int) -> torch.Tensor:
     """`batch` random lengths (0.25x to 1.75x the mean) summing to `tokens` exactly."""
     g = torch.Generator().manual_seed(seed)
     w = torch.empty(shape.batch, dtype=torch.float64).uniform_(0.25, 1.75, generator=g)
-    lengths = (w / w.sum() * shape.tokens).long().clamp(min=1)
-    lengths[-1] += shape.tokens - lengths.sum()
-    if lengths[-1] < 1:
-        raise ValueError(f"cannot split {shape.tokens} tokens into {shape.batch} sequences")
+    ends = (w.cumsum(0) / w.sum() * shape.tokens).round().long()
+    ends[-1] = shape.tokens
+    lengths = torch.diff(ends, prepend=ends.new_zeros(1))
+    if bool((lengths < 1).any()):
+        raise ValueError(f"cannot split {shape.tokens} tokens into {shape.batch} sequences of at least 1")
     return lengths
 
 
