@@ -58,6 +58,7 @@ from .config import PolicyLossConfig
 from .reference import policy_loss_reference
 
 PROVIDERS = ("fused", "eager", "compile", "loop", "verl")
+COLORS = dict(zip(PROVIDERS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))  # plots
 METHODS = ("cppo", "dppo", "ppo")
 LAYOUTS = ("padded", "packed")
 MODES = ("fwd", "fwd_bwd")
@@ -75,7 +76,8 @@ CPU_NOTE = "CPU run: wall-clock times of PyTorch on this CPU; kernel timings nee
 
 @dataclass(frozen=True)
 class Shape:
-    """One batch geometry. padded: `batch` rows of width `width`; packed: `batch` sequences, `tokens` in all.
+    """One batch geometry. padded: `batch` rows of `tokens // batch` positions; packed: `batch` sequences,
+    `tokens` in all.
 
     `compile_priority` (lower first, None: not compiled) and `loop` mark the shapes where the expensive
     providers run, so the full sweep fits its time budget.
@@ -224,6 +226,7 @@ def make_call(provider: str, method: str) -> Callable[[Inputs], torch.Tensor]:
 
 
 def step(call: Callable[[Inputs], torch.Tensor], inp: Inputs, mode: str) -> torch.Tensor:
+    """One call in `mode`: the forward ("fwd") or the forward and `loss.backward()` ("fwd_bwd")."""
     loss = call(inp)
     if mode == "fwd_bwd":
         loss.backward()
@@ -814,8 +817,8 @@ def plots(rows, out: Path) -> list:
                             pts.append((int(r["tokens"]), float(r["p20"]), float(r["p50"]), float(r["p80"])))
                     if pts:
                         x, lo, mid, hi = zip(*pts)
-                        ax.plot(x, mid, marker="o", label=p)
-                        ax.fill_between(x, lo, hi, alpha=0.2)
+                        ax.plot(x, mid, marker="o", label=p, color=COLORS[p])
+                        ax.fill_between(x, lo, hi, alpha=0.2, color=COLORS[p])
                 ax.set_xscale("log")
                 ax.set_yscale("log")
                 ax.set_xlabel("tokens")
@@ -844,7 +847,9 @@ def plots(rows, out: Path) -> list:
             width = 0.8 / len(others)
             for k, p in enumerate(others):
                 xs = [i + k * width for i, (_, ups) in enumerate(bars) if p in ups]
-                ax.bar(xs, [ups[p] for _, ups in bars if p in ups], width=width, label=f"vs {p}")
+                drawn = ax.bar(xs, [ups[p] for _, ups in bars if p in ups], width=width, label=f"vs {p}",
+                               color=COLORS[p])
+                ax.bar_label(drawn, fmt="%.3g", fontsize=6)
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(bars))])
             ax.set_xticklabels([label for label, _ in bars], fontsize=7)
             ax.set_yscale("log")
