@@ -566,6 +566,9 @@ def sweep(args, device: torch.device, out: Path, deadline: float = math.inf) -> 
     if "fused" in providers and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         print("skipping provider 'fused': on CPU the Triton kernel runs only under TRITON_INTERPRET=1")
         providers = [p for p in providers if p != "fused"]
+    if "fused" in providers and cuda and os.environ.get("TRITON_INTERPRET") == "1":
+        print("WARNING: TRITON_INTERPRET=1 is set: the fused provider runs in the Triton interpreter, "
+              "its timings are not the kernel's (unset it before running the sweep)")
     env = environment(device)
     sink = CsvSink(out / "results.csv", env, args.dtype)
     start = time.monotonic()
