@@ -69,8 +69,11 @@ COPY_BYTES = 2**30
 WALL_MAX_S = 0.02  # wall_us only for calls below this: above it the host is not the bottleneck
 PROFILE_MAX_S = 0.2  # profiling a call with more launches than this allows costs more than it tells
 MEMORY_MAX_S = 1.0  # peak memory only for calls below this (it costs one more call per mode)
-COMPILE_RESERVE_S = 90.0  # do not start a compile with less budget left
-COUNT_RESERVE_S = 20.0  # budget kept for reading the profile of the launch counts
+# The time budget: the last 15 s are kept for reading the profile and writing the report, 30 s before that
+# for the launch counts; a compile starts only with 60 s more left.
+END_RESERVE_S = 15.0
+COUNT_RESERVE_S = 30.0
+COMPILE_RESERVE_S = 60.0
 CPU_NOTE = "CPU run: wall-clock times of PyTorch on this CPU; kernel timings need a GPU."
 
 
@@ -556,7 +559,7 @@ def plan(providers, methods, layouts, shapes) -> list:
 
 def sweep(args, device: torch.device, out: Path, deadline: float = math.inf) -> list:
     """Run the sweep into `out/results.csv`; returns the rows. No config starts after `deadline`
-    (`time.monotonic()`); the launch counts stop COUNT_RESERVE_S earlier, to leave time for the report."""
+    (`time.monotonic()`), no timing config in the last COUNT_RESERVE_S before it (kept for launch counts)."""
     from tqdm import tqdm
 
     dtype = getattr(torch, args.dtype)
@@ -618,8 +621,8 @@ def sweep(args, device: torch.device, out: Path, deadline: float = math.inf) -> 
         return None
 
     for provider, method, shape in tqdm(jobs, desc="timing", unit="config", file=sys.stdout, mininterval=1.0):
-        est = attempt("timing", provider, method, shape,
-                      lambda: bench_config(sink, settings, provider, method, shape, timer, copy_gbs))
+        est = attempt("timing", provider, method, shape, reserve=COUNT_RESERVE_S if cuda else 0.0,
+                      work=lambda: bench_config(sink, settings, provider, method, shape, timer, copy_gbs))
         if est is not None:
             estimates.setdefault((provider, method, shape.layout), []).append((shape.tokens, shape, est))
 
@@ -637,7 +640,7 @@ def sweep(args, device: torch.device, out: Path, deadline: float = math.inf) -> 
                 for provider, method, (_, shape, est) in tqdm(counted, desc="launches", unit="config",
                                                               file=sys.stdout):
                     if est < PROFILE_MAX_S:
-                        attempt("launches", provider, method, shape, reserve=COUNT_RESERVE_S,
+                        attempt("launches", provider, method, shape,
                                 work=lambda: mark_calls(settings, provider, method, shape, timer, marks))
             counts = count_marked(prof.events()) if marks else {}
         except Exception as e:  # noqa: BLE001 - the profiler itself failed: keep the timings
@@ -909,8 +912,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: $OUT if set, else bench/results)")
     parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds from the start after which no new config starts (the rest are recorded as "
-                             "skipped); the run ends about 20 s after it (the config under way, the report)")
+                        help="seconds for the whole run: configs that would start too late are recorded as "
+                             "skipped (the last 45 s are kept for launch counts and the report)")
     parser.add_argument("--max-reps", type=int, default=None, help="most timed calls per config and mode")
     parser.add_argument("--report", type=Path, default=None, metavar="CSV",
                         help="only write plots, results.md and targets from an existing results CSV")
@@ -918,7 +921,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`ptr-kernels bench`: run the sweep (or `--report` an earlier one); 0 on success."""
-    deadline = math.inf if args.time_budget is None else time.monotonic() + args.time_budget
+    deadline = math.inf if args.time_budget is None else time.monotonic() + args.time_budget - END_RESERVE_S
     out = args.out or Path(os.environ.get("OUT") or "bench/results")
     if args.report is not None:
         report(load_rows(args.report), out, args.report)
