@@ -178,7 +178,7 @@ def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str, 
         return seq_mean
     if loss_agg_mode == "seq-mean-token-sum-norm":
         scale = token_loss.shape[1] if loss_scale_factor is None else loss_scale_factor
-        return seq_mean / scale
+        return _safe_div(seq_mean, scale)  # T = 0: an empty batch, 0 not NaN (SPEC section 6)
     raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}")
 
 
