@@ -49,6 +49,7 @@ def _(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1], output[2])  # statistics and the saved per-token gradient
     ctx.save_for_backward(output[2], inputs[4])  # per-token gradient, cu_seqlens (None when padded)
     ctx.grad_dtype = inputs[0].dtype
     ctx.num_inputs = len(inputs)

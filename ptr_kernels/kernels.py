@@ -55,12 +55,22 @@ def _load_zeroed(ptr, offs, valid):
 
 
 @triton.jit
+def _one_minus_exp(x):
+    """1 - exp(x) without the cancellation of 1 - exp(x) near 0 (a Taylor series for |x| < 1/4)."""
+    series = -x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (
+        1.0 / 720 + x * (1.0 / 5040 + x * (1.0 / 40320 + x * (1.0 / 362880)))))))))
+    return tl.where(tl.abs(x) < 0.25, series, 1.0 - tl.exp(x))
+
+
+@triton.jit
 def _divergence(lp, olp, valid, KL: tl.constexpr):
     """D_t of SPEC section 2 (binary_tv or binary_kl), 0 at masked positions."""
     pi = tl.exp(lp)
     mu = tl.exp(olp)
     if KL:
-        d = mu * (olp - lp) + (1.0 - mu) * tl.log((1.0 - mu + 1e-8) / (1.0 - pi + 1e-8))
+        # 1 - pi and 1 - mu near 0 decide the second term: compute them without cancellation
+        d = mu * (olp - lp) + _one_minus_exp(olp) * tl.log(
+            (_one_minus_exp(olp) + 1e-8) / (_one_minus_exp(lp) + 1e-8))
     else:
         d = tl.abs(pi - mu)
     return tl.where(valid, d, 0.0)
@@ -424,7 +434,7 @@ def aggregate(seq_loss: torch.Tensor, seq_tokens: torch.Tensor, loss_agg_mode: s
     if loss_agg_mode == "seq-mean-token-sum":
         return seq_mean
     if loss_agg_mode == "seq-mean-token-sum-norm":
-        return seq_mean / loss_scale_factor
+        return _safe_div(seq_mean, loss_scale_factor)  # T = 0 only when the batch is empty
     raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}")
 
 
