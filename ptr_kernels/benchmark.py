@@ -209,6 +209,11 @@ def make_call(provider: str, method: str) -> Callable[[Inputs], torch.Tensor]:
         if provider == "eager":
             return reference
         if provider == "compile":
+            # one compile per (shape, method), all kept for the launch counts: more graphs of one function
+            # than dynamo's default recompile limit (8), past which it would silently run eager
+            config = torch._dynamo.config
+            limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            setattr(config, limit, max(getattr(config, limit), 64))
             compiled = torch.compile(policy_loss_reference, dynamic=False)
             return lambda inp: reference(inp, compiled)
         from .api import policy_loss
@@ -464,9 +469,9 @@ class Runner:
 
 
 def bench_config(sink: CsvSink, settings: SweepSettings, provider: str, method: str, shape: Shape,
-                 timer: Timer, copy_gbs: Optional[float]) -> float:
+                 timer: Timer, copy_gbs: Optional[float]) -> tuple:
     """Every timing metric of one (provider, method, shape), both modes, written to `sink`; returns the
-    estimated seconds per fwd_bwd call."""
+    estimated seconds per fwd_bwd call and the Runner."""
     device, cuda = settings.device, settings.device.type == "cuda"
     runner = Runner(settings, provider, method, shape)
     key, sets = runner.key, runner.sets
@@ -504,19 +509,15 @@ def bench_config(sink: CsvSink, settings: SweepSettings, provider: str, method: 
                      note=f"5 batches of {calls} back-to-back calls")
         if est < MEMORY_MAX_S:
             sink.add(*key, mode, "peak_mem_mib", (peak_memory_mib(lambda: runner.run(0, mode), device),) * 3)
-    return est
+    return est, runner
 
 
-def mark_calls(settings: SweepSettings, provider: str, method: str, shape: Shape, timer: Timer,
-               marks: dict) -> None:
-    """Inside a running profiler session: one marked call per mode of one config, recorded in `marks`
+def mark_calls(runner: Runner, timer: Timer, marks: dict) -> None:
+    """Inside a running profiler session: one marked call per mode of a warmed-up runner, recorded in `marks`
     ({label: (row key, mode)}). An unmarked call precedes each, since a session can drop the first GPU
     events it sees (pytorch#192021)."""
     from torch.profiler import record_function
 
-    runner = Runner(settings, provider, method, shape)
-    runner.warm_up(timer)
-    del runner.loss
     for mode in MODES:
         runner.run(0, mode)
         timer.sync()
@@ -525,6 +526,13 @@ def mark_calls(settings: SweepSettings, provider: str, method: str, shape: Shape
             runner.run(0, mode)
             timer.sync()
         marks[label] = (runner.key, mode)
+
+
+def _warm_runner(settings: SweepSettings, provider: str, method: str, shape: Shape, timer: Timer) -> Runner:
+    runner = Runner(settings, provider, method, shape)
+    runner.warm_up(timer)
+    del runner.loss
+    return runner
 
 
 def _priority(provider: str, method: str, shape: Shape) -> tuple:
@@ -588,7 +596,7 @@ def sweep(args, device: torch.device, out: Path, deadline: float = math.inf) -> 
     print(f"copy bandwidth: {copy_gbs:.0f} GB/s")
 
     jobs = plan(providers, args.methods, args.layouts, shapes)
-    estimates = {}  # (provider, method, layout) -> [(tokens, shape, s per call)] of the configs that ran
+    smallest_run = {}  # (provider, method, layout) -> (shape, s per call, runner) of its smallest timed config
     lost = None  # why the CUDA context became unusable
 
     def attempt(phase, provider, method, shape, work, reserve=0.0):
@@ -600,19 +608,15 @@ def sweep(args, device: torch.device, out: Path, deadline: float = math.inf) -> 
         if lost is not None:
             sink.add(*key, "skipped", note=f"{phase}: CUDA context lost earlier ({lost})")
             return None
-        if left <= reserve or (provider == "compile" and left < reserve + COMPILE_RESERVE_S):
+        if left <= reserve or (phase == "timing" and provider == "compile" and left < reserve + COMPILE_RESERVE_S):
             sink.add(*key, "skipped", note=f"{phase}: time budget of {args.time_budget} s spent")
             return None
-        failed = None
         try:
             return work()
         except Exception as e:  # noqa: BLE001 - one failing provider must not stop the sweep
             failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             tqdm.write(f"{phase} {provider} {method} {shape.name}: {failed}")
             sink.add(*key, "error", note=f"{phase}: {failed}")
-        finally:
-            if provider == "compile":
-                torch._dynamo.reset()  # one compile per shape: drop the graphs and their recompile count
         gc.collect()  # free what the failed config held, now that its traceback is gone
         if cuda:
             torch.cuda.empty_cache()
@@ -621,27 +625,31 @@ def sweep(args, device: torch.device, out: Path, deadline: float = math.inf) -> 
         return None
 
     for provider, method, shape in tqdm(jobs, desc="timing", unit="config", file=sys.stdout, mininterval=1.0):
-        est = attempt("timing", provider, method, shape, reserve=COUNT_RESERVE_S if cuda else 0.0,
-                      work=lambda: bench_config(sink, settings, provider, method, shape, timer, copy_gbs))
-        if est is not None:
-            estimates.setdefault((provider, method, shape.layout), []).append((shape.tokens, shape, est))
+        done = attempt("timing", provider, method, shape, reserve=COUNT_RESERVE_S if cuda else 0.0,
+                       work=lambda: bench_config(sink, settings, provider, method, shape, timer, copy_gbs))
+        if done is None:
+            continue
+        est, runner = done
+        smallest = smallest_run.get((provider, method, shape.layout))
+        if smallest is None or shape.tokens < smallest[0].tokens:
+            # the compile provider's runner is kept, so that its launches are counted without compiling again
+            smallest_run[(provider, method, shape.layout)] = (shape, est, runner if provider == "compile" else None)
+        del done, runner
 
     if cuda:
         # Launch counts come last and in one profiler session: a session can leave CUPTI hooked in and slow
         # later launches (pytorch#144455). Counts do not depend on the shape except the loop's (per sequence),
-        # so one shape each, the smallest that ran; the compile provider last, since it compiles again.
+        # so one shape each: the smallest that ran.
         from torch.profiler import ProfilerActivity, profile
 
-        counted = sorted(((p, m, min(runs, key=lambda r: r[0])) for (p, m, _), runs in estimates.items()),
-                         key=lambda c: c[0] == "compile")
         marks = {}
         try:
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for provider, method, (_, shape, est) in tqdm(counted, desc="launches", unit="config",
-                                                              file=sys.stdout):
+                for (provider, method, _), (shape, est, runner) in tqdm(smallest_run.items(), desc="launches",
+                                                                         unit="config", file=sys.stdout):
                     if est < PROFILE_MAX_S:
-                        attempt("launches", provider, method, shape,
-                                work=lambda: mark_calls(settings, provider, method, shape, timer, marks))
+                        attempt("launches", provider, method, shape, work=lambda: mark_calls(
+                            runner or _warm_runner(settings, provider, method, shape, timer), timer, marks))
             counts = count_marked(prof.events()) if marks else {}
         except Exception as e:  # noqa: BLE001 - the profiler itself failed: keep the timings
             print(f"launch counting failed: {type(e).__name__}: {e}")
@@ -649,9 +657,13 @@ def sweep(args, device: torch.device, out: Path, deadline: float = math.inf) -> 
             counts = {}
         for label, (launches, syncs) in counts.items():
             key, mode = marks[label]
+            if not launches:  # every loss launches GPU work: the profiler missed it
+                sink.add(*key, mode, "skipped", note="launches: the profiler recorded no GPU activity")
+                continue
             note = "grows with the number of sequences" if key[0] == "loop" else ""
             sink.add(*key, mode, "launches", (launches,) * 3, note=note)
             sink.add(*key, mode, "host_syncs", (syncs,) * 3)
+    smallest_run.clear()
     sink.close()
     print(f"sweep took {time.monotonic() - start:.0f} s; rows in {sink.path}")
     return sink.rows
