@@ -925,7 +925,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="dtype of log_prob, old_log_prob and advantages")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: $OUT if set, else bench/results)")
+                        help="output folder (default: $OUT if set, else bench/results; with --report: the CSV's)")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds for the whole run: configs that would start too late are recorded as "
                              "skipped (the last 45 s are kept for launch counts and the report)")
@@ -935,12 +935,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`ptr-kernels bench`: run the sweep (or `--report` an earlier one); 0 on success."""
+    """`ptr-kernels bench`: run the sweep (or `--report` an earlier one). Returns 0, or 1 if a config failed
+    (its `error` row says why; the other results are written all the same)."""
     deadline = math.inf if args.time_budget is None else time.monotonic() + args.time_budget - END_RESERVE_S
-    out = args.out or Path(os.environ.get("OUT") or "bench/results")
     if args.report is not None:
-        report(load_rows(args.report), out, args.report)
+        report(load_rows(args.report), args.out or args.report.parent, args.report)
         return 0
+    out = args.out or Path(os.environ.get("OUT") or "bench/results")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
@@ -958,7 +959,10 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = sweep(args, device, out, deadline)
     report(rows, out, out / "results.csv")
-    return 0
+    failed = [r for r in rows if r["metric"] == "error"]
+    for r in failed:
+        print(f"failed: {r['provider']} {r['method']} {r['layout']} {r['shape']}: {r['note']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def main(argv=None) -> int:

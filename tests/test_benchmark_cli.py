@@ -135,7 +135,7 @@ def test_errors_and_time_budget_are_recorded(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "make_call", make_call)
     args = ["bench", "--device", "cpu", "--providers", "eager,verl", "--methods", "ppo", "--layouts", "padded",
             "--max-reps", "3", "--out", str(tmp_path)]
-    assert main(args) == 0
+    assert main(args) == 1  # a failed config fails the command, after writing everything else
     rows = benchmark.load_rows(tmp_path / "results.csv")
     errors = [r for r in rows if r["metric"] == "error"]
     assert {r["provider"] for r in errors} == {"verl"} and "provider broke" in errors[0]["note"]
