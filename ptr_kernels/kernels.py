@@ -1,10 +1,12 @@
 """The fused Triton kernel: SPEC sections 2-5 and the per-sequence partial sums of sections 6 and 8.
 
 Design (docs/kernels.md has the long form):
-- grid = (number of sequences,): one program per padded row or packed sequence; a program walks its
-  sequence in blocks of BLOCK tokens, so any length and any number of sequences work (offsets in int64).
-- cppo carries the running prefix sums across blocks (exclusive scan inside a block = tl.cumsum minus
-  the element, plus the carry).
+- 1-D grid over tiles of ROWS sequences (padded rows or packed sequences); a program walks its
+  sequences together in blocks of BLOCK positions, `[ROWS, BLOCK]` at a time, up to its longest one, so
+  any length and any number of sequences work (offsets in int64). BLOCK follows the mean sequence length
+  and ROWS * BLOCK = TILE, so short sequences share a program and long ones get one each.
+- cppo carries the running prefix sums across blocks (exclusive scan inside a block = tl.cumsum along
+  the row minus the element, plus the carry).
 - pass A (only when needed): the last valid position (T_w for length_mode="sequence" with a mask) and,
   for the calibrated delta_b, the count of valid D, #{D <= lo}, #{D < hi} and the range of D. The
   quantile is clamped to [lo, hi] = [delta_b, delta_b_max_mult * delta_b], so the counts settle the
@@ -38,6 +40,7 @@ METHOD_IDS = {"cppo": 0, "dppo": 1, "ppo": 2}
 HORIZON_LAST, HORIZON_ARG, HORIZON_MAX_LEN = 0, 1, 2
 MAX_BLOCK = 1024
 MIN_BLOCK = 16
+TILE = 1024  # ROWS * BLOCK: short sequences share a program, ROWS per tile
 
 
 @triton.jit
@@ -90,48 +93,61 @@ def _key_value(key):
 
 
 @triton.jit
-def _block_keys(lp_ptr, olp_ptr, mask_ptr, start, pos, length, KL: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Order keys of D over one block, and the validity of each position."""
-    inside = pos < length
-    offs = start + pos
+def _tile(start, length, off, BLOCK: tl.constexpr):
+    """Positions `[1, BLOCK]` (0-based within the sequence), in-sequence flags and int64 offsets `[ROWS, BLOCK]`."""
+    pos = off + tl.arange(0, BLOCK)[None, :]
+    inside = pos < length[:, None]
+    return pos, inside, start[:, None] + pos
+
+
+@triton.jit
+def _tile_keys(lp_ptr, olp_ptr, mask_ptr, start, length, off,
+               KL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """Order keys of D over one tile, and the validity of each position."""
+    pos, inside, offs = _tile(start, length, off, BLOCK)
     valid = _valid(mask_ptr, offs, inside, HAS_MASK)
     d = _divergence(_load_zeroed(lp_ptr, offs, valid), _load_zeroed(olp_ptr, offs, valid), valid, KL)
     return _order_key(d), valid
 
 
 @triton.jit
-def _count_le(lp_ptr, olp_ptr, mask_ptr, start, length, bound,
-              KL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    """#{valid t : key(D_t) <= bound} over one sequence."""
-    acc = tl.zeros([BLOCK], dtype=tl.int32)
-    for off in range(0, length, BLOCK):
-        key, valid = _block_keys(lp_ptr, olp_ptr, mask_ptr, start, off + tl.arange(0, BLOCK), length, KL, HAS_MASK)
-        acc += (valid & (key <= bound)).to(tl.int32)
-    return tl.sum(acc, axis=0)
+def _count_le(lp_ptr, olp_ptr, mask_ptr, start, length, tile_len, bound,
+              KL: tl.constexpr, HAS_MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Per row: #{valid t : key(D_t) <= bound} `[ROWS]`."""
+    acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
+    for off in range(0, tile_len, BLOCK):
+        key, valid = _tile_keys(lp_ptr, olp_ptr, mask_ptr, start, length, off, KL, HAS_MASK, BLOCK)
+        acc += (valid & (key <= bound[:, None])).to(tl.int32)
+    return tl.sum(acc, axis=1)
 
 
 @triton.jit
-def _select_quantile(lp_ptr, olp_ptr, mask_ptr, start, length, kb, ka, frac, key_lo, key_hi,
-                     KL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    """d_(kb) + frac * (d_(ka) - d_(kb)) from the order statistics kb <= ka (0-based) of the valid D.
+def _select_quantile(lp_ptr, olp_ptr, mask_ptr, start, length, tile_len, need, kb, ka, frac, key_lo, key_hi,
+                     KL: tl.constexpr, HAS_MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Per row: d_(kb) + frac * (d_(ka) - d_(kb)) from the order statistics kb <= ka (0-based) of the valid D.
 
-    Bisection on the int32 keys in [key_lo, key_hi] (the range of the valid keys) for the smallest key
-    with at least kb + 1 keys <= it; then d_(ka) is either the same value or the next larger key.
+    Bisection on the int32 keys in [key_lo, key_hi] (the range of the row's keys) for the smallest key with
+    at least kb + 1 keys <= it, one counting pass per step, all rows of the tile together (rows where
+    `need` is False do not iterate); then d_(ka) is the same value or the next larger key.
     """
-    while key_lo < key_hi:
+    key_lo = tl.where(need, key_lo, 0)
+    key_hi = tl.where(need, key_hi, 0)
+    while tl.max((key_lo < key_hi).to(tl.int32), axis=0) > 0:
+        active = key_lo < key_hi
         mid = ((key_lo.to(tl.int64) + key_hi.to(tl.int64)) >> 1).to(tl.int32)  # floor, no int32 overflow
-        enough = _count_le(lp_ptr, olp_ptr, mask_ptr, start, length, mid, KL, HAS_MASK, BLOCK) >= kb + 1
-        key_hi = tl.where(enough, mid, key_hi)
-        key_lo = tl.where(enough, key_lo, mid + 1)
+        enough = _count_le(lp_ptr, olp_ptr, mask_ptr, start, length, tile_len, mid,
+                           KL, HAS_MASK, ROWS, BLOCK) >= kb + 1
+        key_hi = tl.where(active & enough, mid, key_hi)
+        key_lo = tl.where(active & ~enough, mid + 1, key_lo)
     key_b = key_lo
     # one more pass: how many keys tie with d_(kb), and the next larger key
-    n_le = tl.zeros([BLOCK], dtype=tl.int32)
-    above = tl.full([BLOCK], 2147483647, dtype=tl.int32)
-    for off in range(0, length, BLOCK):
-        key, valid = _block_keys(lp_ptr, olp_ptr, mask_ptr, start, off + tl.arange(0, BLOCK), length, KL, HAS_MASK)
-        n_le += (valid & (key <= key_b)).to(tl.int32)
-        above = tl.minimum(above, tl.where(valid & (key > key_b), key, 2147483647))
-    key_a = tl.where(tl.sum(n_le, axis=0) >= ka + 1, key_b, tl.min(above, axis=0))
+    n_le = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
+    above = tl.full([ROWS, BLOCK], 2147483647, dtype=tl.int32)
+    for off in range(0, tile_len, BLOCK):
+        key, valid = _tile_keys(lp_ptr, olp_ptr, mask_ptr, start, length, off, KL, HAS_MASK, BLOCK)
+        n_le += (valid & (key <= key_b[:, None])).to(tl.int32)
+        above = tl.minimum(above, tl.where(valid & (key > key_b[:, None]), key, 2147483647))
+    key_a = tl.where(tl.sum(n_le, axis=1) >= ka + 1, key_b, tl.min(above, axis=1))
     d_b = _key_value(key_b)
     d_a = _key_value(key_a)
     return d_b + frac * (d_a - d_b)
@@ -141,21 +157,25 @@ def _select_quantile(lp_ptr, olp_ptr, mask_ptr, start, length, kb, ka, frac, key
 def _policy_loss_kernel(
     lp_ptr, olp_ptr, adv_ptr, mask_ptr, rw_ptr, cu_ptr, max_len_ptr,  # inputs
     grad_ptr, seq_loss_ptr, stats_ptr,  # outputs: [like log_prob] f32, [S] f32, [S, NUM_STATS] f32
-    width, horizon_arg,  # padded row width T; T_w when HORIZON == HORIZON_ARG
+    num_seqs, width, horizon_arg,  # S; padded row width T; T_w when HORIZON == HORIZON_ARG
     delta, delta_low, delta_high, w_min, delta_b, quantile, delta_b_hi, ratio_cap, log_ratio_clamp,
     ratio_lo, ratio_hi, clip_c,
-    METHOD: tl.constexpr, KL: tl.constexpr, SOFT: tl.constexpr, LOGP: tl.constexpr, QUANTILE: tl.constexpr, HORIZON: tl.constexpr,
-    SCAN_FIRST: tl.constexpr, PACKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_RW: tl.constexpr,
-    ADV_PER_SEQ: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
+    METHOD: tl.constexpr, KL: tl.constexpr, SOFT: tl.constexpr, LOGP: tl.constexpr, QUANTILE: tl.constexpr,
+    HORIZON: tl.constexpr, SCAN_FIRST: tl.constexpr, PACKED: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_RW: tl.constexpr, ADV_PER_SEQ: tl.constexpr, NUM_STATS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One program per sequence: pass A (T_w, quantile counts) when needed, then pass B (mask, loss, grad)."""
-    seq = tl.program_id(0)
+    """A tile of ROWS sequences per program, walked in blocks of BLOCK positions: pass A (T_w, quantile
+    counts) when needed, then pass B (mask, loss, gradient, per-sequence sums)."""
+    seq = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    seq_ok = seq < num_seqs
     if PACKED:
-        start = tl.load(cu_ptr + seq).to(tl.int64)
-        length = tl.load(cu_ptr + seq + 1).to(tl.int64) - start
+        start = tl.load(cu_ptr + seq, mask=seq_ok, other=0).to(tl.int64)
+        length = tl.load(cu_ptr + seq + 1, mask=seq_ok, other=0).to(tl.int64) - start
     else:
         start = seq.to(tl.int64) * width
-        length = tl.cast(width, tl.int64)
+        length = tl.where(seq_ok, width, 0).to(tl.int64)
+    tile_len = tl.max(length, axis=0)  # the tile walks its longest sequence
     # Scalars arrive as Python numbers (fp64 under some launchers): pin them to float32.
     delta = tl.cast(delta, tl.float32)
     delta_b = tl.cast(delta_b, tl.float32)
@@ -166,27 +186,22 @@ def _policy_loss_kernel(
     ratio_hi = tl.cast(ratio_hi, tl.float32)
     clip_c = tl.cast(clip_c, tl.float32)
     ratio_cap = tl.cast(ratio_cap, tl.float32)
-    ar = tl.arange(0, BLOCK)
 
     # ---- pass A: last valid position and the counts of the calibrated delta_b ----
     last = length.to(tl.float32)
     if SCAN_FIRST:
-        last_acc = tl.zeros([BLOCK], dtype=tl.float32)
-        n_acc = tl.zeros([BLOCK], dtype=tl.int32)
-        lo_acc = tl.zeros([BLOCK], dtype=tl.int32)
-        hi_acc = tl.zeros([BLOCK], dtype=tl.int32)
-        kmin_acc = tl.full([BLOCK], 2147483647, dtype=tl.int32)
-        kmax_acc = tl.full([BLOCK], -2147483648, dtype=tl.int32)
-        for off in range(0, length, BLOCK):
-            pos = off + ar
-            inside = pos < length
-            offs = start + pos
+        last_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        n_acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
+        lo_acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
+        hi_acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
+        kmin_acc = tl.full([ROWS, BLOCK], 2147483647, dtype=tl.int32)
+        kmax_acc = tl.full([ROWS, BLOCK], -2147483648, dtype=tl.int32)
+        for off in range(0, tile_len, BLOCK):
+            pos, inside, offs = _tile(start, length, off, BLOCK)
             valid = _valid(mask_ptr, offs, inside, HAS_MASK)
             last_acc = tl.maximum(last_acc, tl.where(valid, (pos + 1).to(tl.float32), 0.0))
             if QUANTILE:
-                lp = _load_zeroed(lp_ptr, offs, valid)
-                olp = _load_zeroed(olp_ptr, offs, valid)
-                d = _divergence(lp, olp, valid, KL)
+                d = _divergence(_load_zeroed(lp_ptr, offs, valid), _load_zeroed(olp_ptr, offs, valid), valid, KL)
                 key = _order_key(d)
                 n_acc += valid.to(tl.int32)
                 lo_acc += (valid & (d <= delta_b)).to(tl.int32)
@@ -194,21 +209,21 @@ def _policy_loss_kernel(
                 kmin_acc = tl.minimum(kmin_acc, tl.where(valid, key, 2147483647))
                 kmax_acc = tl.maximum(kmax_acc, tl.where(valid, key, -2147483648))
         if HAS_MASK:
-            last = tl.max(last_acc, axis=0)
+            last = tl.max(last_acc, axis=1)
 
-    # ---- T_w and the per-sequence budget delta_b_i ----
+    # ---- T_w and the per-sequence budget delta_b_i, `[ROWS]` ----
     if HORIZON == 1:
         horizon = tl.cast(horizon_arg, tl.float32)
     elif HORIZON == 2:
         horizon = tl.load(max_len_ptr).to(tl.float32)
     else:
         horizon = last
-    span = tl.maximum(horizon - 1.0, 1.0)
-    db = delta_b
+    span = tl.maximum(horizon - 1.0, 1.0) + tl.zeros([ROWS], dtype=tl.float32)
+    db = delta_b + tl.zeros([ROWS], dtype=tl.float32)
     if QUANTILE:
-        n = tl.sum(n_acc, axis=0)
-        n_lo = tl.sum(lo_acc, axis=0)
-        n_hi = tl.sum(hi_acc, axis=0)
+        n = tl.sum(n_acc, axis=1)
+        n_lo = tl.sum(lo_acc, axis=1)
+        n_hi = tl.sum(hi_acc, axis=1)
         # torch.quantile: position q (n - 1), linear interpolation between ranks floor and ceil
         rank = tl.cast(quantile, tl.float32) * (n - 1).to(tl.float32)
         kb = tl.floor(rank).to(tl.int32)
@@ -217,35 +232,35 @@ def _policy_loss_kernel(
         # d_(ka) <= lo: the quantile clamps to lo; d_(kb) >= hi: to hi (an empty row keeps lo, unused)
         at_lo = (n == 0) | (n_lo >= ka + 1)
         db = tl.where(at_lo, delta_b, delta_b_hi)
-        if (~at_lo) & (n_hi > kb):
-            value = _select_quantile(lp_ptr, olp_ptr, mask_ptr, start, length, kb, ka, frac,
-                                     tl.min(kmin_acc, axis=0), tl.max(kmax_acc, axis=0), KL, HAS_MASK, BLOCK)
-            db = tl.minimum(tl.maximum(value, delta_b), delta_b_hi)
+        need = seq_ok & ~at_lo & (n_hi > kb)
+        if tl.max(need.to(tl.int32), axis=0) > 0:
+            value = _select_quantile(lp_ptr, olp_ptr, mask_ptr, start, length, tile_len, need, kb, ka, frac,
+                                     tl.min(kmin_acc, axis=1), tl.max(kmax_acc, axis=1),
+                                     KL, HAS_MASK, ROWS, BLOCK)
+            db = tl.where(need, tl.minimum(tl.maximum(value, delta_b), delta_b_hi), db)
 
     # ---- pass B: per-token mask, loss and gradient; per-sequence sums ----
     if ADV_PER_SEQ:
-        adv_seq = tl.load(adv_ptr + seq).to(tl.float32)
-    carry_slack = 0.0  # sum of w (delta_b_i - D) over the prefix: the budget slack delta_b_i W - S
-    carry_s = 0.0  # S (soft gate)
-    carry_w = 0.0  # W (soft gate)
-    loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    tok_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    rej_tok_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    rej_bud_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    clip_lo_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    clip_hi_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    clip_du_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    kl_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    div_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for off in range(0, length, BLOCK):
-        pos = off + ar
-        inside = pos < length
-        offs = start + pos
+        adv_seq = tl.load(adv_ptr + seq, mask=seq_ok, other=0.0).to(tl.float32)
+    carry_slack = tl.zeros([ROWS], dtype=tl.float32)  # sum of w (delta_b_i - D) over the prefix: delta_b_i W - S
+    carry_s = tl.zeros([ROWS], dtype=tl.float32)  # S (soft gate)
+    carry_w = tl.zeros([ROWS], dtype=tl.float32)  # W (soft gate)
+    loss_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    tok_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    rej_tok_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    rej_bud_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    clip_lo_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    clip_hi_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    clip_du_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    kl_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    div_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    for off in range(0, tile_len, BLOCK):
+        pos, inside, offs = _tile(start, length, off, BLOCK)
         valid = _valid(mask_ptr, offs, inside, HAS_MASK)
         lp = _load_zeroed(lp_ptr, offs, valid)
         olp = _load_zeroed(olp_ptr, offs, valid)
         if ADV_PER_SEQ:
-            adv = tl.where(valid, adv_seq, 0.0)
+            adv = tl.where(valid, adv_seq[:, None], 0.0)
         else:
             adv = _load_zeroed(adv_ptr, offs, valid)
 
@@ -255,31 +270,31 @@ def _policy_loss_kernel(
         r = tl.exp(x)
         d = _divergence(lp, olp, valid, KL)
         toward = adv * x <= 0.0  # moves back toward the rollout policy are always kept
-        none = tl.zeros([BLOCK], dtype=tl.int1)
+        none = tl.zeros([ROWS, BLOCK], dtype=tl.int1)
         rej_bud = none
         clip_lo = none
         clip_hi = none
         clip_du = none
 
         if METHOD == 0:  # cppo
-            w = tl.where(valid, tl.maximum(w_min, 1.0 - (1.0 - w_min) * pos.to(tl.float32) / span), 0.0)
+            w = tl.where(valid, tl.maximum(w_min, 1.0 - (1.0 - w_min) * pos.to(tl.float32) / span[:, None]), 0.0)
             step = w * d
-            slack_step = w * (db - d)
+            slack_step = w * (db[:, None] - d)
             # exclusive prefix: inclusive scan minus the element, plus the carry of earlier blocks
-            slack_prev = carry_slack + (tl.cumsum(slack_step, axis=0) - slack_step)
+            slack_prev = carry_slack[:, None] + (tl.cumsum(slack_step, axis=1) - slack_step)
             inside_t = step <= tl.minimum(delta, delta + slack_prev)
             rej_tok = valid & ~toward & (step > delta)
             rej_bud = valid & ~toward & ~inside_t & ~rej_tok
             if SOFT:
-                s_prev = carry_s + (tl.cumsum(step, axis=0) - step)
-                w_prev = carry_w + (tl.cumsum(w, axis=0) - w)
-                z = tl.maximum(step / delta, (s_prev + step) / (delta + db * w_prev))
+                s_prev = carry_s[:, None] + (tl.cumsum(step, axis=1) - step)
+                w_prev = carry_w[:, None] + (tl.cumsum(w, axis=1) - w)
+                z = tl.maximum(step / delta, (s_prev + step) / (delta + db[:, None] * w_prev))
                 gate = tl.where(toward, 1.0, tl.minimum(1.0 / z, 1.0))  # z = 0 gives 1/z = inf -> 1
-                carry_s += tl.sum(step, axis=0)
-                carry_w += tl.sum(w, axis=0)
+                carry_s += tl.sum(step, axis=1)
+                carry_w += tl.sum(w, axis=1)
             else:
                 gate = (toward | inside_t).to(tl.float32)
-            carry_slack += tl.sum(slack_step, axis=0)
+            carry_slack += tl.sum(slack_step, axis=1)
         elif METHOD == 1:  # dppo
             threshold = tl.where(adv > 0.0, tl.cast(delta_high, tl.float32), tl.cast(delta_low, tl.float32))
             inside_t = d <= threshold
@@ -324,18 +339,18 @@ def _policy_loss_kernel(
         kl_acc += olp - lp
         div_acc += d
 
-    n_tokens = tl.sum(tok_acc, axis=0)
-    tl.store(seq_loss_ptr + seq, tl.sum(loss_acc, axis=0))
+    n_tokens = tl.sum(tok_acc, axis=1)
+    tl.store(seq_loss_ptr + seq, tl.sum(loss_acc, axis=1), mask=seq_ok)
     row = stats_ptr + seq.to(tl.int64) * NUM_STATS
-    tl.store(row + 0, n_tokens)
-    tl.store(row + 1, tl.sum(rej_tok_acc, axis=0))
-    tl.store(row + 2, tl.sum(rej_bud_acc, axis=0))
-    tl.store(row + 3, tl.sum(clip_lo_acc, axis=0))
-    tl.store(row + 4, tl.sum(clip_hi_acc, axis=0))
-    tl.store(row + 5, tl.sum(clip_du_acc, axis=0))
-    tl.store(row + 6, tl.sum(kl_acc, axis=0))
-    tl.store(row + 7, tl.sum(div_acc, axis=0))
-    tl.store(row + 8, tl.where(n_tokens > 0, db, 0.0))
+    tl.store(row + 0, n_tokens, mask=seq_ok)
+    tl.store(row + 1, tl.sum(rej_tok_acc, axis=1), mask=seq_ok)
+    tl.store(row + 2, tl.sum(rej_bud_acc, axis=1), mask=seq_ok)
+    tl.store(row + 3, tl.sum(clip_lo_acc, axis=1), mask=seq_ok)
+    tl.store(row + 4, tl.sum(clip_hi_acc, axis=1), mask=seq_ok)
+    tl.store(row + 5, tl.sum(clip_du_acc, axis=1), mask=seq_ok)
+    tl.store(row + 6, tl.sum(kl_acc, axis=1), mask=seq_ok)
+    tl.store(row + 7, tl.sum(div_acc, axis=1), mask=seq_ok)
+    tl.store(row + 8, tl.where(n_tokens > 0, db, 0.0), mask=seq_ok)
 
 
 def interpreter_active() -> bool:
@@ -369,7 +384,8 @@ def launch(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch
 
     Args: the tensors of `policy_loss` (padded `[B, T]` or packed `[N]` + `cu_seqlens [S + 1]`), the
     config's fields (`length_mode` "sequence", "padded" or "int" with the int in `horizon`) and `block`
-    (tokens per block, a power of two; 0 picks one from the shapes).
+    (positions per block, a power of two; 0 picks one from the shapes; a program takes TILE // block
+    sequences).
 
     Returns:
         seq_loss `[S]` f32: L_i = sum_t m_t l_t; stats `[S, NUM_STATS]` f32 (see the STAT_* columns);
@@ -399,19 +415,20 @@ def launch(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch
     scan_first = quantile or (method == "cppo" and horizon_kind == HORIZON_LAST and mask is not None)
     inf = float("inf")
     block = block or _block_size(log_prob.numel(), num_seqs)
+    rows = max(TILE // block, 1)
 
-    _policy_loss_kernel[(num_seqs,)](
+    _policy_loss_kernel[(triton.cdiv(num_seqs, rows),)](
         log_prob.contiguous(), old_log_prob.contiguous(), advantages.contiguous(), mask,
         None if rollout_is_weights is None else rollout_is_weights.contiguous(), cu_seqlens, max_len,
         grad, seq_loss, stats,
-        width, int(horizon),
+        num_seqs, width, int(horizon),
         float(delta), float(delta_low), float(delta_high), float(w_min), float(delta_b),
         float(delta_b_quantile or 0.0), float(delta_b_max_mult * delta_b), float(ratio_cap),
         inf if log_ratio_clamp is None else float(log_ratio_clamp),
         1.0 - clip_ratio_low, 1.0 + clip_ratio_high, inf if clip_ratio_c is None else float(clip_ratio_c),
         METHOD=METHOD_IDS[method], KL=divergence == "binary_kl", SOFT=gate == "soft", LOGP=surrogate == "logp", QUANTILE=quantile, HORIZON=horizon_kind,
         SCAN_FIRST=scan_first, PACKED=packed, HAS_MASK=mask is not None, HAS_RW=rollout_is_weights is not None,
-        ADV_PER_SEQ=adv_per_seq, NUM_STATS=NUM_STATS, BLOCK=block,
+        ADV_PER_SEQ=adv_per_seq, NUM_STATS=NUM_STATS, ROWS=rows, BLOCK=block,
     )
     return seq_loss, stats, grad
 
