@@ -750,7 +750,8 @@ def _fmt_time(v: Optional[float]) -> str:
 
 def markdown(rows) -> str:
     """Tables for docs/benchmarks.md: environment, copy bandwidth, targets, then per (layout, mode) the p50
-    time of each provider with the fused kernel's bandwidth and speedups, and launches / peak memory."""
+    time of each provider with the fused kernel's host wall-clock, bandwidth and speedups (time ratios of
+    p50s), and launches / peak memory."""
     if not rows:
         return "No results.\n"
     index = _index(rows)
@@ -777,15 +778,16 @@ def markdown(rows) -> str:
                         continue
                     cells = [method, shape] + [_fmt_time(times[p]) for p in providers]
                     if "fused" in providers:
+                        wall = _p50(index, "fused", method, layout, shape, mode, "wall_us")
                         frac = _p50(index, "fused", method, layout, shape, mode, "copy_fraction")
-                        cells.append("-" if frac is None else f"{frac:.0%}")
-                        cells += ["-" if not (times["fused"] and times[p]) else f"{times[p] / times['fused']:.1f}x"
+                        cells += [_fmt_time(wall), "-" if frac is None else f"{frac:.0%}"]
+                        cells += ["-" if not (times["fused"] and times[p]) else f"{times[p] / times['fused']:.3g}x"
                                   for p in others]
                     body.append(cells)
             if body:
                 header = ["method", "shape"] + [f"{p} p50" for p in providers]
                 if "fused" in providers:
-                    header += ["fused % of copy"] + [f"fused vs {p}" for p in others]
+                    header += ["fused host wall", "fused % of copy"] + [f"fused vs {p}" for p in others]
                 lines += ["", f"### {layout}, {'forward' if mode == 'fwd' else 'forward + backward'} time", ""]
                 lines += _table(header, body)
     counts = []
