@@ -101,4 +101,4 @@ def triton_policy_loss(log_prob, old_log_prob, advantages, response_mask=None, *
     loss = kernels.aggregate(seq_loss.to(dtype), stats[:, kernels.STAT_TOKENS], config.loss_agg_mode,
                              dp_size=dp_size, batch_num_tokens=batch_num_tokens,
                              global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor)
-    return loss, kernels.metrics(stats, config.method, dtype)
+    return loss, kernels.metrics(stats, config.method)

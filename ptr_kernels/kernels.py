@@ -455,9 +455,9 @@ def aggregate(seq_loss: torch.Tensor, seq_tokens: torch.Tensor, loss_agg_mode: s
     raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}")
 
 
-def metrics(stats: torch.Tensor, method: str, dtype: torch.dtype) -> dict:
-    """SPEC section 8 (the reference's keys) from the per-sequence statistics `[S, NUM_STATS]`."""
-    stats = stats.to(dtype)
+def metrics(stats: torch.Tensor, method: str) -> dict:
+    """SPEC section 8 (the reference's keys) from the per-sequence statistics `[S, NUM_STATS]`, in their dtype."""
+    dtype = stats.dtype
     totals = stats.sum(dim=0)
     per_token = _safe_div(totals, totals[STAT_TOKENS])  # every column but delta_b is a per-token mean
     out = {
