@@ -159,8 +159,8 @@ def check_case(case, dtype, block=0):
         f"gradient differs at {int(unexplained.sum())} token(s) that are not near-ties: {what}; "
         f"first {grad_rows[unexplained][:5].tolist()} vs reference {ref_grad_rows[unexplained][:5].tolist()}")
 
-    loss_scale = (weight.abs() * rows.terms.loss.abs()).sum().item()
-    tie_slack = (weight.abs() * rows.ungated.abs() * near).sum().item()
+    tie_slack = (weight.abs() * rows.ungated.abs() * near).sum().item()  # tied tokens, counted or not
+    loss_scale = (weight.abs() * rows.terms.loss.abs()).sum().item() + tie_slack
     assert abs(loss.item() - ref_loss.item()) <= LOSS_RTOL * loss_scale + tie_slack + 1e-30, (
         f"loss {loss.item()!r} vs reference {ref_loss.item()!r} (scale {loss_scale:.3g}): {what}")
 
@@ -370,3 +370,25 @@ def test_cpu_without_interpreter_says_how():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "set the environment variable TRITON_INTERPRET=1 before triton is first imported" in out.stdout, \
         out.stdout + out.stderr
+
+
+def test_exact_ties_are_proven_near_ties():
+    """Thresholds placed exactly on a token's float64 D (dppo) or ratio (ppo clip-higher): float32 may
+    decide either way there. The check must accept those disagreements as proven near-ties, and some
+    disagreements must actually occur, so the proof above is exercised rather than vacuous."""
+    g = torch.Generator().manual_seed(5)
+    T = 48
+    old = (-torch.rand(1, T, generator=g, dtype=torch.float64) * 2).float().double()
+    lp = (old + 0.05 + torch.rand(1, T, generator=g, dtype=torch.float64) * 0.1).clamp(max=0).float().double()
+    adv = torch.ones(1, T, dtype=torch.float64)  # A > 0 and x > 0: every token moves away from mu
+    base = dict(log_prob=lp, old_log_prob=old, advantages=adv, response_mask=None, cu_seqlens=None,
+                rollout_is_weights=None, dp_size=1, batch_num_tokens=None, global_batch_size=None)
+    div = (lp.exp() - old.exp()).abs()[0]
+    ratio = (lp - old).exp()[0]
+    disagreements = 0
+    for k in range(0, T, 2):
+        dppo = PolicyLossConfig(method="dppo", delta=float(div[k]), loss_agg_mode="token-sum")
+        ppo = PolicyLossConfig(method="ppo", clip_ratio_high=float(ratio[k]) - 1, loss_agg_mode="token-sum")
+        for config in (dppo, ppo):
+            disagreements += check_case(_as_case(dict(base, config=config)), torch.float32)
+    assert disagreements > 0
