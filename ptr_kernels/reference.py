@@ -123,7 +123,9 @@ def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConf
                 gate = torch.where(toward_mu | (z <= 1), ones, 1 / z)
         elif config.method == "dppo":
             weight = m
-            threshold = torch.where(adv > 0, config.delta_high_value, config.delta_low_value).to(dt)
+            # tensors of dtype dt: torch.where on two Python floats would round them to float32 first
+            threshold = torch.where(adv > 0, adv.new_tensor(config.delta_high_value),
+                                    adv.new_tensor(config.delta_low_value))
             inside = div <= threshold
             gate = (toward_mu | inside).to(dt)
             rejected_token = ~toward_mu & ~inside & mask

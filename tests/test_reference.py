@@ -280,3 +280,15 @@ def test_soft_gate_stays_in_unit_interval_when_binary_kl_rounds_below_zero():
     assert terms.gate.item() == 1.0
     loss, _ = policy_loss(lp, olp, adv, mask, config=config, backend="reference")
     assert loss.item() == pytest.approx(-math.exp(lp.item() - olp.item()), rel=1e-6)
+
+
+def test_dppo_threshold_keeps_float64():
+    # the thresholds were once built by torch.where on two Python floats, i.e. rounded to float32 first:
+    # 0.1 became 0.10000000149..., deciding D in (0.1, 0.1 + 1.5e-9] the wrong way in float64
+    lp = torch.tensor([[math.log(0.5 + 0.1 + 1e-9), math.log(0.5 - 0.1 - 1e-9)]], dtype=torch.float64)
+    olp = torch.full_like(lp, math.log(0.5))
+    config = PolicyLossConfig(method="dppo", delta_high=0.1, delta_low=0.1)
+    terms = token_terms(lp, olp, torch.tensor([1.0, -1.0], dtype=torch.float64)[None, :],
+                        torch.ones(1, 2, dtype=torch.bool), config)
+    assert terms.threshold.tolist() == [[0.1, 0.1]]
+    assert terms.gate.tolist() == [[0.0, 0.0]]  # D = 0.1 + 1e-9 > 0.1 on both sides
