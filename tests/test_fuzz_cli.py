@@ -1,13 +1,18 @@
 """`ptr-kernels fuzz`: output, exit codes, and that it catches a wrong backend."""
 
+import math
 import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import ptr_kernels.api
+from ptr_kernels import PolicyLossConfig
+from ptr_kernels.cases import Case
 from ptr_kernels.cli import main
+from ptr_kernels.fuzz import check_case
 
 
 def fuzz(capsys, *args):
@@ -84,3 +89,34 @@ def test_python_dash_m_entry_point():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "PASS" in proc.stdout
+
+
+
+def _tie_case():
+    """DPPO, 4 tokens moving away from mu: D_0 equals delta exactly (a tie; kept, D <= delta); D_1 is
+    1e-7 (relative) below delta: not a near tie in float64, but a threshold lowered by 1e-6 drops it."""
+    delta = 0.1
+    pi = [0.5 + delta, 0.5 + delta * (1 - 1e-7), 0.7, 0.55]
+    lp = torch.tensor([[math.log(p) for p in pi]], dtype=torch.float64)
+    olp = torch.full_like(lp, math.log(0.5))
+    delta = (lp[0, 0].exp() - olp[0, 0].exp()).item()  # D_0 exactly, as the implementations compute it
+    return Case(seed=-1, log_prob=lp, old_log_prob=olp, advantages=torch.ones(1, dtype=torch.float64),
+                response_mask=None, cu_seqlens=None, rollout_is_weights=None,
+                config=PolicyLossConfig(method="dppo", delta=delta), kwargs={})
+
+
+@pytest.mark.parametrize("shift", [1e-12, 1e-6])
+def test_only_near_ties_may_be_decided_the_other_way(monkeypatch, shift):
+    real = ptr_kernels.api.policy_loss
+
+    def lowered(*args, config, **kwargs):  # a backend whose threshold is a little lower
+        return real(*args, config=config.replace(delta=config.delta * (1 - shift)), **kwargs)
+
+    monkeypatch.setattr(ptr_kernels.api, "policy_loss", lowered)
+    numbers, problems = check_case(_tie_case(), "reference", torch.float64, "cpu")
+    assert numbers["near_ties"] == 1 and numbers["ties_flipped"] == 1
+    if shift == 1e-12:  # only the tie flips: the literal loop given that decision matches everything
+        assert problems == [] and numbers["mask_disagreements"] == 0
+    else:  # token 1 flips too, and it is no tie
+        assert numbers["mask_disagreements"] == 1
+        assert any("mask disagreement" in p for p in problems)
