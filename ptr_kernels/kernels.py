@@ -94,7 +94,7 @@ def _key_value(key):
 
 @triton.jit
 def _tile(start, length, off, BLOCK: tl.constexpr):
-    """Positions `[1, BLOCK]` (0-based within the sequence), in-sequence flags and int64 offsets `[ROWS, BLOCK]`."""
+    """Positions `[1, BLOCK]` (0-based in the sequence), in-sequence flags and int64 offsets `[ROWS, BLOCK]`."""
     pos = off + tl.arange(0, BLOCK)[None, :]
     inside = pos < length[:, None]
     return pos, inside, start[:, None] + pos
@@ -201,7 +201,8 @@ def _policy_loss_kernel(
             valid = _valid(mask_ptr, offs, inside, HAS_MASK)
             last_acc = tl.maximum(last_acc, tl.where(valid, (pos + 1).to(tl.float32), 0.0))
             if QUANTILE:
-                d = _divergence(_load_zeroed(lp_ptr, offs, valid), _load_zeroed(olp_ptr, offs, valid), valid, KL)
+                lp = _load_zeroed(lp_ptr, offs, valid)
+                d = _divergence(lp, _load_zeroed(olp_ptr, offs, valid), valid, KL)
                 key = _order_key(d)
                 n_acc += valid.to(tl.int32)
                 lo_acc += (valid & (d <= delta_b)).to(tl.int32)
@@ -242,7 +243,7 @@ def _policy_loss_kernel(
     # ---- pass B: per-token mask, loss and gradient; per-sequence sums ----
     if ADV_PER_SEQ:
         adv_seq = tl.load(adv_ptr + seq, mask=seq_ok, other=0.0).to(tl.float32)
-    carry_slack = tl.zeros([ROWS], dtype=tl.float32)  # sum of w (delta_b_i - D) over the prefix: delta_b_i W - S
+    carry_slack = tl.zeros([ROWS], dtype=tl.float32)  # sum of w (delta_b_i - D) = delta_b_i W - S
     carry_s = tl.zeros([ROWS], dtype=tl.float32)  # S (soft gate)
     carry_w = tl.zeros([ROWS], dtype=tl.float32)  # W (soft gate)
     loss_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
@@ -277,7 +278,8 @@ def _policy_loss_kernel(
         clip_du = none
 
         if METHOD == 0:  # cppo
-            w = tl.where(valid, tl.maximum(w_min, 1.0 - (1.0 - w_min) * pos.to(tl.float32) / span[:, None]), 0.0)
+            w = tl.maximum(w_min, 1.0 - (1.0 - w_min) * pos.to(tl.float32) / span[:, None])
+            w = tl.where(valid, w, 0.0)
             step = w * d
             slack_step = w * (db[:, None] - d)
             # exclusive prefix: inclusive scan minus the element, plus the carry of earlier blocks
@@ -394,12 +396,14 @@ def launch(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch
     packed = cu_seqlens is not None
     num_seqs = cu_seqlens.numel() - 1 if packed else log_prob.shape[0]
     width = 0 if packed else log_prob.shape[1]
-    device = log_prob.device
-    seq_loss = torch.zeros(num_seqs, dtype=torch.float32, device=device)
-    stats = torch.zeros(num_seqs, NUM_STATS, dtype=torch.float32, device=device)
-    grad = torch.zeros(log_prob.shape, dtype=torch.float32, device=device)
+    f32 = dict(dtype=torch.float32, device=log_prob.device)
     if num_seqs == 0 or log_prob.numel() == 0:
-        return seq_loss, stats, grad
+        return (torch.zeros(num_seqs, **f32), torch.zeros(num_seqs, NUM_STATS, **f32),
+                torch.zeros(log_prob.shape, **f32))
+    # the kernel writes every element: each position belongs to exactly one row or packed sequence
+    seq_loss = torch.empty(num_seqs, **f32)
+    stats = torch.empty(num_seqs, NUM_STATS, **f32)
+    grad = torch.empty(log_prob.shape, **f32)
 
     mask = None if response_mask is None else response_mask.contiguous()
     if mask is not None and mask.dtype == torch.bool:
@@ -426,8 +430,9 @@ def launch(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch
         float(delta_b_quantile or 0.0), float(delta_b_max_mult * delta_b), float(ratio_cap),
         inf if log_ratio_clamp is None else float(log_ratio_clamp),
         1.0 - clip_ratio_low, 1.0 + clip_ratio_high, inf if clip_ratio_c is None else float(clip_ratio_c),
-        METHOD=METHOD_IDS[method], KL=divergence == "binary_kl", SOFT=gate == "soft", LOGP=surrogate == "logp", QUANTILE=quantile, HORIZON=horizon_kind,
-        SCAN_FIRST=scan_first, PACKED=packed, HAS_MASK=mask is not None, HAS_RW=rollout_is_weights is not None,
+        METHOD=METHOD_IDS[method], KL=divergence == "binary_kl", SOFT=gate == "soft", LOGP=surrogate == "logp",
+        QUANTILE=quantile, HORIZON=horizon_kind, SCAN_FIRST=scan_first, PACKED=packed,
+        HAS_MASK=mask is not None, HAS_RW=rollout_is_weights is not None,
         ADV_PER_SEQ=adv_per_seq, NUM_STATS=NUM_STATS, ROWS=rows, BLOCK=block,
     )
     return seq_loss, stats, grad
@@ -456,7 +461,7 @@ def aggregate(seq_loss: torch.Tensor, seq_tokens: torch.Tensor, loss_agg_mode: s
 
 
 def metrics(stats: torch.Tensor, method: str) -> dict:
-    """SPEC section 8 (the reference's keys) from the per-sequence statistics `[S, NUM_STATS]`, in their dtype."""
+    """SPEC section 8 (the reference's keys) from the statistics `[S, NUM_STATS]`, in their dtype."""
     dtype = stats.dtype
     totals = stats.sum(dim=0)
     per_token = _safe_div(totals, totals[STAT_TOKENS])  # every column but delta_b is a per-token mean

@@ -273,8 +273,8 @@ def test_many_sequences(agg, quantile):
     lp = (old + torch.randn(N, generator=g, dtype=torch.float64) * 0.2).clamp(max=0)
     inputs = dict(log_prob=lp, old_log_prob=old, advantages=torch.randn(S, generator=g, dtype=torch.float64),
                   response_mask=torch.rand(N, generator=g) > 0.2, cu_seqlens=cu, rollout_is_weights=None,
-                  config=_cppo_config(loss_agg_mode=agg, delta_b_quantile=quantile), dp_size=2, batch_num_tokens=None,
-                  global_batch_size=None)
+                  config=_cppo_config(loss_agg_mode=agg, delta_b_quantile=quantile), dp_size=2,
+                  batch_num_tokens=None, global_batch_size=None)
     check_case(_as_case(inputs), torch.float32)
 
 
