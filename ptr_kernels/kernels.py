@@ -41,6 +41,7 @@ HORIZON_LAST, HORIZON_ARG, HORIZON_MAX_LEN = 0, 1, 2
 MAX_BLOCK = 1024
 MIN_BLOCK = 16
 TILE = 1024  # ROWS * BLOCK: short sequences share a program, ROWS per tile
+NUM_WARPS = 8  # 4 positions per thread: no register spills on sm_90 (4 warps: up to 255 registers and spills)
 
 
 @triton.jit
@@ -246,6 +247,7 @@ def _policy_loss_kernel(
     carry_slack = tl.zeros([ROWS], dtype=tl.float32)  # sum of w (delta_b_i - D) = delta_b_i W - S
     carry_s = tl.zeros([ROWS], dtype=tl.float32)  # S (soft gate)
     carry_w = tl.zeros([ROWS], dtype=tl.float32)  # W (soft gate)
+    # per-position accumulators, reduced once at the end; those a method never adds to stay constant 0
     loss_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     tok_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     rej_tok_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
@@ -271,12 +273,6 @@ def _policy_loss_kernel(
         r = tl.exp(x)
         d = _divergence(lp, olp, valid, KL)
         toward = adv * x <= 0.0  # moves back toward the rollout policy are always kept
-        none = tl.zeros([ROWS, BLOCK], dtype=tl.int1)
-        rej_bud = none
-        clip_lo = none
-        clip_hi = none
-        clip_du = none
-
         if METHOD == 0:  # cppo
             w = tl.maximum(w_min, 1.0 - (1.0 - w_min) * pos.to(tl.float32) / span[:, None])
             w = tl.where(valid, w, 0.0)
@@ -286,7 +282,7 @@ def _policy_loss_kernel(
             slack_prev = carry_slack[:, None] + (tl.cumsum(slack_step, axis=1) - slack_step)
             inside_t = step <= tl.minimum(delta, delta + slack_prev)
             rej_tok = valid & ~toward & (step > delta)
-            rej_bud = valid & ~toward & ~inside_t & ~rej_tok
+            rej_bud_acc += (valid & ~toward & ~inside_t & ~rej_tok).to(tl.float32)
             if SOFT:
                 s_prev = carry_s[:, None] + (tl.cumsum(step, axis=1) - step)
                 w_prev = carry_w[:, None] + (tl.cumsum(w, axis=1) - w)
@@ -316,6 +312,9 @@ def _policy_loss_kernel(
             clip_hi = valid & (adv > 0.0) & (r > ratio_hi)
             clip_du = valid & (adv < 0.0) & (tl.maximum(r, r_clip) > clip_c)
             rej_tok = clip_lo | clip_hi | clip_du
+            clip_lo_acc += clip_lo.to(tl.float32)
+            clip_hi_acc += clip_hi.to(tl.float32)
+            clip_du_acc += clip_du.to(tl.float32)
         else:
             if LOGP:  # -A sg(min(r, cap)) log_prob M
                 capped = tl.minimum(r, ratio_cap)
@@ -334,10 +333,6 @@ def _policy_loss_kernel(
         loss_acc += loss
         tok_acc += valid.to(tl.float32)
         rej_tok_acc += rej_tok.to(tl.float32)
-        rej_bud_acc += rej_bud.to(tl.float32)
-        clip_lo_acc += clip_lo.to(tl.float32)
-        clip_hi_acc += clip_hi.to(tl.float32)
-        clip_du_acc += clip_du.to(tl.float32)
         kl_acc += olp - lp
         div_acc += d
 
@@ -434,6 +429,7 @@ def launch(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch
         QUANTILE=quantile, HORIZON=horizon_kind, SCAN_FIRST=scan_first, PACKED=packed,
         HAS_MASK=mask is not None, HAS_RW=rollout_is_weights is not None,
         ADV_PER_SEQ=adv_per_seq, NUM_STATS=NUM_STATS, ROWS=rows, BLOCK=block,
+        num_warps=NUM_WARPS,
     )
     return seq_loss, stats, grad
 
