@@ -6,6 +6,10 @@ real op, which launches the Triton kernel (on CPU: in the Triton interpreter). S
 whole compiled forward and backward end to end, the kernel included, and compares with eager.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -105,3 +109,57 @@ def test_compile_packed():
     loss_c.backward()
     torch.testing.assert_close(loss_c.detach(), loss_e.detach(), rtol=1e-6, atol=0)
     torch.testing.assert_close(lp_c.grad, lp_e.grad, rtol=1e-6, atol=0)
+
+
+# Kernel variants for the ahead-of-time compile check: every constexpr value at least once.
+AOT_VARIANTS = [
+    dict(METHOD=0, KL=False, SOFT=False, LOGP=False, QUANTILE=True, HORIZON=0, SCAN_FIRST=True, PACKED=True,
+         HAS_MASK=True, HAS_RW=True, ADV_PER_SEQ=False, ROWS=1, BLOCK=1024),
+    dict(METHOD=0, KL=True, SOFT=True, LOGP=True, QUANTILE=True, HORIZON=2, SCAN_FIRST=True, PACKED=True,
+         HAS_MASK=False, HAS_RW=False, ADV_PER_SEQ=True, ROWS=64, BLOCK=16),
+    dict(METHOD=0, KL=False, SOFT=False, LOGP=False, QUANTILE=False, HORIZON=1, SCAN_FIRST=False, PACKED=False,
+         HAS_MASK=True, HAS_RW=False, ADV_PER_SEQ=True, ROWS=4, BLOCK=256),
+    dict(METHOD=1, KL=True, SOFT=False, LOGP=True, QUANTILE=False, HORIZON=0, SCAN_FIRST=False, PACKED=False,
+         HAS_MASK=True, HAS_RW=False, ADV_PER_SEQ=False, ROWS=1, BLOCK=1024),
+    dict(METHOD=2, KL=False, SOFT=False, LOGP=False, QUANTILE=False, HORIZON=0, SCAN_FIRST=False, PACKED=True,
+         HAS_MASK=True, HAS_RW=True, ADV_PER_SEQ=False, ROWS=8, BLOCK=128),
+]
+
+
+def _aot_compile_all():
+    """Compile AOT_VARIANTS for sm_90 (bf16 inputs; ints that equal 1 specialized in the last run)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ptr_kernels.kernels import NUM_STATS, NUM_WARPS, _policy_loss_kernel as kernel
+
+    names = kernel.arg_names
+    for i, const in enumerate(AOT_VARIANTS + [dict(AOT_VARIANTS[2])]):
+        const = dict(const, NUM_STATS=NUM_STATS)
+        absent = [n for n, on in (("mask_ptr", const["HAS_MASK"]), ("rw_ptr", const["HAS_RW"]),
+                                  ("cu_ptr", const["PACKED"]), ("max_len_ptr", const["HORIZON"] == 2)) if not on]
+        ones = ["num_seqs", "width", "horizon_arg"] if i == len(AOT_VARIANTS) else []
+        types = dict(lp_ptr="*bf16", olp_ptr="*bf16", adv_ptr="*bf16", mask_ptr="*u8", rw_ptr="*bf16",
+                     cu_ptr="*i32", max_len_ptr="*i32", grad_ptr="*fp32", seq_loss_ptr="*fp32", stats_ptr="*fp32",
+                     num_seqs="i32", width="i32", horizon_arg="i32")
+        constexprs = {**const, **{n: None for n in absent}, **{n: 1 for n in ones}}
+        signature = {n: "constexpr" if n in constexprs else types.get(n, "fp32") for n in names}
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={(names.index(n),): v for n, v in constexprs.items()})
+        triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=NUM_WARPS))
+    print("compiled", len(AOT_VARIANTS) + 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the other tests compile and run the kernel")
+def test_kernel_compiles_for_sm90_without_gpu():
+    """The interpreter does not type-check like the compiler does: compile the kernel for an H100 (sm_90)
+    ahead of time, in a process without TRITON_INTERPRET, so GPU-only compile errors show up in CPU CI."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+if __name__ == "__main__":
+    _aot_compile_all()
