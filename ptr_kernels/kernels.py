@@ -287,7 +287,8 @@ def _policy_loss_kernel(
                 s_prev = carry_s[:, None] + (tl.cumsum(step, axis=1) - step)
                 w_prev = carry_w[:, None] + (tl.cumsum(w, axis=1) - w)
                 z = tl.maximum(step / delta, (s_prev + step) / (delta + db[:, None] * w_prev))
-                gate = tl.where(toward, 1.0, tl.minimum(1.0 / z, 1.0))  # z = 0 gives 1/z = inf -> 1
+                # min(1, 1/z) for z >= 0; rounding can make a binary_kl D (and z) a hair below 0: still 1
+                gate = tl.where(toward | (z <= 1.0), 1.0, 1.0 / z)
                 carry_s += tl.sum(step, axis=1)
                 carry_w += tl.sum(w, axis=1)
             else:

@@ -191,6 +191,14 @@ def test_fuzz_against_reference(group):
         check_case(case, DTYPES[seed % 3], block=16 if seed % 2 else 0)
 
 
+def test_soft_gate_with_rounding_negative_kl():
+    """Regression (seed 1050 of `ptr-kernels fuzz`): binary_kl of pi ~ mu rounds a hair below 0 in float32,
+    and the soft gate min(1, 1/z) with such a z <= 0 must stay 1, not become a huge negative factor."""
+    case = random_case(1050, max_len=512)
+    assert case.config.divergence == "binary_kl" and case.config.gate == "soft"
+    check_case(case, torch.float32)
+
+
 def test_fuzz_covers_every_option():
     """The fuzz seeds draw every method, option, layout and aggregation mode of SPEC sections 2-6."""
     seen = set()
