@@ -27,12 +27,20 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .reference import _safe_div, compute_dtype
+from .config import LOSS_AGG_MODES
 
 # Columns of the per-sequence statistics buffer `[S, NUM_STATS]` written by the kernel.
 STAT_TOKENS, STAT_REJ_TOKEN, STAT_REJ_BUDGET, STAT_CLIP_LOW, STAT_CLIP_HIGH, STAT_CLIP_DUAL, \
     STAT_KL, STAT_DIV, STAT_DELTA_B = range(9)
 NUM_STATS = 9
+# The reduction writes the loss and `aux [NUM_AUX]`: the backward scale, then the metrics (reference names).
+AUX_SCALE, AUX_METRICS = 0, 1
+METRICS = ("mask_frac", "ppo_kl", "divergence_mean", "mask_frac_token", "mask_frac_budget", "delta_b_mean",
+           "clip_frac_low", "clip_frac_high", "clip_frac_dual")
+METRIC_METHODS = dict(mask_frac="cppo dppo ppo", ppo_kl="cppo dppo ppo", divergence_mean="cppo dppo ppo",
+                      mask_frac_token="cppo", mask_frac_budget="cppo", delta_b_mean="cppo",
+                      clip_frac_low="ppo", clip_frac_high="ppo", clip_frac_dual="ppo")
+NUM_AUX = AUX_METRICS + len(METRICS)
 
 METHOD_IDS = {"cppo": 0, "dppo": 1, "ppo": 2}
 # T_w source: the last valid position (or the sequence length when there is no mask), a scalar argument
@@ -41,6 +49,8 @@ HORIZON_LAST, HORIZON_ARG, HORIZON_MAX_LEN = 0, 1, 2
 MAX_BLOCK = 1024
 MIN_BLOCK = 16
 TILE = 1024  # ROWS * BLOCK: short sequences share a program, ROWS per tile
+REDUCE_BLOCK = 256  # sequences per step of the one-program reduction
+SCALE_BLOCK = 1024
 NUM_WARPS = 8  # 4 positions per thread: no register spills on sm_90 (4 warps: up to 255 registers and spills)
 
 
@@ -163,7 +173,7 @@ def _policy_loss_kernel(
     ratio_lo, ratio_hi, clip_c,
     METHOD: tl.constexpr, KL: tl.constexpr, SOFT: tl.constexpr, LOGP: tl.constexpr, QUANTILE: tl.constexpr,
     HORIZON: tl.constexpr, SCAN_FIRST: tl.constexpr, PACKED: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_RW: tl.constexpr, ADV_PER_SEQ: tl.constexpr, NUM_STATS: tl.constexpr,
+    HAS_RW: tl.constexpr, ADV_PER_SEQ: tl.constexpr, PER_SEQ_MEAN: tl.constexpr, NUM_STATS: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """A tile of ROWS sequences per program, walked in blocks of BLOCK positions: pass A (T_w, quantile
@@ -188,8 +198,9 @@ def _policy_loss_kernel(
     clip_c = tl.cast(clip_c, tl.float32)
     ratio_cap = tl.cast(ratio_cap, tl.float32)
 
-    # ---- pass A: last valid position and the counts of the calibrated delta_b ----
+    # ---- pass A: n_i, the last valid position and the counts of the calibrated delta_b ----
     last = length.to(tl.float32)
+    n_valid = length.to(tl.int32)
     if SCAN_FIRST:
         last_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         n_acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
@@ -201,15 +212,16 @@ def _policy_loss_kernel(
             pos, inside, offs = _tile(start, length, off, BLOCK)
             valid = _valid(mask_ptr, offs, inside, HAS_MASK)
             last_acc = tl.maximum(last_acc, tl.where(valid, (pos + 1).to(tl.float32), 0.0))
+            n_acc += valid.to(tl.int32)
             if QUANTILE:
                 lp = _load_zeroed(lp_ptr, offs, valid)
                 d = _divergence(lp, _load_zeroed(olp_ptr, offs, valid), valid, KL)
                 key = _order_key(d)
-                n_acc += valid.to(tl.int32)
                 lo_acc += (valid & (d <= delta_b)).to(tl.int32)
                 hi_acc += (valid & (d < delta_b_hi)).to(tl.int32)
                 kmin_acc = tl.minimum(kmin_acc, tl.where(valid, key, 2147483647))
                 kmax_acc = tl.maximum(kmax_acc, tl.where(valid, key, -2147483648))
+        n_valid = tl.sum(n_acc, axis=1)
         if HAS_MASK:
             last = tl.max(last_acc, axis=1)
 
@@ -223,7 +235,7 @@ def _policy_loss_kernel(
     span = tl.maximum(horizon - 1.0, 1.0) + tl.zeros([ROWS], dtype=tl.float32)
     db = delta_b + tl.zeros([ROWS], dtype=tl.float32)
     if QUANTILE:
-        n = tl.sum(n_acc, axis=1)
+        n = n_valid
         n_lo = tl.sum(lo_acc, axis=1)
         n_hi = tl.sum(hi_acc, axis=1)
         # torch.quantile: position q (n - 1), linear interpolation between ranks floor and ceil
@@ -329,6 +341,8 @@ def _policy_loss_kernel(
             loss = loss * rw
             grad = grad * rw
         loss = tl.where(valid, loss, 0.0)
+        if PER_SEQ_MEAN:  # seq-mean-token-mean: d loss / d L_i has a factor 1 / n_i
+            grad = grad / tl.maximum(n_valid, 1).to(tl.float32)[:, None]
         tl.store(grad_ptr + offs, tl.where(valid, grad, 0.0), mask=inside)
 
         loss_acc += loss
@@ -349,6 +363,93 @@ def _policy_loss_kernel(
     tl.store(row + 6, tl.sum(kl_acc, axis=1), mask=seq_ok)
     tl.store(row + 7, tl.sum(div_acc, axis=1), mask=seq_ok)
     tl.store(row + 8, tl.where(n_tokens > 0, db, 0.0), mask=seq_ok)
+
+
+@triton.jit
+def _normalizer(ptr, value, KIND: tl.constexpr, default):
+    """A global normalizer: KIND 0 = not given (`default`), 1 = a number (`value`), 2 = a 0-dim tensor."""
+    if KIND == 1:
+        return tl.cast(value, tl.float32)
+    elif KIND == 2:
+        return tl.load(ptr).to(tl.float32)
+    return default
+
+
+@triton.jit
+def _column(totals, cols, j):
+    """Entry j of a small vector, as a scalar."""
+    return tl.sum(tl.where(cols == j, totals, 0.0), axis=0)
+
+
+@triton.jit
+def _reduce_kernel(
+    seq_loss_ptr, stats_ptr, loss_ptr, aux_ptr,  # [S], [S, NUM_STATS] -> [], [NUM_AUX] (scale, metrics)
+    num_seqs, dp_ptr, dp_value, tokens_ptr, tokens_value, seqs_ptr, seqs_value, loss_scale_factor,
+    MODE: tl.constexpr, DP: tl.constexpr, TOKENS: tl.constexpr, SEQS: tl.constexpr,
+    NUM_STATS: tl.constexpr, STATS_POW2: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program: SPEC section 6 (loss_agg_mode MODE, an index into LOSS_AGG_MODES) and section 8 from
+    the per-sequence sums. aux = [d loss / d L_i (times n_i for seq-mean-token-mean), metrics...]."""
+    cols = tl.arange(0, STATS_POW2)
+    totals = tl.zeros([STATS_POW2], dtype=tl.float32)
+    sum_loss = tl.zeros([BLOCK], dtype=tl.float32)
+    sum_mean = tl.zeros([BLOCK], dtype=tl.float32)  # sum of L_i / n_i over non-empty sequences
+    non_empty = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(0, num_seqs, BLOCK):
+        seq = off + tl.arange(0, BLOCK)
+        ok = seq < num_seqs
+        stats = tl.load(stats_ptr + seq.to(tl.int64)[:, None] * NUM_STATS + cols[None, :],
+                        mask=ok[:, None] & (cols[None, :] < NUM_STATS), other=0.0)
+        totals += tl.sum(stats, axis=0)
+        n = tl.sum(tl.where(cols[None, :] == 0, stats, 0.0), axis=1)  # column STAT_TOKENS
+        loss = tl.load(seq_loss_ptr + seq, mask=ok, other=0.0)
+        sum_loss += loss
+        sum_mean += tl.where(n > 0, loss / tl.maximum(n, 1.0), 0.0)
+        non_empty += (n > 0).to(tl.float32)
+    sum_loss_s = tl.sum(sum_loss, axis=0)
+    n_tok = _column(totals, cols, 0)
+    n_seq = tl.sum(non_empty, axis=0)
+
+    dp = _normalizer(dp_ptr, dp_value, DP, 1.0)
+    if MODE == 0:  # token-mean
+        numerator = sum_loss_s
+        denominator = _normalizer(tokens_ptr, tokens_value, TOKENS, n_tok)
+    elif MODE == 1:  # token-sum
+        numerator = sum_loss_s
+        denominator = tl.full([], 1.0, dtype=tl.float32)
+    elif MODE == 2:  # seq-mean-token-sum
+        numerator = sum_loss_s
+        denominator = _normalizer(seqs_ptr, seqs_value, SEQS, n_seq)
+    elif MODE == 3:  # seq-mean-token-mean (the kernel folded 1 / n_i into the token gradients)
+        numerator = tl.sum(sum_mean, axis=0)
+        denominator = _normalizer(seqs_ptr, seqs_value, SEQS, n_seq)
+    else:  # seq-mean-token-sum-norm; a zero width (empty batch) gives 0 like a zero count
+        numerator = sum_loss_s
+        denominator = _normalizer(seqs_ptr, seqs_value, SEQS, n_seq) * tl.cast(loss_scale_factor, tl.float32)
+    scale = tl.where(denominator > 0, dp / tl.where(denominator > 0, denominator, 1.0), 0.0)
+    tl.store(loss_ptr, numerator * scale)
+    tl.store(aux_ptr + 0, scale)
+
+    per_token = tl.where(n_tok > 0, totals / tl.maximum(n_tok, 1.0), 0.0)  # per-token means of the columns
+    tl.store(aux_ptr + 1, _column(per_token, cols, 1) + _column(per_token, cols, 2))  # disjoint flags
+    tl.store(aux_ptr + 2, _column(per_token, cols, 6))
+    tl.store(aux_ptr + 3, _column(per_token, cols, 7))
+    tl.store(aux_ptr + 4, _column(per_token, cols, 1))
+    tl.store(aux_ptr + 5, _column(per_token, cols, 2))
+    tl.store(aux_ptr + 6, tl.where(n_seq > 0, _column(totals, cols, 8) / tl.maximum(n_seq, 1.0), 0.0))
+    tl.store(aux_ptr + 7, _column(per_token, cols, 3))
+    tl.store(aux_ptr + 8, _column(per_token, cols, 4))
+    tl.store(aux_ptr + 9, _column(per_token, cols, 5))
+
+
+@triton.jit
+def _scale_grad_kernel(grad_ptr, upstream_ptr, scale_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    """Backward: out = grad * upstream * scale, cast to the output's dtype (log_prob's)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < numel
+    factor = tl.load(upstream_ptr).to(tl.float32) * tl.load(scale_ptr)
+    grad = tl.load(grad_ptr + offs, mask=inside, other=0.0)
+    tl.store(out_ptr + offs, (grad * factor).to(out_ptr.dtype.element_ty), mask=inside)
 
 
 def interpreter_active() -> bool:
@@ -377,108 +478,92 @@ def launch(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch
            gate: str, surrogate: str, length_mode: str, horizon: int, delta: float, delta_low: float,
            delta_high: float, w_min: float, delta_b: float, delta_b_quantile: Optional[float],
            delta_b_max_mult: float, ratio_cap: float, log_ratio_clamp: Optional[float], clip_ratio_low: float,
-           clip_ratio_high: float, clip_ratio_c: Optional[float], block: int = 0):
-    """Run the kernel on validated inputs; no host sync.
+           clip_ratio_high: float, clip_ratio_c: Optional[float], loss_agg_mode: str, loss_scale_factor: float,
+           normalizers: dict, block: int = 0):
+    """Run the token kernel and the reduction kernel on validated inputs: two launches, no host sync.
 
-    Args: the tensors of `policy_loss` (padded `[B, T]` or packed `[N]` + `cu_seqlens [S + 1]`), the
-    config's fields (`length_mode` "sequence", "padded" or "int" with the int in `horizon`) and `block`
-    (positions per block, a power of two; 0 picks one from the shapes; a program takes TILE // block
+    Args: the tensors of `policy_loss` (padded `[B, T]` or packed `[N]` + `cu_seqlens [S + 1]`); the
+    config's fields (`length_mode` "sequence", "padded" or "int" with the int in `horizon`;
+    `loss_scale_factor` resolved, the width T by default); `normalizers` maps "dp_size",
+    "batch_num_tokens", "global_batch_size" to None, a number or a 0-dim tensor on the device; `block`:
+    positions per block, a power of two (0 picks one from the shapes; a program takes TILE // block
     sequences).
 
     Returns:
-        seq_loss `[S]` f32: L_i = sum_t m_t l_t; stats `[S, NUM_STATS]` f32 (see the STAT_* columns);
-        grad `[like log_prob]` f32: d L_i / d log_prob_t (0 at masked positions).
+        loss `[]` f32; aux `[NUM_AUX]` f32: the backward scale, then the metrics in METRICS order;
+        grad `[like log_prob]` f32: d loss / d log_prob_t up to the backward scale (0 at masked positions).
     """
     packed = cu_seqlens is not None
     num_seqs = cu_seqlens.numel() - 1 if packed else log_prob.shape[0]
     width = 0 if packed else log_prob.shape[1]
     f32 = dict(dtype=torch.float32, device=log_prob.device)
+    per_seq_mean = loss_agg_mode == "seq-mean-token-mean"
     if num_seqs == 0 or log_prob.numel() == 0:
-        return (torch.zeros(num_seqs, **f32), torch.zeros(num_seqs, NUM_STATS, **f32),
-                torch.zeros(log_prob.shape, **f32))
-    # the kernel writes every element: each position belongs to exactly one row or packed sequence
-    seq_loss = torch.empty(num_seqs, **f32)
-    stats = torch.empty(num_seqs, NUM_STATS, **f32)
-    grad = torch.empty(log_prob.shape, **f32)
-
-    mask = None if response_mask is None else response_mask.contiguous()
-    if mask is not None and mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)  # same bytes; a uint8 pointer loads everywhere
-    if method == "cppo" and length_mode == "padded" and packed:
-        horizon_kind, max_len = HORIZON_MAX_LEN, (cu_seqlens[1:] - cu_seqlens[:-1]).max()  # stays on device
-    elif method == "cppo" and length_mode in ("padded", "int"):
-        horizon_kind, max_len = HORIZON_ARG, None
-        horizon = width if length_mode == "padded" else horizon
+        seq_loss, stats = torch.zeros(num_seqs, **f32), torch.zeros(num_seqs, NUM_STATS, **f32)
+        grad = torch.zeros(log_prob.shape, **f32)
     else:
-        horizon_kind, max_len = HORIZON_LAST, None
-    quantile = method == "cppo" and delta_b_quantile is not None
-    scan_first = quantile or (method == "cppo" and horizon_kind == HORIZON_LAST and mask is not None)
-    inf = float("inf")
-    block = block or _block_size(log_prob.numel(), num_seqs)
-    rows = max(TILE // block, 1)
+        # the kernel writes every element: each position belongs to exactly one row or packed sequence
+        seq_loss, stats = torch.empty(num_seqs, **f32), torch.empty(num_seqs, NUM_STATS, **f32)
+        grad = torch.empty(log_prob.shape, **f32)
+        mask = None if response_mask is None else response_mask.contiguous()
+        if mask is not None and mask.dtype == torch.bool:
+            mask = mask.view(torch.uint8)  # same bytes; a uint8 pointer loads everywhere
+        if method == "cppo" and length_mode == "padded" and packed:
+            horizon_kind, max_len = HORIZON_MAX_LEN, (cu_seqlens[1:] - cu_seqlens[:-1]).max()  # on device
+        elif method == "cppo" and length_mode in ("padded", "int"):
+            horizon_kind, max_len = HORIZON_ARG, None
+            horizon = width if length_mode == "padded" else horizon
+        else:
+            horizon_kind, max_len = HORIZON_LAST, None
+        quantile = method == "cppo" and delta_b_quantile is not None
+        scan_first = quantile or (mask is not None and (
+            per_seq_mean or (method == "cppo" and horizon_kind == HORIZON_LAST)))
+        inf = float("inf")
+        block = block or _block_size(log_prob.numel(), num_seqs)
+        rows = max(TILE // block, 1)
+        _policy_loss_kernel[(triton.cdiv(num_seqs, rows),)](
+            log_prob.contiguous(), old_log_prob.contiguous(), advantages.contiguous(), mask,
+            None if rollout_is_weights is None else rollout_is_weights.contiguous(), cu_seqlens, max_len,
+            grad, seq_loss, stats,
+            num_seqs, width, int(horizon),
+            float(delta), float(delta_low), float(delta_high), float(w_min), float(delta_b),
+            float(delta_b_quantile or 0.0), float(delta_b_max_mult * delta_b), float(ratio_cap),
+            inf if log_ratio_clamp is None else float(log_ratio_clamp),
+            1.0 - clip_ratio_low, 1.0 + clip_ratio_high, inf if clip_ratio_c is None else float(clip_ratio_c),
+            METHOD=METHOD_IDS[method], KL=divergence == "binary_kl", SOFT=gate == "soft", LOGP=surrogate == "logp",
+            QUANTILE=quantile, HORIZON=horizon_kind, SCAN_FIRST=scan_first, PACKED=packed,
+            HAS_MASK=mask is not None, HAS_RW=rollout_is_weights is not None, ADV_PER_SEQ=adv_per_seq,
+            PER_SEQ_MEAN=per_seq_mean, NUM_STATS=NUM_STATS, ROWS=rows, BLOCK=block,
+            num_warps=NUM_WARPS,
+        )
 
-    _policy_loss_kernel[(triton.cdiv(num_seqs, rows),)](
-        log_prob.contiguous(), old_log_prob.contiguous(), advantages.contiguous(), mask,
-        None if rollout_is_weights is None else rollout_is_weights.contiguous(), cu_seqlens, max_len,
-        grad, seq_loss, stats,
-        num_seqs, width, int(horizon),
-        float(delta), float(delta_low), float(delta_high), float(w_min), float(delta_b),
-        float(delta_b_quantile or 0.0), float(delta_b_max_mult * delta_b), float(ratio_cap),
-        inf if log_ratio_clamp is None else float(log_ratio_clamp),
-        1.0 - clip_ratio_low, 1.0 + clip_ratio_high, inf if clip_ratio_c is None else float(clip_ratio_c),
-        METHOD=METHOD_IDS[method], KL=divergence == "binary_kl", SOFT=gate == "soft", LOGP=surrogate == "logp",
-        QUANTILE=quantile, HORIZON=horizon_kind, SCAN_FIRST=scan_first, PACKED=packed,
-        HAS_MASK=mask is not None, HAS_RW=rollout_is_weights is not None,
-        ADV_PER_SEQ=adv_per_seq, NUM_STATS=NUM_STATS, ROWS=rows, BLOCK=block,
-        num_warps=NUM_WARPS,
+    loss, aux = torch.empty((), **f32), torch.empty(NUM_AUX, **f32)
+    kinds, args = [], []  # per normalizer: 0 not given, 1 a number, 2 a 0-dim tensor (read on the device)
+    for name in ("dp_size", "batch_num_tokens", "global_batch_size"):
+        value = normalizers.get(name)
+        if isinstance(value, torch.Tensor):
+            kinds.append(2)
+            args += [value, 0.0]
+        else:
+            kinds.append(0 if value is None else 1)
+            args += [None, float(value or 0)]
+    _reduce_kernel[(1,)](
+        seq_loss, stats, loss, aux, num_seqs, *args, float(loss_scale_factor),
+        MODE=LOSS_AGG_MODES.index(loss_agg_mode), DP=kinds[0], TOKENS=kinds[1], SEQS=kinds[2],
+        NUM_STATS=NUM_STATS, STATS_POW2=triton.next_power_of_2(NUM_STATS), BLOCK=REDUCE_BLOCK,
     )
-    return seq_loss, stats, grad
+    return loss, aux, grad
 
 
-def aggregate(seq_loss: torch.Tensor, seq_tokens: torch.Tensor, loss_agg_mode: str, *, dp_size=1,
-              batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
-    """SPEC section 6 from the per-sequence sums L_i `[S]` and n_i `[S]`; normalizers may be numbers or
-    0-dim tensors (never read on the host). `loss_scale_factor` must be resolved (the width T by default)."""
-    if loss_agg_mode == "token-sum":
-        return seq_loss.sum() * dp_size
-    if loss_agg_mode == "token-mean":
-        n_tok = seq_tokens.sum() if batch_num_tokens is None else batch_num_tokens
-        return _safe_div(seq_loss.sum(), n_tok) * dp_size
-    non_empty = seq_tokens > 0
-    n_seq = non_empty.sum() if global_batch_size is None else global_batch_size
-    if loss_agg_mode == "seq-mean-token-mean":
-        per_seq = torch.where(non_empty, seq_loss / seq_tokens.clamp(min=1), 0.0)
-        return _safe_div(per_seq.sum(), n_seq) * dp_size
-    seq_mean = _safe_div(seq_loss.sum(), n_seq) * dp_size
-    if loss_agg_mode == "seq-mean-token-sum":
-        return seq_mean
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        return _safe_div(seq_mean, loss_scale_factor)  # T = 0 only when the batch is empty
-    raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}")
-
-
-def metrics(stats: torch.Tensor, method: str) -> dict:
-    """SPEC section 8 (the reference's keys) from the statistics `[S, NUM_STATS]`, in their dtype."""
-    dtype = stats.dtype
-    totals = stats.sum(dim=0)
-    per_token = _safe_div(totals, totals[STAT_TOKENS])  # every column but delta_b is a per-token mean
-    out = {
-        "mask_frac": per_token[STAT_REJ_TOKEN] + per_token[STAT_REJ_BUDGET],  # disjoint flags
-        "ppo_kl": per_token[STAT_KL],
-        "divergence_mean": per_token[STAT_DIV],
-    }
-    if method == "cppo":
-        out["mask_frac_token"] = per_token[STAT_REJ_TOKEN]
-        out["mask_frac_budget"] = per_token[STAT_REJ_BUDGET]
-        non_empty = (stats[:, STAT_TOKENS] > 0).sum().to(dtype)
-        out["delta_b_mean"] = _safe_div(totals[STAT_DELTA_B], non_empty)
-    if method == "ppo":
-        out["clip_frac_low"] = per_token[STAT_CLIP_LOW]
-        out["clip_frac_high"] = per_token[STAT_CLIP_HIGH]
-        out["clip_frac_dual"] = per_token[STAT_CLIP_DUAL]
+def scale_grad(grad: torch.Tensor, upstream: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+    """Backward in one launch: grad * upstream * scale in `dtype` (upstream, scale: 1-element tensors)."""
+    out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+    if grad.numel():
+        _scale_grad_kernel[(triton.cdiv(grad.numel(), SCALE_BLOCK),)](grad, upstream, scale, out, grad.numel(),
+                                                                       BLOCK=SCALE_BLOCK)
     return out
 
 
-def result_dtype(log_prob: torch.Tensor) -> torch.dtype:
-    """The loss/metrics dtype: the reference's compute dtype (float64 for float64 input, else float32)."""
-    return compute_dtype(log_prob.dtype)
+def metrics(aux: torch.Tensor, method: str) -> dict:
+    """SPEC section 8: the reference's keys for `method`, as 0-dim views of the reduction's `aux`."""
+    return {name: aux[AUX_METRICS + i] for i, name in enumerate(METRICS) if method in METRIC_METHODS[name].split()}

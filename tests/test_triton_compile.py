@@ -127,11 +127,13 @@ AOT_VARIANTS = [
 
 
 def _aot_compile_all():
-    """Compile AOT_VARIANTS for sm_90 (bf16 inputs; ints that equal 1 specialized in the last run)."""
+    """Compile AOT_VARIANTS for sm_90 (bf16 inputs; ints that equal 1 specialized in the last run), the
+    reduction and the backward kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from ptr_kernels import kernels
     from ptr_kernels.kernels import NUM_STATS, NUM_WARPS, _policy_loss_kernel as kernel
 
     names = kernel.arg_names
@@ -148,7 +150,26 @@ def _aot_compile_all():
         source = ASTSource(fn=kernel, signature=signature,
                            constexprs={(names.index(n),): v for n, v in constexprs.items()})
         triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=NUM_WARPS))
-    print("compiled", len(AOT_VARIANTS) + 1)
+    # the reduction (every mode; normalizers absent, numbers, tensors) and the backward's scaling
+    names = kernels._reduce_kernel.arg_names
+    for mode, kind in [(0, 0), (0, 2), (1, 1), (2, 2), (3, 0), (3, 1), (4, 2)]:
+        pointers = dict(seq_loss_ptr="*fp32", stats_ptr="*fp32", loss_ptr="*fp32", aux_ptr="*fp32", num_seqs="i32",
+                        dp_ptr="*i64", tokens_ptr="*fp32", seqs_ptr="*i32")
+        constexprs = dict(MODE=mode, DP=kind, TOKENS=kind, SEQS=kind, NUM_STATS=kernels.NUM_STATS,
+                          STATS_POW2=16, BLOCK=kernels.REDUCE_BLOCK)
+        if kind != 2:
+            constexprs.update(dp_ptr=None, tokens_ptr=None, seqs_ptr=None)
+        signature = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32") for n in names}
+        source = ASTSource(fn=kernels._reduce_kernel, signature=signature,
+                           constexprs={(names.index(n),): v for n, v in constexprs.items()})
+        triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    names = kernels._scale_grad_kernel.arg_names
+    signature = dict(grad_ptr="*fp32", upstream_ptr="*fp32", scale_ptr="*fp32", out_ptr="*bf16", numel="i64",
+                     BLOCK="constexpr")
+    source = ASTSource(fn=kernels._scale_grad_kernel, signature=signature,
+                       constexprs={(names.index("BLOCK"),): kernels.SCALE_BLOCK})
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    print("compiled", len(AOT_VARIANTS) + 9)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the other tests compile and run the kernel")
