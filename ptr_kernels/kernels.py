@@ -7,13 +7,15 @@ Design (docs/kernels.md has the long form):
   and ROWS * BLOCK = TILE, so short sequences share a program and long ones get one each.
 - cppo carries the running prefix sums across blocks (exclusive scan inside a block = tl.cumsum along
   the row minus the element, plus the carry).
-- pass A (only when needed): the last valid position (T_w for length_mode="sequence" with a mask) and,
-  for the calibrated delta_b, the count of valid D, #{D <= lo}, #{D < hi} and the range of D. The
+- pass A (only when needed): n_i, the last valid position (T_w for length_mode="sequence" with a mask)
+  and, for the calibrated delta_b, #{D <= lo}, #{D < hi} and the range of D. The
   quantile is clamped to [lo, hi] = [delta_b, delta_b_max_mult * delta_b], so the counts settle the
   common cases; otherwise the two order statistics are selected by bisection on order-preserving int32
   keys of the float32 D (one counting pass per bisection step, no sort, no host round trip).
-- pass B: per token the mask/gate, the loss and d loss / d log_prob (unscaled: backward only multiplies
-  by the upstream gradient), plus per-sequence sums for the aggregation and the metrics.
+- pass B: per token the mask/gate, the loss and d L_i / d log_prob (backward only multiplies it by the
+  aggregation's scale and the upstream gradient), plus per-sequence sums.
+- `_reduce_kernel` (one program) turns the per-sequence sums into the loss (SPEC section 6), the backward
+  scale and the metrics (section 8); `_scale_grad_kernel` is the whole backward.
 Arithmetic is float32 for every input dtype (float64 inputs too: they are read and computed in float32).
 Masked positions are replaced by 0 before any arithmetic, so inf/NaN there never reach a result.
 """
