@@ -30,6 +30,7 @@ from ptr_kernels.layout import mask_as_bool, max_seqlen, packed_to_rows
 from ptr_kernels.reference import aggregate, token_terms
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NORMALIZERS = ("dp_size", "batch_num_tokens", "global_batch_size")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GRAD_RTOL, GRAD_ATOL = 2e-5, 1e-6
 LOSS_RTOL = 2e-5
@@ -44,9 +45,12 @@ FUZZ_RUN = int(os.environ.get("PTR_KERNELS_FUZZ_CASES", FUZZ_CASES))
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
-def run_triton(inputs, block=0):
-    """Kernel loss, metrics and d loss / d log_prob on DEVICE; `block` 0 lets the wrapper choose."""
+def run_triton(inputs, block=0, tensor_normalizers=False):
+    """Kernel loss, metrics and d loss / d log_prob on DEVICE; `block` 0 lets the wrapper choose;
+    `tensor_normalizers` passes dp_size, batch_num_tokens, global_batch_size as 0-dim device tensors."""
     inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    if tensor_normalizers:
+        inputs.update({k: torch.tensor(inputs[k], device=DEVICE) for k in NORMALIZERS if inputs[k] is not None})
     log_prob = inputs.pop("log_prob").clone().requires_grad_(True)
     if block:
         loss, metrics = triton_policy_loss(log_prob, **inputs, block=block)
@@ -135,7 +139,7 @@ def check_case(case, dtype, block=0):
     """Kernel vs float64 reference on `case` rounded to `dtype`; every disagreement must be a near-tie."""
     what = f"{case.describe()} dtype={dtype} block={block or 'auto'}"
     ref_inputs = case.rounded(dtype).inputs(torch.float64)
-    loss, metrics, grad = run_triton(case.inputs(dtype), block)
+    loss, metrics, grad = run_triton(case.inputs(dtype), block, tensor_normalizers=case.seed % 4 == 3)
     ref_loss, ref_metrics, ref_grad = run_reference(ref_inputs)
     assert torch.isfinite(loss), what
     # the gradient is returned in `dtype`: compare after that rounding (float16 can overflow, like the reference)
@@ -188,7 +192,7 @@ def check_case(case, dtype, block=0):
 @pytest.mark.parametrize("group", range(-(-FUZZ_RUN // FUZZ_PER_GROUP)))
 def test_fuzz_against_reference(group):
     """400 seeded cases from `ptr_kernels.cases`; dtypes cycle, half of them with 16-token blocks so the
-    prefix carry crosses many blocks."""
+    prefix carry crosses many blocks, a quarter with the global normalizers as 0-dim tensors."""
     for seed in range(group * FUZZ_PER_GROUP, min((group + 1) * FUZZ_PER_GROUP, FUZZ_RUN)):
         case = random_case(seed, max_len=512)
         check_case(case, DTYPES[seed % 3], block=16 if seed % 2 else 0)
@@ -265,7 +269,7 @@ def test_long_sequence_many_blocks(quantile):
 def _as_case(inputs):
     """Wrap explicit float64 inputs as a `cases.Case`."""
     from ptr_kernels.cases import Case
-    kw = {k: inputs[k] for k in ("dp_size", "batch_num_tokens", "global_batch_size")}
+    kw = {k: inputs[k] for k in NORMALIZERS}
     return Case(seed=-1, log_prob=inputs["log_prob"], old_log_prob=inputs["old_log_prob"],
                 advantages=inputs["advantages"], response_mask=inputs["response_mask"],
                 cu_seqlens=inputs["cu_seqlens"], rollout_is_weights=inputs["rollout_is_weights"],
