@@ -9,6 +9,7 @@
 #
 #   bash bench/gpu_check.sh               # everything
 #   BENCH_BUDGET=120 bash bench/gpu_check.sh   # a shorter sweep (seconds)
+#   BENCH_ONLY=1 bash bench/gpu_check.sh       # the sweep alone
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -37,16 +38,18 @@ report() {  # report NAME [LINES]: the end of a step's log into the main log; re
     [ "$(tail -n 1 "$OUT/$name.log")" = "exit 0" ] || status=1
 }
 
-xdist=""
-python3 -c "import xdist" 2>/dev/null && xdist="-n 10"
-run_step fuzz_f32 170 python3 -m ptr_kernels fuzz --backend triton --device cuda --cases 150 --seed 1000 --max-len 4096 &
-run_step fuzz_bf16 170 python3 -m ptr_kernels fuzz --backend triton --device cuda --cases 100 --seed 2000 --dtype bfloat16 &
-# each fuzz case compiles its own kernel variant: the first 240 of the 400 cases fit the time limit
-PTR_KERNELS_FUZZ_CASES=${PTR_KERNELS_FUZZ_CASES:-240} run_step kernel_tests 170 python3 -m pytest -q -p no:cacheprovider $xdist tests/test_triton_kernel.py tests/test_triton_compile.py
-wait
-report kernel_tests 15
-report fuzz_f32 16
-report fuzz_bf16 16
+if [ -z "${BENCH_ONLY:-}" ]; then
+    xdist=""
+    python3 -c "import xdist" 2>/dev/null && xdist="-n 10"
+    run_step fuzz_f32 170 python3 -m ptr_kernels fuzz --backend triton --device cuda --cases 150 --seed 1000 --max-len 4096 &
+    run_step fuzz_bf16 170 python3 -m ptr_kernels fuzz --backend triton --device cuda --cases 100 --seed 2000 --dtype bfloat16 &
+    # each fuzz case compiles its own kernel variant: the first 240 of the 400 cases fit the time limit
+    PTR_KERNELS_FUZZ_CASES=${PTR_KERNELS_FUZZ_CASES:-240} run_step kernel_tests 170 python3 -m pytest -q -p no:cacheprovider $xdist tests/test_triton_kernel.py tests/test_triton_compile.py
+    wait
+    report kernel_tests 15
+    report fuzz_f32 16
+    report fuzz_bf16 16
+fi
 
 run_step bench $(( ${BENCH_BUDGET:-290} + 40 )) python3 -m ptr_kernels bench --device cuda --full --out "$sweep_dir" --time-budget "${BENCH_BUDGET:-290}"
 report bench 40

@@ -68,13 +68,27 @@ def test_targets_pass_and_miss():
         _row("fused", "cppo", "padded", "2048x8192", 2**24, "fwd_bwd", "copy_fraction", 0.75),
     ]
     status = {(t[0], t[1]): t[4] for t in benchmark.targets(rows)}
-    assert status[("cppo fwd+bwd at 1M tokens", "fused, padded 256x4096")] == "PASS"
-    assert status[("speedup vs eager at 512x8192", "cppo fwd+bwd, padded")] == "MISS"
-    assert status[("speedup vs compile at 512x8192", "cppo fwd+bwd, padded")] == "PASS"
-    assert status[("speedup vs loop at 4,096 sequences", "cppo fwd+bwd, padded 4096x1024")] == "no data"
-    assert status[("copy bandwidth fraction at >= 16M tokens", "cppo fwd+bwd, padded 2048x8192")] == "PASS"
+    assert status[("cppo fwd+bwd at 1M tokens", "fused, padded 256x4096 (time_us)")] == "PASS"
+    assert status[("speedup vs eager at 512x8192", "cppo fwd+bwd, padded (time_us)")] == "MISS"
+    assert status[("speedup vs compile at 512x8192", "cppo fwd+bwd, padded (time_us)")] == "PASS"
+    assert status[("speedup vs loop at 4,096 sequences", "cppo fwd+bwd, padded 4096x1024 (time_us)")] == "no data"
+    assert status[("copy bandwidth fraction at >= 16M tokens", "cppo fwd+bwd, padded 2048x8192 (time_us)")] == "PASS"
     cpu = [dict(r, device="cpu x86_64 (2 cores)") for r in rows]
     assert {t[4] for t in benchmark.targets(cpu)} <= {"n/a (CPU)", "no data"}
+
+    # device-only CUDA-graph times win where both sides have them; a side without one falls back to time_us
+    rows += [
+        _row("fused", "cppo", "padded", "256x4096", 2**20, "fwd_bwd", "graph_us", 60.0),  # over 50 us: MISS
+        _row("fused", "cppo", "padded", "512x8192", 2**22, "fwd_bwd", "graph_us", 50.0),
+        _row("eager", "cppo", "padded", "512x8192", 2**22, "fwd_bwd", "graph_us", 1500.0),  # 30x: PASS
+        _row("fused", "cppo", "padded", "2048x8192", 2**24, "fwd_bwd", "graph_copy_fraction", 0.5),  # MISS
+    ]
+    status = {(t[0], t[1]): (t[2], t[4]) for t in benchmark.targets(rows)}
+    assert status[("cppo fwd+bwd at 1M tokens", "fused, padded 256x4096 (graph_us)")] == ("60.0 us", "MISS")
+    assert status[("speedup vs eager at 512x8192", "cppo fwd+bwd, padded (graph_us)")] == ("30.0x", "PASS")
+    assert status[("speedup vs compile at 512x8192", "cppo fwd+bwd, padded (time_us)")] == ("4.0x", "PASS")
+    assert status[("copy bandwidth fraction at >= 16M tokens", "cppo fwd+bwd, padded 2048x8192 (graph_us)")] \
+        == ("50%", "MISS")
 
 
 def test_plan_orders_and_filters_jobs():
