@@ -10,6 +10,7 @@ Being custom ops with fake implementations, both are opaque to `torch.compile`, 
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -20,37 +21,52 @@ from .layout import check_inputs
 from .reference import compute_dtype
 
 
+# The op's schema is kept short on purpose: torch's custom-op autograd wrapper walks the schema once per
+# argument per call (quadratic in their number: about 250 us of host time per call on a fast CPU with one
+# argument per hyperparameter). So the options travel as one string, the numbers as one float list (NaN for
+# None) and the integers as one int list.
+OPTION_FIELDS = ("method", "divergence", "gate", "surrogate", "length_mode", "loss_agg_mode")
+FLOAT_FIELDS = ("delta", "delta_low", "delta_high", "w_min", "delta_b", "delta_b_quantile", "delta_b_max_mult",
+                "ratio_cap", "log_ratio_clamp", "clip_ratio_low", "clip_ratio_high", "clip_ratio_c",
+                "loss_scale_factor", "dp_size", "batch_num_tokens", "global_batch_size")
+INT_FIELDS = ("adv_per_seq", "horizon", "block")
+NORMALIZERS = ("dp_size", "batch_num_tokens", "global_batch_size")
+
+
 @torch.library.custom_op("ptr_kernels::policy_loss_fused", mutates_args=())
 def policy_loss_fused(
     log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
     response_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-    rollout_is_weights: Optional[torch.Tensor], adv_per_seq: bool, method: str, divergence: str, gate: str,
-    surrogate: str, length_mode: str, horizon: int, delta: float, delta_low: float, delta_high: float,
-    w_min: float, delta_b: float, delta_b_quantile: Optional[float], delta_b_max_mult: float,
-    ratio_cap: float, log_ratio_clamp: Optional[float], clip_ratio_low: float, clip_ratio_high: float,
-    clip_ratio_c: Optional[float], loss_agg_mode: str, loss_scale_factor: float,
-    dp_size: Optional[float], dp_size_tensor: Optional[torch.Tensor],
-    batch_num_tokens: Optional[float], batch_num_tokens_tensor: Optional[torch.Tensor],
-    global_batch_size: Optional[float], global_batch_size_tensor: Optional[torch.Tensor], block: int,
+    rollout_is_weights: Optional[torch.Tensor], dp_size_tensor: Optional[torch.Tensor],
+    batch_num_tokens_tensor: Optional[torch.Tensor], global_batch_size_tensor: Optional[torch.Tensor],
+    options: str, floats: list[float], ints: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`kernels.launch` with the config spelled out (each normalizer as a number or a 0-dim tensor).
+    """`kernels.launch` with the config packed by `_pack` (each normalizer a number in `floats` or a 0-dim tensor).
 
     Returns: loss (0-dim f32), aux `[NUM_AUX]` f32 (the backward scale, then the metrics),
     grad `[like log_prob]` f32.
     """
-    normalizers = dict(dp_size=dp_size if dp_size_tensor is None else dp_size_tensor,
-                       batch_num_tokens=batch_num_tokens if batch_num_tokens_tensor is None
-                       else batch_num_tokens_tensor,
-                       global_batch_size=global_batch_size if global_batch_size_tensor is None
-                       else global_batch_size_tensor)
-    return kernels.launch(
-        log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
-        adv_per_seq=adv_per_seq, method=method, divergence=divergence, gate=gate, surrogate=surrogate,
-        length_mode=length_mode, horizon=horizon, delta=delta, delta_low=delta_low, delta_high=delta_high,
-        w_min=w_min, delta_b=delta_b, delta_b_quantile=delta_b_quantile, delta_b_max_mult=delta_b_max_mult,
-        ratio_cap=ratio_cap, log_ratio_clamp=log_ratio_clamp, clip_ratio_low=clip_ratio_low,
-        clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c, loss_agg_mode=loss_agg_mode,
-        loss_scale_factor=loss_scale_factor, normalizers=normalizers, block=block)
+    kwargs = dict(zip(OPTION_FIELDS, options.split(",")))
+    kwargs.update((name, None if math.isnan(v) else v) for name, v in zip(FLOAT_FIELDS, floats))
+    kwargs.update(zip(INT_FIELDS, ints))
+    kwargs["adv_per_seq"] = bool(kwargs["adv_per_seq"])
+    tensors = (dp_size_tensor, batch_num_tokens_tensor, global_batch_size_tensor)
+    numbers = [kwargs.pop(name) for name in NORMALIZERS]
+    normalizers = {name: n if t is None else t for name, n, t in zip(NORMALIZERS, numbers, tensors)}
+    return kernels.launch(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
+                          normalizers=normalizers, **kwargs)
+
+
+def _pack(config: PolicyLossConfig, *, length_mode: str, loss_scale_factor: float, normalizers: dict,
+          adv_per_seq: bool, horizon: int, block: int) -> tuple:
+    """(options, floats, ints) for `policy_loss_fused`; tensor normalizers travel separately (NaN here)."""
+    values = dict(config.__dict__, length_mode=length_mode, delta_low=config.delta_low_value,
+                  delta_high=config.delta_high_value, loss_scale_factor=loss_scale_factor)
+    for name, value in normalizers.items():
+        values[name] = None if isinstance(value, torch.Tensor) else value
+    options = ",".join(values[name] for name in OPTION_FIELDS)
+    floats = [math.nan if values[name] is None else float(values[name]) for name in FLOAT_FIELDS]
+    return options, floats, [int(adv_per_seq), int(horizon), int(block)]
 
 
 @policy_loss_fused.register_fake
@@ -92,13 +108,6 @@ def _backward(ctx, grad_loss, grad_aux, grad_grad):
 policy_loss_fused.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _number_or_tensor(value, device):
-    """A normalizer as (number, None) or (None, 0-dim tensor on `device`); never read on the host."""
-    if isinstance(value, torch.Tensor):
-        return None, value.to(device)
-    return (None if value is None else float(value)), None
-
-
 def triton_policy_loss(log_prob, old_log_prob, advantages, response_mask=None, *, cu_seqlens=None,
                        config: PolicyLossConfig, rollout_is_weights=None, dp_size=1, batch_num_tokens=None,
                        global_batch_size=None, block: int = 0):
@@ -118,16 +127,12 @@ def triton_policy_loss(log_prob, old_log_prob, advantages, response_mask=None, *
         length_mode, horizon = "int", config.length_mode
     else:
         length_mode, horizon = config.length_mode, 0
-    device = log_prob.device
-
-    loss, aux, _ = policy_loss_fused(
-        log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, layout.adv_per_seq,
-        config.method, config.divergence, config.gate, config.surrogate, length_mode, horizon, config.delta,
-        config.delta_low_value, config.delta_high_value, config.w_min, config.delta_b, config.delta_b_quantile,
-        config.delta_b_max_mult, config.ratio_cap, config.log_ratio_clamp, config.clip_ratio_low,
-        config.clip_ratio_high, config.clip_ratio_c, config.loss_agg_mode, float(loss_scale_factor or 0),
-        *_number_or_tensor(dp_size, device), *_number_or_tensor(batch_num_tokens, device),
-        *_number_or_tensor(global_batch_size, device), block)
+    normalizers = dict(dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
+    tensors = [v.to(log_prob.device) if isinstance(v, torch.Tensor) else None for v in normalizers.values()]
+    packed = _pack(config, length_mode=length_mode, loss_scale_factor=float(loss_scale_factor or 0),
+                   normalizers=normalizers, adv_per_seq=layout.adv_per_seq, horizon=horizon, block=block)
+    loss, aux, _ = policy_loss_fused(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
+                                     rollout_is_weights, *tensors, *packed)
 
     dtype = compute_dtype(log_prob.dtype)  # the reference's: float64 for float64 input, else float32
     if dtype != torch.float32:
