@@ -100,9 +100,9 @@ def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConf
             if config.length_mode == "sequence":
                 horizon = (mask * positions).amax(dim=1, keepdim=True) if T else lp.new_zeros(S, 1)
             elif config.length_mode == "padded":
-                horizon = torch.tensor(T if padded_width is None else padded_width, device=lp.device)
+                horizon = lp.new_full((), T if padded_width is None else padded_width)
             else:
-                horizon = torch.tensor(config.length_mode, device=lp.device)
+                horizon = lp.new_full((), config.length_mode)
             weight = position_weight(positions, horizon, config.w_min).expand(S, T) * m
             delta_b = calibrated_delta_b(div, mask, config)
             step = weight * div
@@ -123,9 +123,10 @@ def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConf
                 gate = torch.where(toward_mu | (z <= 1), ones, 1 / z)
         elif config.method == "dppo":
             weight = m
-            # tensors of dtype dt: torch.where on two Python floats would round them to float32 first
-            threshold = torch.where(adv > 0, adv.new_tensor(config.delta_high_value),
-                                    adv.new_tensor(config.delta_low_value))
+            # filled tensors of dtype dt: torch.where on two Python floats would round them to float32 first,
+            # and new_tensor would copy from the host
+            threshold = torch.where(adv > 0, torch.full_like(adv, config.delta_high_value),
+                                    torch.full_like(adv, config.delta_low_value))
             inside = div <= threshold
             gate = (toward_mu | inside).to(dt)
             rejected_token = ~toward_mu & ~inside & mask
@@ -186,7 +187,8 @@ def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str, 
 
 def _safe_div(num: torch.Tensor, den) -> torch.Tensor:
     """num / den, and 0 where den == 0 (num is then 0 too: nothing to average)."""
-    den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
+    # a number becomes a filled device tensor (as_tensor would copy it from the host, a sync on CUDA)
+    den = den.to(num.dtype) if isinstance(den, torch.Tensor) else num.new_full((), den)
     return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
 
 
