@@ -877,8 +877,8 @@ def markdown(rows) -> str:
 
 
 def plots(rows, out: Path) -> list:
-    """Per (method, mode): time vs tokens (log-log, one line per provider, p20-p80 band, one panel per layout)
-    and speedup bars of the fused kernel (or, without it, the eager reference) over each other provider."""
+    """Per (method, mode): time vs tokens (log-log, one line per provider and timing, p20-p80 band, one panel per
+    layout) and speedup bars of the fused kernel (or, without it, the eager reference) over each other provider."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -897,15 +897,18 @@ def plots(rows, out: Path) -> list:
                 continue
             fig, axes = plt.subplots(1, len(layouts), figsize=(6 * len(layouts), 4.5), squeeze=False)
             for ax, layout in zip(axes[0], layouts):
-                for p in providers:
+                # solid: per-call event time (host overhead included when host-bound); dashed: CUDA-graph replay
+                for p, metric in [(p, m) for p in providers for m in ("time_us", "graph_us")]:
                     pts = []
                     for s in _shapes(rows, layout):
-                        r = index.get((p, method, layout, s, mode, "time_us"))
+                        r = index.get((p, method, layout, s, mode, metric))
                         if r:
                             pts.append((int(r["tokens"]), float(r["p20"]), float(r["p50"]), float(r["p80"])))
                     if pts:
                         x, lo, mid, hi = zip(*pts)
-                        ax.plot(x, mid, marker="o", label=p, color=COLORS[p])
+                        graph = metric == "graph_us"
+                        ax.plot(x, mid, marker="o", label=f"{p} (graph replay)" if graph else p, color=COLORS[p],
+                                linestyle="--" if graph else "-", markerfacecolor="none" if graph else None)
                         ax.fill_between(x, lo, hi, alpha=0.2, color=COLORS[p])
                 ax.set_xscale("log")
                 ax.set_yscale("log")
