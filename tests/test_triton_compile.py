@@ -53,12 +53,12 @@ def test_compile_fullgraph_matches_eager(method, normalizer):
         torch.testing.assert_close(met_c[key], met_e[key], rtol=1e-6, atol=0)
 
 
-def test_compile_inductor_cpu_graph():
-    """With the inductor backend the graph around the op is compiled too (C++ codegen on CPU, when a
-    compiler is available): forward and backward run and match eager."""
-    case = random_case(8, max_len=32, layout="padded", methods=("cppo",))
+def _compiled_matches_eager(seed: int, max_len: int, layout: str, compile_backend: str, **overrides) -> None:
+    """`policy_loss(..., backend="triton")` of a random cppo case under torch.compile(fullgraph=True) gives the
+    eager loss and gradient."""
+    case = random_case(seed, max_len=max_len, layout=layout, methods=("cppo",))
     inputs = case.inputs(torch.float32, DEVICE)
-    config = inputs.pop("config").replace(loss_agg_mode="seq-mean-token-mean")
+    config = inputs.pop("config").replace(**overrides)
     log_prob = inputs.pop("log_prob")
     for key in ("dp_size", "batch_num_tokens", "global_batch_size"):
         inputs.pop(key)
@@ -67,12 +67,19 @@ def test_compile_inductor_cpu_graph():
         return policy_loss(lp, **inputs, config=config, backend="triton")[0]
 
     lp_e = log_prob.clone().requires_grad_(True)
-    step(lp_e).backward()
+    loss_e = step(lp_e)
+    loss_e.backward()
     lp_c = log_prob.clone().requires_grad_(True)
-    loss_c = torch.compile(step, fullgraph=True)(lp_c)
+    loss_c = torch.compile(step, fullgraph=True, backend=compile_backend)(lp_c)
     loss_c.backward()
-    torch.testing.assert_close(loss_c.detach(), step(log_prob).detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss_c.detach(), loss_e.detach(), rtol=1e-6, atol=0)
     torch.testing.assert_close(lp_c.grad, lp_e.grad, rtol=1e-6, atol=0)
+
+
+def test_compile_inductor_cpu_graph():
+    """With the inductor backend the graph around the op is compiled too (C++ codegen on CPU, when a
+    compiler is available): forward and backward run and match eager."""
+    _compiled_matches_eager(8, 32, "padded", "inductor", loss_agg_mode="seq-mean-token-mean")
 
 
 def test_config_object_default():
@@ -90,24 +97,7 @@ def test_compile_packed():
     """Packed input (length_mode="padded": the longest sequence read on device, and the backward's
     per-sequence expansion) compiles with fullgraph=True (cu_seqlens is checked by an async assert under
     compile) and matches eager."""
-    case = random_case(3, max_len=40, layout="packed", methods=("cppo",))
-    inputs = case.inputs(torch.float32, DEVICE)
-    config = inputs.pop("config").replace(length_mode="padded", loss_agg_mode="seq-mean-token-mean")
-    log_prob = inputs.pop("log_prob")
-    for key in ("dp_size", "batch_num_tokens", "global_batch_size"):
-        inputs.pop(key)
-
-    def step(lp):
-        return policy_loss(lp, **inputs, config=config, backend="triton")[0]
-
-    lp_e = log_prob.clone().requires_grad_(True)
-    loss_e = step(lp_e)
-    loss_e.backward()
-    lp_c = log_prob.clone().requires_grad_(True)
-    loss_c = torch.compile(step, fullgraph=True, backend="aot_eager")(lp_c)
-    loss_c.backward()
-    torch.testing.assert_close(loss_c.detach(), loss_e.detach(), rtol=1e-6, atol=0)
-    torch.testing.assert_close(lp_c.grad, lp_e.grad, rtol=1e-6, atol=0)
+    _compiled_matches_eager(3, 40, "packed", "aot_eager", length_mode="padded", loss_agg_mode="seq-mean-token-mean")
 
 
 # Kernel variants for the ahead-of-time compile check: every constexpr value at least once.
