@@ -115,7 +115,8 @@ def triton_policy_loss(log_prob, old_log_prob, advantages, response_mask=None, *
 
     `block` forces the kernel's positions per block (a power of two; 0 picks one), for tests.
     """
-    layout = check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights)
+    layout = check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
+                          dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
     kernels.check_device(log_prob.device)
     loss_scale_factor = config.loss_scale_factor
     if config.loss_agg_mode == "seq-mean-token-sum-norm" and loss_scale_factor is None:

@@ -525,7 +525,8 @@ def launch(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch
         rows = max(TILE // block, 1)
         _policy_loss_kernel[(triton.cdiv(num_seqs, rows),)](
             log_prob.contiguous(), old_log_prob.contiguous(), advantages.contiguous(), mask,
-            None if rollout_is_weights is None else rollout_is_weights.contiguous(), cu_seqlens, max_len,
+            None if rollout_is_weights is None else rollout_is_weights.contiguous(), cu_seqlens.contiguous()
+            if packed else None, max_len,
             grad, seq_loss, stats,
             num_seqs, width, int(horizon),
             float(delta), float(delta_low), float(delta_high), float(w_min), float(delta_b),

@@ -7,6 +7,7 @@ packed: `[N]` tensors with `cu_seqlens [S + 1]` (FlashAttention convention), opt
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,16 +34,20 @@ def _check_float(name: str, t) -> None:
 
 
 def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seqlens=None,
-                 rollout_is_weights=None) -> Layout:
-    """Validate shapes, dtypes and devices; raise ValueError naming the offending argument.
+                 rollout_is_weights=None, *, dp_size=1, batch_num_tokens=None, global_batch_size=None) -> Layout:
+    """Validate shapes, dtypes, devices and the global normalizers; raise ValueError naming the argument.
 
-    `cu_seqlens` values are checked eagerly on CPU; on an accelerator they are checked with an
-    asynchronous device assert, so validation never forces a host sync.
+    `cu_seqlens` values are checked eagerly on CPU; on an accelerator (and under torch.compile) they are
+    checked with an asynchronous device assert, so validation never forces a host sync. A normalizer given
+    as a tensor is checked for shape, dtype and device only, for the same reason.
     """
     _check_float("log_prob", log_prob)
     _check_float("old_log_prob", old_log_prob)
     _check_float("advantages", advantages)
     device = log_prob.device
+    _check_normalizer("dp_size", dp_size, device, optional=False, positive=True)
+    _check_normalizer("batch_num_tokens", batch_num_tokens, device)
+    _check_normalizer("global_batch_size", global_batch_size, device)
     named = {"old_log_prob": old_log_prob, "advantages": advantages, "response_mask": response_mask,
              "cu_seqlens": cu_seqlens, "rollout_is_weights": rollout_is_weights}
     for name, t in named.items():
@@ -89,6 +94,26 @@ def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seql
     _check_cu_seqlens(cu_seqlens, N)
     # N == S is ambiguous; per-token is what a [N] tensor means everywhere else.
     return Layout(packed=True, num_seqs=S, width=None, adv_per_seq=advantages.shape == (S,) and N != S)
+
+
+def _check_normalizer(name: str, value, device: torch.device, *, optional: bool = True,
+                      positive: bool = False) -> None:
+    """A global normalizer: None (if optional), a finite number (> 0 or >= 0), or a one-element real tensor on
+    the inputs' device."""
+    if value is None and optional:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{name} must be a number or a one-element real tensor, got a {value.dtype} tensor "
+                             f"of shape {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but log_prob is on {device}")
+        return
+    bound = "> 0" if positive else ">= 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name}={value!r} is invalid: expected a finite number {bound}"
+                         + (", a one-element tensor or None" if optional else " or a one-element tensor"))
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, N: int) -> None:

@@ -164,6 +164,8 @@ def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str, 
               batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None) -> torch.Tensor:
     """SPEC section 6 (verl's `agg_loss`) on rows `[S, T]`; an empty batch gives 0, never NaN."""
     m = mask.to(token_loss.dtype)
+    if isinstance(dp_size, torch.Tensor):  # a one-element tensor: keep the loss 0-dim
+        dp_size = dp_size.to(token_loss.dtype).reshape(())
     seq_loss = token_loss.sum(dim=1)  # L_i
     seq_tokens = m.sum(dim=1)  # n_i
     if loss_agg_mode == "token-sum":
@@ -188,7 +190,7 @@ def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str, 
 def _safe_div(num: torch.Tensor, den) -> torch.Tensor:
     """num / den, and 0 where den == 0 (num is then 0 too: nothing to average)."""
     # a number becomes a filled device tensor (as_tensor would copy it from the host, a sync on CUDA)
-    den = den.to(num.dtype) if isinstance(den, torch.Tensor) else num.new_full((), den)
+    den = den.to(num.dtype).reshape(()) if isinstance(den, torch.Tensor) else num.new_full((), den)
     return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
 
 
@@ -231,7 +233,8 @@ def policy_loss_reference(log_prob, old_log_prob, advantages, response_mask=None
     is the readable statement, not the fast path).
     """
     config = config or PolicyLossConfig()
-    layout = check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights)
+    layout = check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
+                          dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
     mask = mask_as_bool(response_mask, log_prob)
     loss_scale_factor = config.loss_scale_factor
     if layout.packed:

@@ -118,12 +118,23 @@ INVALID_INPUTS = [
     ("response_mask is on meta", _padded(response_mask=torch.ones(2, 3, dtype=torch.bool, device="meta"))),
     ("cu_seqlens is on meta", _packed(cu_seqlens=torch.tensor([0, 2, 5], device="meta"))),
     ("loss_scale_factor is required", {**_packed(), "loss_agg_mode": "seq-mean-token-sum-norm"}),
+    # the global normalizers: a finite number (dp_size > 0, counts >= 0) or a one-element real tensor there
+    ("batch_num_tokens=nan", {**_padded(), "batch_num_tokens": float("nan")}),
+    ("batch_num_tokens=-5", {**_padded(), "batch_num_tokens": -5}),
+    ("batch_num_tokens='abc'", {**_padded(), "batch_num_tokens": "abc"}),
+    ("batch_num_tokens must be a number or a one-element", {**_padded(), "batch_num_tokens": torch.ones(2)}),
+    ("global_batch_size=True", {**_padded(), "global_batch_size": True}),
+    ("global_batch_size is on meta", {**_padded(), "global_batch_size": torch.ones((), device="meta")}),
+    ("dp_size=0", {**_padded(), "dp_size": 0}),
+    ("dp_size=None", {**_padded(), "dp_size": None}),
+    ("dp_size must be a number or a one-element", {**_padded(), "dp_size": torch.tensor(True)}),
     ("backend='cuda'", {**_padded(), "backend": "cuda"}),
 ]
 
 
 @pytest.mark.parametrize("name,kwargs", INVALID_INPUTS, ids=[f"{i}-{n}" for i, (n, _) in enumerate(INVALID_INPUTS)])
-def test_invalid_input_is_named(name, kwargs):
-    kwargs = {"backend": "reference", **kwargs}
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_invalid_input_is_named(name, kwargs, backend):
+    kwargs = {"backend": backend, **kwargs}
     with pytest.raises(ValueError, match=re.escape(name)):
         policy_loss(**kwargs)
