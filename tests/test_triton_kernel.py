@@ -1,6 +1,6 @@
 """The Triton kernel (`backend="triton"`) against the float64 reference.
 
-Runs on CUDA when a GPU is present, otherwise on CPU in the Triton interpreter (tests/conftest.py).
+Runs on CUDA when a GPU is present, otherwise on CPU in the Triton interpreter (the root conftest.py).
 
 Tolerances, from the kernel's float32 error model (inputs are rounded to the tested dtype first, and the
 float64 reference sees the same rounded values):
