@@ -17,7 +17,7 @@ import torch
 
 from . import kernels
 from .config import PolicyLossConfig
-from .layout import check_inputs
+from .layout import check_inputs, resolve_loss_scale_factor
 from .reference import compute_dtype
 
 
@@ -118,18 +118,13 @@ def triton_policy_loss(log_prob, old_log_prob, advantages, response_mask=None, *
     layout = check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
                           dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
     kernels.check_device(log_prob.device)
-    loss_scale_factor = config.loss_scale_factor
-    if config.loss_agg_mode == "seq-mean-token-sum-norm" and loss_scale_factor is None:
-        if layout.packed:
-            raise ValueError("loss_scale_factor is required for loss_agg_mode='seq-mean-token-sum-norm' "
-                             "with packed input (there is no padded width to default to)")
-        loss_scale_factor = layout.width
+    loss_scale_factor = resolve_loss_scale_factor(config.loss_agg_mode, config.loss_scale_factor, layout)
     if isinstance(config.length_mode, int):
         length_mode, horizon = "int", config.length_mode
     else:
         length_mode, horizon = config.length_mode, 0
     normalizers = dict(dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
-    tensors = [v.to(log_prob.device) if isinstance(v, torch.Tensor) else None for v in normalizers.values()]
+    tensors = [v if isinstance(v, torch.Tensor) else None for v in normalizers.values()]  # on log_prob's device
     packed = _pack(config, length_mode=length_mode, loss_scale_factor=float(loss_scale_factor or 0),
                    normalizers=normalizers, adv_per_seq=layout.adv_per_seq, horizon=horizon, block=block)
     loss, aux, _ = policy_loss_fused(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,

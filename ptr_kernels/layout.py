@@ -96,6 +96,17 @@ def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seql
     return Layout(packed=True, num_seqs=S, width=None, adv_per_seq=advantages.shape == (S,) and N != S)
 
 
+def resolve_loss_scale_factor(loss_agg_mode: str, loss_scale_factor, layout: Layout):
+    """The divisor of `seq-mean-token-sum-norm`: the configured one, else the padded width T; packed input has
+    no width to default to, so there it must be configured (ValueError)."""
+    if loss_scale_factor is not None or loss_agg_mode != "seq-mean-token-sum-norm":
+        return loss_scale_factor
+    if layout.packed:
+        raise ValueError("loss_scale_factor is required for loss_agg_mode='seq-mean-token-sum-norm' "
+                         "with packed input (there is no padded width to default to)")
+    return layout.width
+
+
 def _check_normalizer(name: str, value, device: torch.device, *, optional: bool = True,
                       positive: bool = False) -> None:
     """A global normalizer: None (if optional), a finite number (> 0 or >= 0), or a one-element real tensor on

@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .config import PolicyLossConfig
-from .layout import check_inputs, mask_as_bool, max_seqlen, packed_to_rows
+from .layout import check_inputs, mask_as_bool, max_seqlen, packed_to_rows, resolve_loss_scale_factor
 
 
 class TokenTerms(NamedTuple):
@@ -236,11 +236,8 @@ def policy_loss_reference(log_prob, old_log_prob, advantages, response_mask=None
     layout = check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
                           dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
     mask = mask_as_bool(response_mask, log_prob)
-    loss_scale_factor = config.loss_scale_factor
+    loss_scale_factor = resolve_loss_scale_factor(config.loss_agg_mode, config.loss_scale_factor, layout)
     if layout.packed:
-        if config.loss_agg_mode == "seq-mean-token-sum-norm" and loss_scale_factor is None:
-            raise ValueError("loss_scale_factor is required for loss_agg_mode='seq-mean-token-sum-norm' "
-                             "with packed input (there is no padded width to default to)")
         width = max_seqlen(cu_seqlens)
         rows = lambda t: None if t is None else packed_to_rows(t, cu_seqlens, width)  # noqa: E731
         log_prob, old_log_prob, rollout_is_weights = rows(log_prob), rows(old_log_prob), rows(rollout_is_weights)
