@@ -48,7 +48,7 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
 
 def _triton_policy_loss(*args, **kwargs):
     # imported here so that importing ptr_kernels does not import triton (TRITON_INTERPRET must be set first)
-    from .autograd import triton_policy_loss
+    from .ops.autograd import triton_policy_loss
     return triton_policy_loss(*args, **kwargs)
 
 

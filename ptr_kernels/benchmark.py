@@ -58,7 +58,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .baselines import cppo_per_sequence_loop, verl_policy_loss_dppo_tv, verl_policy_loss_vanilla
+from .testing.baselines import cppo_per_sequence_loop, verl_policy_loss_dppo_tv, verl_policy_loss_vanilla
 from .config import PolicyLossConfig
 from .reference import policy_loss_reference
 

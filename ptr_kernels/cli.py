@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptr-kernels", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from . import fuzz  # imports torch, not triton: fuzz sets TRITON_INTERPRET before triton is imported
+    from .testing import fuzz  # imports torch, not triton: fuzz sets TRITON_INTERPRET before triton is imported
     check = commands.add_parser("fuzz", help="compare a backend with the literal SPEC loop on random cases",
                                 description=fuzz.__doc__.split("\n")[0])
     fuzz.add_arguments(check)

@@ -10,9 +10,9 @@ import torch
 
 import ptr_kernels.api
 from ptr_kernels import PolicyLossConfig
-from ptr_kernels.cases import Case
+from ptr_kernels.testing.cases import Case
 from ptr_kernels.cli import main
-from ptr_kernels.fuzz import check_case
+from ptr_kernels.testing.fuzz import check_case
 
 
 def fuzz(capsys, *args):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ptr_kernels import PolicyLossConfig, policy_loss
-from ptr_kernels.cases import random_case
+from ptr_kernels.testing.cases import random_case
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf * 0 in discarded branches
@@ -122,8 +122,8 @@ def _aot_compile_all():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ptr_kernels import kernels
-    from ptr_kernels.kernels import NUM_STATS, NUM_WARPS, _policy_loss_kernel as kernel
+    from ptr_kernels.ops import token as kernels
+    from ptr_kernels.ops.token import NUM_STATS, NUM_WARPS, _policy_loss_kernel as kernel
 
     names = kernel.arg_names
     for i, const in enumerate(AOT_VARIANTS + [dict(AOT_VARIANTS[2])]):

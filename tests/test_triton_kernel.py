@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from ptr_kernels import PolicyLossConfig, policy_loss
-from ptr_kernels.autograd import triton_policy_loss
-from ptr_kernels.cases import random_case
+from ptr_kernels.ops.autograd import triton_policy_loss
+from ptr_kernels.testing.cases import random_case
 from ptr_kernels.config import LOSS_AGG_MODES
 from ptr_kernels.layout import mask_as_bool, max_seqlen, packed_to_rows
 from ptr_kernels.reference import aggregate, token_terms
@@ -191,7 +191,7 @@ def check_case(case, dtype, block=0):
 
 @pytest.mark.parametrize("group", range(-(-FUZZ_RUN // FUZZ_PER_GROUP)))
 def test_fuzz_against_reference(group):
-    """400 seeded cases from `ptr_kernels.cases`; dtypes cycle, half of them with 16-token blocks so the
+    """400 seeded cases from `ptr_kernels.testing.cases`; dtypes cycle, half of them with 16-token blocks so the
     prefix carry crosses many blocks, a quarter with the global normalizers as 0-dim tensors."""
     for seed in range(group * FUZZ_PER_GROUP, min((group + 1) * FUZZ_PER_GROUP, FUZZ_RUN)):
         case = random_case(seed, max_len=512)
@@ -268,7 +268,7 @@ def test_long_sequence_many_blocks(quantile):
 
 def _as_case(inputs):
     """Wrap explicit float64 inputs as a `cases.Case`."""
-    from ptr_kernels.cases import Case
+    from ptr_kernels.testing.cases import Case
     kw = {k: inputs[k] for k in NORMALIZERS}
     return Case(seed=-1, log_prob=inputs["log_prob"], old_log_prob=inputs["old_log_prob"],
                 advantages=inputs["advantages"], response_mask=inputs["response_mask"],

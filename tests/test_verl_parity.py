@@ -1,4 +1,4 @@
-"""Parity with what users run today (ptr_kernels.baselines): verl's vanilla / dppo_tv / dppo_kl losses with
+"""Parity with what users run today (ptr_kernels.testing.baselines): verl's vanilla / dppo_tv / dppo_kl losses with
 its agg_loss, and the per-sequence-loop CPPO. verl computes at every position and masks afterwards, so the
 inputs here are finite everywhere. verl's seq-mean-token-mean divides by n_i + 1e-8: each sequence's term
 differs from ours by a relative 1e-8 / n_i, so the gradient agrees to VERL_MEAN_RTOL per token and the loss
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ptr_kernels import policy_loss
-from ptr_kernels.baselines import (cppo_per_sequence_loop, verl_agg_loss, verl_policy_loss_dppo_kl,
+from ptr_kernels.testing.baselines import (cppo_per_sequence_loop, verl_agg_loss, verl_policy_loss_dppo_kl,
                                    verl_policy_loss_dppo_tv, verl_policy_loss_vanilla)
-from ptr_kernels.cases import random_case
+from ptr_kernels.testing.cases import random_case
 from ptr_kernels.reference import token_terms
 
 RTOL = 1e-12

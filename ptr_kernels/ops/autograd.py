@@ -15,10 +15,10 @@ from typing import Optional
 
 import torch
 
-from . import kernels
-from .config import PolicyLossConfig
-from .layout import check_inputs, resolve_loss_scale_factor
-from .reference import compute_dtype
+from . import token as kernels
+from ..config import PolicyLossConfig
+from ..layout import check_inputs, resolve_loss_scale_factor
+from ..reference import compute_dtype
 
 
 # The op's schema is kept short on purpose: torch's custom-op autograd wrapper walks the schema once per

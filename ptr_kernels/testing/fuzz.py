@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cases import random_case
-from .literal import policy_loss_literal
+from .oracle import policy_loss_literal
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = ("auto", "reference", "triton")
@@ -78,7 +78,7 @@ def _errors(lit, loss, metrics, grad, rtol, dtype):
 
 def check_case(case, backend: str, dtype: torch.dtype, device) -> tuple[dict, list]:
     """Run one case on the backend and the literal loop. Returns (numbers for the summary, problems)."""
-    from .api import policy_loss
+    from ..api import policy_loss
 
     rtol, tie_rtol = tolerances(dtype)
     rounded = case.rounded(dtype)

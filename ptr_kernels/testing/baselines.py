@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .config import PolicyLossConfig, resolve_config
+from ..config import PolicyLossConfig, resolve_config
 
 VERL_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .config import LOSS_AGG_MODES
+from ..config import LOSS_AGG_MODES
 
 # Columns of the per-sequence statistics buffer `[S, NUM_STATS]` written by the kernel.
 STAT_TOKENS, STAT_REJ_TOKEN, STAT_REJ_BUDGET, STAT_CLIP_LOW, STAT_CLIP_HIGH, STAT_CLIP_DUAL, \

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .config import LOSS_AGG_MODES, PolicyLossConfig
+from ..config import LOSS_AGG_MODES, PolicyLossConfig
 
 GARBAGE = (float("inf"), float("-inf"), float("nan"), 1e30, -1e30)
 

@@ -14,8 +14,8 @@ from typing import List, Optional
 
 import torch
 
-from .config import PolicyLossConfig
-from .layout import check_inputs, mask_as_bool
+from ..config import PolicyLossConfig
+from ..layout import check_inputs, mask_as_bool
 
 
 @dataclass
