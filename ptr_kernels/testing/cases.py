@@ -68,7 +68,7 @@ class Case:
 
 def random_config(rng: np.random.Generator, *, packed: bool, methods: Optional[Sequence[str]] = None,
                   max_len: int = 300) -> PolicyLossConfig:
-    """An in-range config; every option of SPEC sections 2-6 is drawn with some probability."""
+    """An in-range config; every option of docs/math.md is drawn with some probability."""
     def maybe(p, value):
         return value if rng.random() < p else None
 

@@ -1,9 +1,10 @@
-"""`ptr-kernels fuzz`: a backend against the literal SPEC loop on seeded random cases.
+"""`ptr-kernels fuzz`: a backend against the literal loop (`oracle.py`) on seeded random cases.
 
 Each case (`cases.random_case(seed)`: both layouts, lengths 0..max_len, holes, garbage at masked positions,
-random in-range configs and normalizers) is rounded to `--dtype`; the literal loop (`literal.py`, float64)
-runs on the rounded inputs and the backend on the same values in that dtype. Compared, with a tolerance for
-the dtype: the loss (error relative to the size of the terms it sums), d loss / d log_prob (relative to its
+random in-range configs and normalizers) is rounded to `--dtype`; the literal loop (float64) runs on the
+rounded inputs and the backend on the same values in that dtype. Compared, with a tolerance for the dtype
+(a fixed floor, plus, in reduced precision, a multiple of the float32 reference's own error: `check_case`):
+the loss (error relative to the size of the terms it sums), d loss / d log_prob (relative to its
 largest entry), every metric, and the gate decisions, read from the gradient: a token kept by one side and
 dropped by the other has a zero gradient on one side only. A decision the literal loop finds within the
 tolerance of flipping is a near tie; a disagreement there is accepted only if the literal loop, given the
@@ -26,8 +27,9 @@ from .oracle import policy_loss_literal
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = ("auto", "reference", "triton")
 FLOAT64_RTOL = 1e-9
-FLOAT32_RTOL = 1e-5  # arithmetic in float32 (SPEC section 1) for every dtype but float64
+FLOAT32_RTOL = 1e-5  # arithmetic in float32 (docs/math.md) for every dtype but float64
 FLOAT32_TIE_RTOL = 1e-4  # float32 prefix sums over a few hundred tokens
+FLOAT32_ERROR_MULTIPLE = 4  # a backend may be this many times as far off as the float32 reference, plus rtol
 
 
 def tolerances(dtype: torch.dtype) -> tuple[float, float]:
@@ -52,37 +54,47 @@ class Summary:
     mask_disagreements: int = 0  # decisions that differ and are not near ties
     near_ties: int = 0  # tokens whose decision lies within the tie tolerance
     ties_flipped: int = 0  # near ties decided the other way by the backend (accepted)
+    beyond_floor: int = 0  # cases over the fixed rtol that pass within the float32 reference's own error
     failures: list = field(default_factory=list)
 
 
-def _errors(lit, loss, metrics, grad, rtol, dtype):
-    """Normalized errors (loss, grad, metric) and the metric keys that disagree (or are missing).
+def _errors(lit, loss, metrics, grad, dtype) -> dict:
+    """Normalized errors against the literal loop: "loss", "grad" and one "metric:<name>" per metric (inf for a
+    metric missing on one side).
 
-    The gradient comes back in `dtype`: below its smallest normal number it is rounded to a fixed step
-    (the subnormal spacing), which is allowed on top of the relative error.
+    The loss error is relative to the size of the terms it sums; the gradient's to its largest entry. The
+    gradient comes back in `dtype`: below its smallest normal number it is rounded to a fixed step (the
+    subnormal spacing), which is allowed on top of the relative error.
     """
-    loss_err = abs(loss - lit.loss) / max(lit.loss_magnitude, 1e-30)
-    grad_err = 0.0
+    errors = {"loss": abs(loss - lit.loss) / max(lit.loss_magnitude, 1e-30), "grad": 0.0}
     if grad.numel():
         subnormal_step = torch.finfo(dtype).tiny * torch.finfo(dtype).eps
         excess = ((grad - lit.grad).abs() - subnormal_step).clamp(min=0)
-        grad_err = excess.max().item() / max(lit.grad.abs().max().item(), 1e-30)
-    metric_err, bad = 0.0, sorted(set(metrics) ^ set(lit.metrics))
-    for key in set(metrics) & set(lit.metrics):
-        err = abs(metrics[key] - lit.metrics[key]) / max(1.0, abs(lit.metrics[key]))
-        metric_err = max(metric_err, err)
-        if not err <= rtol:
-            bad.append(key)
-    return loss_err, grad_err, metric_err, bad
+        errors["grad"] = excess.max().item() / max(lit.grad.abs().max().item(), 1e-30)
+    for key in set(metrics) | set(lit.metrics):
+        if key in metrics and key in lit.metrics:
+            errors["metric:" + key] = abs(metrics[key] - lit.metrics[key]) / max(1.0, abs(lit.metrics[key]))
+        else:
+            errors["metric:" + key] = math.inf
+    return errors
 
 
-def check_case(case, backend: str, dtype: torch.dtype, device) -> tuple[dict, list]:
-    """Run one case on the backend and the literal loop. Returns (numbers for the summary, problems)."""
+@dataclass
+class Comparison:
+    """One backend's run of a case against the literal loop."""
+
+    errors: dict  # from `_errors`, against the literal loop with the backend's near-tie decisions
+    lit: object  # that literal result
+    n_tok: int
+    untied: torch.Tensor  # bool: decisions that differ and are not near ties
+    near_ties: int
+    ties_flipped: int
+
+
+def _compare(case, backend: str, dtype: torch.dtype, device, lit, tie_rtol: float) -> Comparison:
+    """Run `case` on `backend` in `dtype` and measure it against `lit` (the literal loop on the rounded case)."""
     from ..api import policy_loss
 
-    rtol, tie_rtol = tolerances(dtype)
-    rounded = case.rounded(dtype)
-    lit = policy_loss_literal(**rounded.inputs(torch.float64), tie_rtol=tie_rtol)
     inputs = case.inputs(dtype, device)
     log_prob = inputs["log_prob"].requires_grad_(True)
     loss, metrics = policy_loss(**inputs, backend=backend)
@@ -99,32 +111,63 @@ def check_case(case, backend: str, dtype: torch.dtype, device) -> tuple[dict, li
     flipped = mask & (((grad == 0) & (lit.grad.abs() >= tiny)) | ((grad != 0) & (lit.grad == 0)))
     ties = lit.near_tie & mask
     untied = flipped & ~ties
-    problems = []
     n_flipped_ties = int((flipped & ties).sum())
     if n_flipped_ties and not untied.any():
         # the backend decided near ties the other way: the literal loop with those decisions must match
-        lit = policy_loss_literal(**rounded.inputs(torch.float64), tie_rtol=tie_rtol,
+        lit = policy_loss_literal(**case.rounded(dtype).inputs(torch.float64), tie_rtol=tie_rtol,
                                   gate_override=(flipped, 1.0 - lit.gate))
-    loss_err, grad_err, metric_err, bad_metrics = _errors(lit, loss, metrics, grad, rtol, dtype)
-    n_tok = int(mask.sum())
-    if n_flipped_ties and bad_metrics:
+    errors = _errors(lit, loss, metrics, grad, dtype)
+    if n_flipped_ties:
         # each flipped decision moves a fraction metric by exactly 1 / n_tok
-        allowance = n_flipped_ties / max(n_tok, 1)
-        bad_metrics = [k for k in bad_metrics if not (k.startswith(("mask_frac", "clip_frac")) and k in metrics
-                                                      and k in lit.metrics
-                                                      and abs(metrics[k] - lit.metrics[k]) <= allowance + rtol)]
-    if untied.any():
-        where = untied.nonzero().tolist()[:8]
-        problems.append(f"{int(untied.sum())} mask disagreement(s), first at index {where}")
-    if not loss_err <= rtol:
-        problems.append(f"loss {loss!r} vs literal {lit.loss!r} (error {loss_err:.3g})")
-    if not grad_err <= rtol:
-        problems.append(f"gradient error {grad_err:.3g}")
+        allowance = n_flipped_ties / max(int(mask.sum()), 1)
+        for key in metrics:
+            if key.startswith(("mask_frac", "clip_frac")) and key in lit.metrics:
+                errors["metric:" + key] = max(0.0, abs(metrics[key] - lit.metrics[key]) - allowance)
+    return Comparison(errors=errors, lit=lit, n_tok=int(mask.sum()), untied=untied, near_ties=int(ties.sum()),
+                      ties_flipped=n_flipped_ties)
+
+
+def uses_float32_yardstick(backend: str, dtype: torch.dtype) -> bool:
+    """Whether the tolerance grows with the float32 reference's own error (see `check_case`)."""
+    return dtype != torch.float64 and backend != "reference"
+
+
+def check_case(case, backend: str, dtype: torch.dtype, device) -> tuple[dict, list]:
+    """Run one case on the backend and the literal loop. Returns (numbers for the summary, problems).
+
+    Each error (loss, gradient, every metric) must lie within `rtol` of the literal float64 loop; for a
+    backend other than the reference in reduced precision, within `rtol + FLOAT32_ERROR_MULTIPLE * e_ref`,
+    where e_ref is the same error of the float32 reference on the same inputs. Float32 evaluation drifts
+    with the length of a sequence (prefix sums, long reductions); a backend may drift as much as the reference
+    does, up to a small factor, but no more. Short cases keep the fixed floor `rtol`.
+    """
+    rtol, tie_rtol = tolerances(dtype)
+    lit = policy_loss_literal(**case.rounded(dtype).inputs(torch.float64), tie_rtol=tie_rtol)
+    run = _compare(case, backend, dtype, device, lit, tie_rtol)
+    allowed = dict.fromkeys(run.errors, rtol)
+    if uses_float32_yardstick(backend, dtype):
+        yardstick = _compare(case, "reference", dtype, device, lit, tie_rtol).errors
+        allowed = {k: rtol + FLOAT32_ERROR_MULTIPLE * yardstick.get(k, 0.0) for k in run.errors}
+    problems = []
+    if run.untied.any():
+        where = run.untied.nonzero().tolist()[:8]
+        problems.append(f"{int(run.untied.sum())} mask disagreement(s), first at index {where}")
+    over = [k for k, err in run.errors.items() if not err <= allowed[k]]  # NaN fails
+    if "loss" in over:
+        problems.append(f"loss error {run.errors['loss']:.3g} > {allowed['loss']:.3g} "
+                        f"(literal loss {run.lit.loss!r})")
+    if "grad" in over:
+        problems.append(f"gradient error {run.errors['grad']:.3g} > {allowed['grad']:.3g}")
+    bad_metrics = sorted(k.removeprefix("metric:") for k in over if k.startswith("metric:"))
     if bad_metrics:
-        problems.append("metrics " + ", ".join(f"{k}: {metrics.get(k)!r} vs {lit.metrics.get(k)!r}"
-                                               for k in sorted(bad_metrics)))
-    numbers = dict(tokens=n_tok, loss_err=loss_err, grad_err=grad_err, metric_err=metric_err,
-                   mask_disagreements=int(untied.sum()), near_ties=int(ties.sum()), ties_flipped=n_flipped_ties)
+        problems.append("metrics " + ", ".join(
+            f"{k}: error {run.errors['metric:' + k]:.3g} > {allowed['metric:' + k]:.3g} "
+            f"(literal {run.lit.metrics.get(k)!r})" for k in bad_metrics))
+    metric_errs = [v for k, v in run.errors.items() if k.startswith("metric:")]
+    numbers = dict(tokens=run.n_tok, loss_err=run.errors["loss"], grad_err=run.errors["grad"],
+                   metric_err=max(metric_errs, default=0.0), mask_disagreements=int(run.untied.sum()),
+                   near_ties=run.near_ties, ties_flipped=run.ties_flipped,
+                   beyond_floor=int(not over and any(err > rtol for err in run.errors.values())))
     return numbers, problems
 
 
@@ -183,18 +226,24 @@ def run(args: argparse.Namespace) -> int:
         s.mask_disagreements += numbers.get("mask_disagreements", 0)
         s.near_ties += numbers.get("near_ties", 0)
         s.ties_flipped += numbers.get("ties_flipped", 0)
+        s.beyond_floor += numbers.get("beyond_floor", 0)
         for key in ("loss_err", "grad_err", "metric_err"):
             value = numbers.get(key, 0.0)
             setattr(s, key, value if math.isnan(value) else max(getattr(s, key), value))
         if problems:
             s.failures.append((case, problems))
 
+    tol = f"{rtol:.3g}"
+    if uses_float32_yardstick(backend, dtype):
+        tol += f" + {FLOAT32_ERROR_MULTIPLE} x the float32 reference's error"
     rows = [("cases", f"{s.cases} ({len(s.failures)} failed)", ""), ("valid tokens", str(s.tokens), ""),
-            ("max loss error", f"{s.loss_err:.3g}", f"{rtol:.3g}"),
-            ("max grad error", f"{s.grad_err:.3g}", f"{rtol:.3g}"),
-            ("max metric error", f"{s.metric_err:.3g}", f"{rtol:.3g}"),
+            ("max loss error", f"{s.loss_err:.3g}", tol),
+            ("max grad error", f"{s.grad_err:.3g}", tol),
+            ("max metric error", f"{s.metric_err:.3g}", tol),
             ("mask disagreements", str(s.mask_disagreements), "0"),
             ("near ties (flipped)", f"{s.near_ties} ({s.ties_flipped})", f"within {tie_rtol:.3g}")]
+    if uses_float32_yardstick(backend, dtype):
+        rows.append(("cases over the floor", str(s.beyond_floor), f"within {FLOAT32_ERROR_MULTIPLE} x reference"))
     width = max(len(r[0]) for r in rows)
     print(f"\n{'quantity':<{width}}  {'value':>16}  tolerance")
     for name, value, tol in rows:

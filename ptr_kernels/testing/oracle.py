@@ -1,7 +1,7 @@
-"""The literal oracle: SPEC sections 2-6 and 8 token by token, in plain Python float64 arithmetic.
+"""The literal oracle: docs/math.md token by token, in plain Python float64 arithmetic.
 
-Written from SPEC.md alone, independently of `reference.py`: one loop over sequences, one over their
-positions (SPEC section 3's sequential statement for cppo), `math` on Python floats, and the gradient
+Written from the math alone, independently of `reference.py`: one loop over sequences, one over their
+positions (the sequential statement of cppo's prefix budget), `math` on Python floats, and the gradient
 d loss / d log_prob derived by hand per token instead of by autograd. It is slow and obviously correct;
 the tests and `ptr-kernels fuzz` check every fast implementation against it.
 """
@@ -28,7 +28,7 @@ class LiteralResult:
     gate: M_t per token (0/1, or g_t for the soft gate; for ppo 0 where clipping zeroes the gradient);
         0 at masked positions.
     grad: d loss / d log_prob per token; 0 at masked positions.
-    metrics: SPEC section 8, the same keys as `reference.metrics`.
+    metrics: the metrics of docs/math.md, the same keys as `reference.metrics`.
     near_tie: tokens whose gate decision (or clamp boundary) lies within `tie_rtol` of flipping.
     """
 
@@ -44,9 +44,17 @@ def _close(a: float, b: float, scale: float, tie_rtol: float) -> bool:
     return abs(a - b) <= tie_rtol * max(abs(a), abs(b), scale)
 
 
+def _exp(x: float) -> float:
+    """exp(x), inf where it overflows a float64 (math.exp raises there)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 def _divergence(lp: float, olp: float, kind: str) -> float:
-    """SPEC section 2: binary TV |pi - mu| or binary KL(mu || pi) on {y_t, rest}."""
-    pi, mu = math.exp(lp), math.exp(olp)
+    """Binary TV |pi - mu| or binary KL(mu || pi) on {y_t, rest}."""
+    pi, mu = _exp(lp), _exp(olp)
     if kind == "binary_tv":
         return abs(pi - mu)
     return mu * (olp - lp) + (1 - mu) * math.log((1 - mu + 1e-8) / (1 - pi + 1e-8))
@@ -65,7 +73,7 @@ def policy_loss_literal(log_prob, old_log_prob, advantages, response_mask=None, 
                         config: Optional[PolicyLossConfig] = None, rollout_is_weights=None, dp_size=1,
                         batch_num_tokens=None, global_batch_size=None, gate_override=None,
                         tie_rtol: float = 1e-9) -> LiteralResult:
-    """SPEC's policy loss, token by token. Same inputs as `ptr_kernels.policy_loss` (padded `[B, T]` with
+    """The policy loss of docs/math.md, token by token. Same inputs as `ptr_kernels.policy_loss` (padded `[B, T]` with
     `response_mask`, or packed `[N]` with `cu_seqlens`), any float dtype (read as float64).
 
     `gate_override`: optional `(where, value)` pair of `[B, T]`/`[N]` tensors; at `where` the decision M_t
@@ -134,7 +142,7 @@ def policy_loss_literal(log_prob, old_log_prob, advantages, response_mask=None, 
                 clamp_active = abs(raw) > c.log_ratio_clamp
                 x = max(-c.log_ratio_clamp, min(c.log_ratio_clamp, raw))
                 near_tie[k] |= _close(abs(raw), c.log_ratio_clamp, 0.0, tie_rtol)
-            r = math.exp(x)
+            r = _exp(x)
             d = D[k]
             toward_mu = A * x <= 0
             div_sum += d
@@ -203,6 +211,8 @@ def policy_loss_literal(log_prob, old_log_prob, advantages, response_mask=None, 
             else:  # logp: the capped ratio is a constant, log_prob carries the gradient
                 l_t = -A * min(r, c.ratio_cap) * lp * M
                 g_t = -A * min(r, c.ratio_cap) * M
+            if A == 0 and not math.isnan(x):  # exactly 0, even where r overflows (docs/math.md)
+                l_t = g_t = 0.0
             L_i += rho * l_t
             L_abs += abs(rho * l_t)
             dl[k] = rho * g_t
@@ -213,7 +223,7 @@ def policy_loss_literal(log_prob, old_log_prob, advantages, response_mask=None, 
         seq_loss.append(L_i)
         seq_abs.append(L_abs)
 
-    # SPEC section 6: the aggregation, and each token's weight d loss / d l_t
+    # the aggregation, and each token's weight d loss / d l_t
     mode = c.loss_agg_mode
     n_tok = sum(seq_n)
     n_nonempty = sum(1 for n in seq_n if n > 0)
