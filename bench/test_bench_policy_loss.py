@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-from ptr_kernels.benchmark import METHODS, MODES, PROVIDERS, Shape, make_call, make_inputs, relative_error, step, \
-    supports
+from ptr_kernels.benchmark.providers import PROVIDERS, make_call, relative_error, step, supports
+from ptr_kernels.benchmark.workloads import METHODS, MODES, Shape, make_inputs
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

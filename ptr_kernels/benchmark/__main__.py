@@ -1,0 +1,7 @@
+"""`python -m ptr_kernels.benchmark`: the same as `ptr-kernels bench`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""The command line of `ptr-kernels bench` (also `python -m ptr_kernels.benchmark`)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import host
+from .providers import PROVIDERS
+from .report import report
+from .results import load_rows
+from .sweep import END_RESERVE_S, sweep
+from .workloads import LAYOUTS, METHODS, SWEEPS
+
+DESCRIPTION = "Benchmark harness: the fused kernel against eager PyTorch, torch.compile, the per-sequence loop and verl."
+
+
+def _list(choices):
+    def parse(text):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated subset of {', '.join(choices)}")
+        return items
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `ptr-kernels bench`."""
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: cuda when available")
+    parser.add_argument("--sweep", choices=tuple(SWEEPS), default=None,
+                        help="shape set (default: full on cuda, tiny on cpu)")
+    parser.add_argument("--full", action="store_const", const="full", dest="sweep", help="same as --sweep full")
+    parser.add_argument("--providers", type=_list(PROVIDERS), default=None,
+                        help="comma-separated (default: all on cuda; eager,loop,verl on cpu, where fused "
+                             "needs TRITON_INTERPRET=1)")
+    parser.add_argument("--methods", type=_list(METHODS), default=list(METHODS))
+    parser.add_argument("--layouts", type=_list(LAYOUTS), default=list(LAYOUTS))
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="dtype of log_prob, old_log_prob and advantages")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: $OUT if set, else bench/results; with --report: the CSV's)")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds for the whole run: configs that would start too late are recorded as "
+                             "skipped (the last 45 s are kept for launch counts and the report)")
+    parser.add_argument("--max-reps", type=int, default=None, help="most timed calls per config and mode")
+    parser.add_argument("--report", type=Path, default=None, metavar="CSV",
+                        help="only write plots, results.md and targets from an existing results CSV")
+    parser.add_argument("--host", action="store_true",
+                        help="only measure the host time of one fwd+bwd call, fused vs eager, interleaved (CPU: "
+                             "Triton launches stubbed, ratio target 0.15; CUDA: wall-clock at 8x512 and packed "
+                             "8 / 4096); writes host.csv and host.md")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`ptr-kernels bench`: run the sweep (or `--report` an earlier one). Returns 0, or 1 if a config failed
+    (its `error` row says why; the other results are written all the same)."""
+    deadline = math.inf if args.time_budget is None else time.monotonic() + args.time_budget - END_RESERVE_S
+    if args.report is not None:
+        report(load_rows(args.report), args.out or args.report.parent, args.report)
+        return 0
+    out = args.out or Path(os.environ.get("OUT") or "bench/results")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    if args.host:
+        if device.type == "cpu" and not interpreter_ready():
+            print("--host on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before triton is imported",
+                  file=sys.stderr)
+            return 2
+        out.mkdir(parents=True, exist_ok=True)
+        return host.run(args, device, out)
+    args.sweep = args.sweep or ("full" if device.type == "cuda" else "tiny")
+    if args.providers is None:
+        args.providers = list(PROVIDERS)
+        if device.type == "cpu":
+            print("CPU: providers eager, loop, verl; 'compile' (tens of seconds of compile per shape here) and "
+                  "'fused' (Triton interpreter, TRITON_INTERPRET=1) run when named in --providers")
+            args.providers = ["eager", "loop", "verl"]
+    out.mkdir(parents=True, exist_ok=True)
+    rows = sweep(args, device, out, deadline)
+    report(rows, out, out / "results.csv")
+    failed = [r for r in rows if r["metric"] == "error"]
+    for r in failed:
+        print(f"failed: {r['provider']} {r['method']} {r['layout']} {r['shape']}: {r['note']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def interpreter_ready() -> bool:
+    """Whether the Triton kernels will run in the interpreter: TRITON_INTERPRET=1 is set, or triton is not
+    imported yet and setting it now takes effect."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    if "triton" in sys.modules:
+        return False
+    os.environ["TRITON_INTERPRET"] = "1"
+    return True
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ptr_kernels.benchmark", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,68 @@
+"""The results CSV: its columns, a row-by-row writer, a reader, and the environment stamped on every row."""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+CSV_FIELDS = ("provider", "method", "layout", "shape", "batch", "tokens", "mode", "metric", "p20", "p50", "p80",
+              "note", "dtype", "device", "torch", "triton", "commit")
+CPU_NOTE = "CPU run: wall-clock times of PyTorch on this CPU; kernel timings need a GPU."
+
+
+def environment(device: torch.device) -> dict:
+    """Device name, library versions and the git commit, stamped on every row."""
+    import triton
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return {"device": name, "torch": torch.__version__, "triton": triton.__version__, "commit": git_commit()}
+
+
+def git_commit() -> str:
+    """Short commit of the package's checkout (+"-dirty"), or $PTR_KERNELS_COMMIT, or "unknown"."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("PTR_KERNELS_COMMIT", "unknown")
+
+
+class CsvSink:
+    """Appends result rows to a CSV, flushed after each row so an interrupted run keeps its data."""
+
+    def __init__(self, path: Path, env: dict, dtype: str):
+        self.path = path
+        self.common = dict(env, dtype=dtype)
+        self.file = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=CSV_FIELDS)
+        self.writer.writeheader()
+        self.rows = []
+
+    def add(self, provider, method, layout, shape, batch, tokens, mode, metric, values=None, note=""):
+        p20, p50, p80 = ("", "", "") if values is None else (f"{v:.6g}" for v in values)
+        row = dict(self.common, provider=provider, method=method, layout=layout, shape=shape, batch=batch,
+                   tokens=tokens, mode=mode, metric=metric, p20=p20, p50=p50, p80=p80, note=note)
+        self.writer.writerow(row)
+        self.file.flush()
+        self.rows.append(row)
+
+    def close(self):
+        self.file.close()
+
+
+def load_rows(path) -> list:
+    """The rows of a results CSV as dicts of strings."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
