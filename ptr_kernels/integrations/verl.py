@@ -162,12 +162,14 @@ def compute_policy_loss_dppo_kl(old_log_prob, log_prob, advantages, response_mas
 
 def cppo_fields(config) -> dict:
     """PolicyLossConfig fields of `ptr_cppo` from verl's config: delta = `clip_ratio`, the rest from the
-    `cppo_*` keys (docs/integrations.md), ptr_kernels' defaults where absent."""
+    `cppo_*` keys (docs/integrations.md), ptr_kernels' defaults where absent (a key set to None is None:
+    `cppo_delta_b_quantile: null` keeps delta_b fixed)."""
     delta, _, _ = _clip_range(config)
     fields = {"method": "cppo", "delta": delta}
+    absent = object()
     for key, field in CPPO_KEYS.items():
-        value = config.get(key, None)
-        if value is not None:
+        value = config.get(key, absent)
+        if value is not absent:
             fields[field] = value
     # verl-style spelling of the divergence ("tv", "kl") is accepted too
     if fields.get("divergence") in ("tv", "kl"):
