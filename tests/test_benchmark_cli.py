@@ -167,3 +167,149 @@ def test_errors_and_time_budget_are_recorded(tmp_path, monkeypatch):
     rows = load_rows(tmp_path / "results.csv")
     skipped = [r for r in rows if r["metric"] == "skipped"]
     assert len(skipped) == 4 and all("time budget" in r["note"] for r in skipped)
+
+
+def test_traffic_model():
+    import torch
+
+    from ptr_kernels.benchmark.traffic import traffic
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    # float32: forward reads 4 + 4 + 4 + 1, the saved float32 gradient out and back 8, the gradient out 4
+    assert traffic("cppo", "padded", f32).per_token == 25
+    assert traffic("cppo", "padded", f32, minimum=True).per_token == 17
+    assert traffic("dppo", "padded", bf16).per_token == 2 + 2 + 2 + 1 + 8 + 2
+    assert traffic("dppo", "padded", bf16, minimum=True).per_token == 9
+    assert traffic("ppo", "padded", f32, "fwd").per_token == 13 + 4  # the saved gradient written only
+    assert traffic("ppo", "padded", f32, "fwd", minimum=True).per_token == 13
+    assert {traffic(m, "packed", f32) for m in workloads.METHODS} == {traffic("cppo", "packed", f32)}
+    # packed input adds the int32 cu_seqlens, S + 1 boundaries
+    assert traffic("cppo", "packed", f32).bytes(tokens=1000, sequences=7) == 25 * 1000 + 4 * 8
+    assert traffic("cppo", "padded", f32).bytes(tokens=1000, sequences=7) == 25 * 1000
+    # the minimum is what the sweep's bandwidth_gbs counts
+    for shape in (workloads.Shape("packed", 16, 2048), workloads.Shape("padded", 8, 8 * 64)):
+        for dtype in (f32, bf16):
+            inp = workloads.make_inputs(shape, torch.device("cpu"), dtype, seed=0, structure_seed=1)
+            for mode in workloads.MODES:
+                least = traffic("cppo", shape.layout, dtype, mode, minimum=True)
+                assert least.bytes(shape.tokens, shape.batch) == inp.min_bytes(mode)
+    for kwargs, field in ((dict(method="grpo"), "method"), (dict(layout="ragged"), "layout"),
+                          (dict(mode="bwd"), "mode"), (dict(dtype=torch.int32), "dtype")):
+        args = dict(method="cppo", layout="padded", dtype=f32, mode="fwd_bwd") | kwargs
+        with pytest.raises(ValueError, match=field):
+            traffic(**args)
+
+
+def _issue13_rows():
+    """A GPU run's rows at the shapes of issue 13's targets; the values are chosen per target."""
+    long, base = workloads.LONG_SEQUENCES, workloads.LONG_BASELINE
+    rows = [dict(_row("copy", "-", "-", "1GiB", "", "-", "bandwidth_gbs", 4000.0), batch="")]
+    graph = {  # (method, layout, shape, batch, tokens): fused graph_us
+        ("cppo", "padded", "256x4096", 256, 2**20): 24.0, ("dppo", "padded", "256x4096", 256, 2**20): 20.0,
+        ("cppo", "packed", "1024seq/1048576tok", 1024, 2**20): 30.0,  # 1.25x padded: MISS; 30 us > 25: MISS
+        ("dppo", "packed", "1024seq/1048576tok", 1024, 2**20): 22.0,
+        ("cppo", "packed", long.name, long.batch, long.tokens): 31.0,  # 31 / 24 = 1.29x: PASS
+        ("dppo", "padded", "4096x8192", 4096, 2**25): 250.0,
+        ("cppo", "padded", "512x8192", 512, 2**22): 60.0, ("dppo", "padded", "512x8192", 512, 2**22): 40.0,
+    }
+    for (method, layout, shape, batch, tokens), us in graph.items():
+        for metric in ("time_us", "graph_us"):
+            rows.append(dict(_row("fused", method, layout, shape, tokens, "fwd_bwd", metric, us), batch=str(batch)))
+    rows += [
+        _row("compile", "cppo", "padded", "512x8192", 2**22, "fwd_bwd", "graph_us", 200.0),  # 3.3x: PASS
+        _row("compile", "dppo", "padded", "512x8192", 2**22, "fwd_bwd", "time_us", 400.0),  # no graph replay
+        _row("fused", "cppo", "padded", "8x512", 4096, "fwd_bwd", "wall_us", 90.0),
+        _row("fused", "cppo", "padded", "8x512", 4096, "fwd_bwd", "time_us", 90.0),
+        _row("eager", "cppo", "padded", "8x512", 4096, "fwd_bwd", "wall_us", 80.0),  # fused slower: MISS
+        _row("fused", "cppo", "padded", "256x4096", 2**20, "fwd_bwd", "wall_us", 70.0),
+        _row("eager", "cppo", "padded", "256x4096", 2**20, "fwd_bwd", "wall_us", 700.0),
+    ]
+    return rows, base
+
+
+def test_issue13_targets():
+    rows, base = _issue13_rows()
+    found = {(t.target, t.case): (t.measured, t.status) for t in targets(rows) if t.issue == "13"}
+
+    def status(target, case_start):
+        hits = [v for (t, c), v in found.items() if t.startswith(target) and c.startswith(case_start)]
+        assert len(hits) == 1, (target, case_start, hits)
+        return hits[0]
+
+    assert status("cppo / dppo", "fused fwd+bwd, padded 512x8192") == ("1.50x", "MISS")  # worst of 1.2x, 1.5x
+    assert status("cppo / dppo", "fused fwd+bwd, packed 1024seq") == ("1.36x", "MISS")
+    assert status("packed / padded", "cppo fwd+bwd 1024seq/1048576tok vs 256x4096") == ("1.25x", "MISS")
+    assert status("packed / padded", "dppo fwd+bwd 1024seq/1048576tok vs 256x4096") == ("1.10x", "PASS")
+    assert status("packed / padded", "ppo") == ("-", "not measured")
+    # 25 B/token x 2^25 tokens in 250 us = 3355 GB/s of 4000: 84%; on the 17-byte minimum 57%
+    assert status("copy bandwidth on the model's bytes", "dppo fwd+bwd, padded 4096x8192") == ("84%", "PASS")
+    assert "on the minimum bytes: 57%" in next(c for t, c in found if c.startswith("dppo fwd+bwd, padded 4096x8192"))
+    assert status("copy bandwidth on the model's bytes", "cppo fwd+bwd, padded") == ("-", "not measured")
+    assert status("fwd+bwd at 1M tokens", "fused cppo, padded 256x4096") == ("24.0 us", "PASS")
+    assert status("fwd+bwd at 1M tokens", "fused cppo, packed 1024seq") == ("30.0 us", "MISS")  # 8 x 131072 apart
+    assert status("8 x 131,072", "fused cppo fwd+bwd (graph_us)") == ("1.29x", "PASS")
+    assert status("8 x 131,072", "fused dppo") == ("-", "not measured")
+    assert status("speedup vs torch.compile", "cppo") == ("3.3x", "PASS")
+    assert status("speedup vs torch.compile", "dppo") == ("-", "not measured")  # never from event times
+    assert status("wall-clock per fwd+bwd call at 8x512", "fused cppo") == ("90.0 us", "PASS")
+    assert status("wall-clock fused / eager", "cppo fwd+bwd, padded 8x512") == ("1.12x", "MISS")  # worst shape
+    assert status("wall-clock fused / eager", "cppo fwd+bwd, packed") == ("-", "not measured")
+    # a CPU run measures none of them
+    cpu = [dict(r, device="cpu x86_64 (2 cores)") for r in rows]
+    assert {t.status for t in targets(cpu) if t.issue == "13"} == {"n/a (CPU)", "not measured"}
+
+
+@pytest.fixture(scope="module")
+def host_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("host")
+    assert main(["bench", "--host", "--device", "cpu", "--methods", "cppo,dppo", "--max-reps", "20",
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_host_measurement_on_cpu(host_dir):
+    with open(host_dir / "host.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == CSV_FIELDS
+        rows = list(reader)
+    by_key = {(r["provider"], r["method"], r["layout"], r["metric"]): r for r in rows}
+    assert {r["shape"] for r in rows} == {"4x41", "4seq/164tok"}  # about 150 tokens, padded and packed
+    for method in ("cppo", "dppo"):
+        for layout in workloads.LAYOUTS:
+            fused, eager, ratio, launches = (float(by_key[(p, method, layout, m)]["p50"]) for p, m in (
+                ("fused", "host_us"), ("eager", "host_us"), ("fused", "host_ratio"), ("fused", "stubbed_launches")))
+            assert fused > 0 and eager > 0 and ratio == pytest.approx(fused / eager, rel=1e-4)
+            assert launches >= 2  # the stub really skipped the kernels: forward and backward launch at least one
+            assert "20 alternating calls" in by_key[("fused", method, layout, "host_us")]["note"]
+    md = (host_dir / "host.md").read_text()
+    assert "stubbed launches per call" in md and md.count("<= 0.15") == 4
+    host_targets = [t for t in targets(rows) if t.issue == "7"]
+    assert len(host_targets) == 4 and all(t.status in ("PASS", "MISS") for t in host_targets)
+
+
+def test_report_merges_host_rows(sweep_dir, host_dir, tmp_path):
+    import shutil
+
+    shutil.copy(sweep_dir / "results.csv", tmp_path / "results.csv")
+    shutil.copy(host_dir / "host.csv", tmp_path / "host.csv")
+    assert main(["bench", "--report", str(tmp_path / "results.csv")]) == 0
+    md = (tmp_path / "results.md").read_text()
+    assert "### Host time of one call" in md and "| 7 | host time of fwd+bwd" in md
+
+
+def test_stubbed_launches_count_and_restore():
+    import torch
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    from ptr_kernels import policy_loss
+    from ptr_kernels.benchmark.host import stubbed_triton_launches
+
+    originals = (InterpretedFunction.run, JITFunction.run)
+    inp = workloads.make_inputs(workloads.Shape("padded", 2, 16), torch.device("cpu"), torch.float32, 0, 1)
+    with stubbed_triton_launches() as stub:
+        loss, _ = policy_loss(inp.log_prob, inp.old_log_prob, inp.advantages, inp.mask, backend="triton")
+        forward = stub["launches"]
+        loss.backward()
+    assert forward >= 1 and stub["launches"] > forward
+    assert (InterpretedFunction.run, JITFunction.run) == originals  # the kernels launch again
