@@ -1,18 +1,22 @@
-"""`PolicyLossConfig`: every hyperparameter of SPEC sections 2-6, with SPEC's names and defaults."""
+"""`PolicyLossConfig`: every hyperparameter of docs/math.md, with its names and defaults."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
 METHODS = ("cppo", "dppo", "ppo")
 DIVERGENCES = ("binary_tv", "binary_kl")
-LOGIT_DIVERGENCES = ("topk_tv", "topk_kl")  # need full distributions: SPEC section 7
+LOGIT_DIVERGENCES = ("topk_tv", "topk_kl")  # need full distributions (logits), see docs/math.md
 LENGTH_MODES = ("sequence", "padded")
 GATES = ("hard", "soft")
 SURROGATES = ("ratio", "logp")
+# Every backend computes in float32 (at least): a hyperparameter beyond its range would become inf there.
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_HORIZON = 2**31 - 1  # an int length_mode is an int32 position
 LOSS_AGG_MODES = (
     "token-mean",
     "token-sum",
@@ -35,8 +39,10 @@ def _check_number(field: str, value, *, low=None, high=None, low_open=False, hig
                   optional=False) -> None:
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(field, value, "a finite number" + (" or None" if optional else ""))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or abs(value) > FLOAT32_MAX:
+        _fail(field, value, "a finite number within float32's range (|x| <= 3.4e38)"
+              + (" or None" if optional else ""))
     lo_ok = low is None or (value > low if low_open else value >= low)
     hi_ok = high is None or (value < high if high_open else value <= high)
     if not (lo_ok and hi_ok):
@@ -48,7 +54,8 @@ def _check_number(field: str, value, *, low=None, high=None, low_open=False, hig
 
 @dataclass(frozen=True)
 class PolicyLossConfig:
-    """Hyperparameters of the policy loss. Validated on construction (ValueError names the field).
+    """Hyperparameters of the policy loss. Validated on construction (ValueError names the field); every
+    number must be finite and within float32's range, since every backend computes in float32 at least.
 
     method: "cppo" (position-weighted threshold + prefix budget), "dppo" (divergence mask), "ppo" (ratio clip).
     divergence: D_t for cppo/dppo, "binary_tv" |pi - mu| or "binary_kl" KL(mu || pi) on {y_t, rest}.
@@ -91,7 +98,7 @@ class PolicyLossConfig:
         _check_choice("method", self.method, METHODS)
         if self.divergence in LOGIT_DIVERGENCES:
             _fail("divergence", self.divergence,
-                  "one of 'binary_tv', 'binary_kl' (top-K divergences need logits, SPEC section 7)")
+                  "one of 'binary_tv', 'binary_kl' (top-K divergences need logits, see docs/math.md)")
         _check_choice("divergence", self.divergence, DIVERGENCES)
         _check_number("delta", self.delta, low=0, low_open=True)
         _check_number("delta_low", self.delta_low, low=0, low_open=True, optional=True)
@@ -102,8 +109,9 @@ class PolicyLossConfig:
         _check_number("delta_b_max_mult", self.delta_b_max_mult, low=1)
         if isinstance(self.length_mode, str):
             _check_choice("length_mode", self.length_mode, LENGTH_MODES)
-        elif isinstance(self.length_mode, bool) or not isinstance(self.length_mode, int) or self.length_mode < 1:
-            _fail("length_mode", self.length_mode, "'sequence', 'padded' or an int horizon >= 1")
+        elif isinstance(self.length_mode, bool) or not isinstance(self.length_mode, int) \
+                or not 1 <= self.length_mode <= MAX_HORIZON:
+            _fail("length_mode", self.length_mode, f"'sequence', 'padded' or an int horizon in [1, {MAX_HORIZON}]")
         _check_choice("gate", self.gate, GATES)
         _check_choice("surrogate", self.surrogate, SURROGATES)
         _check_number("ratio_cap", self.ratio_cap, low=0, low_open=True)
@@ -113,6 +121,13 @@ class PolicyLossConfig:
         _check_number("clip_ratio_c", self.clip_ratio_c, low=1, low_open=True, optional=True)
         _check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
         _check_number("loss_scale_factor", self.loss_scale_factor, low=0, low_open=True, optional=True)
+
+    def __hash__(self) -> int:  # cached: the kernels' plan is looked up by config on every call
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
 
     @property
     def delta_low_value(self) -> float:
@@ -131,7 +146,7 @@ FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig))
 
 
 def resolve_config(config: Optional[PolicyLossConfig], overrides: dict) -> PolicyLossConfig:
-    """`config` (default: SPEC's defaults) with keyword `overrides` applied, validated."""
+    """`config` (default: the defaults of docs/math.md) with keyword `overrides` applied, validated."""
     if config is None:
         config = PolicyLossConfig()
     elif not isinstance(config, PolicyLossConfig):

@@ -1,9 +1,9 @@
-"""The pure-PyTorch reference: SPEC sections 2-6 and 8, literally and vectorized.
+"""The pure-PyTorch reference: docs/math.md, literally and vectorized.
 
 This module is the one readable statement of the math; every kernel is tested against it. It works on
 rows `[S, T]` (a padded batch as is, a packed batch scattered into rows), with no Python loop over
 sequences or tokens: the prefix budget is a cumsum along the row, the calibrated delta_b a `nanquantile`.
-Arithmetic is float64 for float64 inputs and float32 otherwise.
+Arithmetic is float64 for float64 inputs and float32 otherwise. Only `log_prob` receives a gradient.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def divergence(log_prob: torch.Tensor, old_log_prob: torch.Tensor, kind: str) -> torch.Tensor:
-    """Binary divergences of SPEC section 2 between pi = exp(log_prob) and mu = exp(old_log_prob)."""
+    """Binary divergences (docs/math.md) between pi = exp(log_prob) and mu = exp(old_log_prob)."""
     pi, mu = log_prob.exp(), old_log_prob.exp()
     if kind == "binary_tv":
         return (pi - mu).abs()
@@ -67,26 +67,39 @@ def calibrated_delta_b(div: torch.Tensor, mask: torch.Tensor, config: PolicyLoss
     return q.clamp(min=config.delta_b, max=config.delta_b_max_mult * config.delta_b)
 
 
+def valid_values(t: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype` at valid positions, 0 at masked ones (whatever they hold: garbage never reaches the math).
+
+    At a valid position +-inf becomes NaN: a non-finite input is not data, and it must show as a NaN loss
+    (docs/math.md); NaN stays NaN.
+    """
+    t = t.to(dtype)
+    return torch.where(mask, torch.where(t.isinf(), torch.nan, t), 0.0)
+
+
 def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConfig, *,
                 rollout_is_weights=None, padded_width: Optional[int] = None) -> TokenTerms:
-    """SPEC sections 2-5 on rows: `log_prob`, `old_log_prob`, `mask` `[S, T]`; advantages `[S, T]` or `[S]`.
+    """The per-token math of docs/math.md on rows: `log_prob`, `old_log_prob`, `mask` `[S, T]`; advantages `[S, T]` or `[S]`.
 
-    `padded_width` is T_w for `length_mode="padded"` (default: the row width T).
+    `padded_width` is T_w for `length_mode="padded"` (default: the row width T). `old_log_prob`, `advantages`
+    and `rollout_is_weights` are detached: only `log_prob` carries a gradient.
     """
     dt = compute_dtype(log_prob.dtype)
     S, T = log_prob.shape
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand(S, T)
-    # Masked positions take no part anywhere: replace whatever they hold (inf, NaN) before any math.
-    lp = torch.where(mask, log_prob.to(dt), 0.0)
-    olp = torch.where(mask, old_log_prob.to(dt), 0.0)
-    adv = torch.where(mask, advantages.to(dt), 0.0)
+    lp = valid_values(log_prob, mask, dt)
+    olp = valid_values(old_log_prob.detach(), mask, dt)
+    adv = valid_values(advantages.detach(), mask, dt)
     m = mask.to(dt)
 
     x = lp - olp
     if config.log_ratio_clamp is not None:
         x = x.clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
-    ratio = x.exp()
+    ratio = x.detach().exp()  # r_t of the decisions and the metrics
+    # r_t of the loss, with gradient. A token with A = 0 contributes exactly 0 (loss and gradient) even without
+    # the clamp, where exp(x) overflows and -0 * inf would be NaN: there the exponent is capped at 0 (NaN stays).
+    r = torch.where(adv == 0, x.clamp(max=0), x).exp()
     with torch.no_grad():
         div = divergence(lp, olp, config.divergence) * m
         toward_mu = adv * x <= 0  # moves back toward the rollout policy are always kept
@@ -142,17 +155,20 @@ def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConf
             gate = (~rejected_token).to(dt)
 
     if config.method == "ppo":
-        unclipped = -adv * ratio
-        clipped = -adv * ratio.clamp(1 - config.clip_ratio_low, 1 + config.clip_ratio_high)
+        unclipped = -adv * r
+        clipped = -adv * r.clamp(1 - config.clip_ratio_low, 1 + config.clip_ratio_high)
         loss = torch.maximum(unclipped, clipped)
         if config.clip_ratio_c is not None:
-            loss = torch.where(adv < 0, torch.minimum(loss, -adv * config.clip_ratio_c), loss)
+            # the bound replaces the loss only where strictly lower: at a tie the token keeps its whole
+            # gradient (torch.minimum would split it in half), as the dual-clip flag (bound > loss) says
+            bound = -adv * config.clip_ratio_c
+            loss = torch.where((adv < 0) & (bound < loss), bound, loss)
     elif config.surrogate == "ratio":
-        loss = -adv * ratio * gate
+        loss = -adv * r * gate
     else:  # "logp": the gradient -A r M with the ratio capped and held constant
-        loss = -adv * ratio.clamp(max=config.ratio_cap).detach() * lp * gate
+        loss = -adv * ratio.clamp(max=config.ratio_cap) * lp * gate
     if rollout_is_weights is not None:
-        loss = loss * torch.where(mask, rollout_is_weights.to(dt), 0.0)
+        loss = loss * valid_values(rollout_is_weights.detach(), mask, dt)
     loss = torch.where(mask, loss, 0.0)
     return TokenTerms(loss=loss, gate=gate * m, log_ratio=x * m, ratio=ratio * m, divergence=div,
                       weight=weight, threshold=threshold, delta_b=delta_b, rejected_token=rejected_token,
@@ -162,7 +178,7 @@ def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConf
 
 def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str, *, dp_size: float = 1,
               batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None) -> torch.Tensor:
-    """SPEC section 6 (verl's `agg_loss`) on rows `[S, T]`; an empty batch gives 0, never NaN."""
+    """The aggregation of docs/math.md (verl's `agg_loss`) on rows `[S, T]`; an empty batch gives 0, never NaN."""
     m = mask.to(token_loss.dtype)
     if isinstance(dp_size, torch.Tensor):  # a one-element tensor: keep the loss 0-dim
         dp_size = dp_size.to(token_loss.dtype).reshape(())
@@ -183,7 +199,7 @@ def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str, 
         return seq_mean
     if loss_agg_mode == "seq-mean-token-sum-norm":
         scale = token_loss.shape[1] if loss_scale_factor is None else loss_scale_factor
-        return _safe_div(seq_mean, scale)  # T = 0: an empty batch, 0 not NaN (SPEC section 6)
+        return _safe_div(seq_mean, scale)  # T = 0: an empty batch, 0 not NaN
     raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}")
 
 
@@ -195,13 +211,13 @@ def _safe_div(num: torch.Tensor, den) -> torch.Tensor:
 
 
 def metrics(terms: TokenTerms, log_prob, old_log_prob, config: PolicyLossConfig) -> dict:
-    """SPEC section 8 as 0-dim tensors (no host sync); means over valid tokens, 0 for an empty batch."""
+    """The metrics of docs/math.md as 0-dim tensors (no host sync); means over valid tokens, 0 for an empty batch."""
     m = terms.mask
     dt = terms.loss.dtype
     n_tok = m.sum().to(dt)
     with torch.no_grad():
-        lp = torch.where(m, log_prob.to(dt), 0.0)
-        olp = torch.where(m, old_log_prob.to(dt), 0.0)
+        lp = valid_values(log_prob, m, dt)
+        olp = valid_values(old_log_prob, m, dt)
 
         def frac(flags):
             return _safe_div(flags.to(dt).sum(), n_tok)
