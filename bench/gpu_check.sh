@@ -1,41 +1,58 @@
 #!/usr/bin/env bash
-# One prepared command for a CUDA machine, about 8 minutes on an H100/H200:
+# One prepared command for a CUDA machine, about 8 minutes on an H200 (at most about 9):
 #   1. the kernel tests on CUDA tensors (pytest, parallel with pytest-xdist where installed: every
 #      test compiles its own kernel specialization, and compiling is CPU-bound),
-#   2. meanwhile the correctness fuzz on CUDA at larger shapes (float32 and bfloat16) against the literal loop,
-#   3. the benchmark sweep (fused kernel vs eager, torch.compile, per-sequence loop, verl-style eager).
-# Results go to $OUT (default bench/results/): gpu_check.log, one log per step, results.md and results.tgz with the CSV,
-# plots and markdown tables of the sweep. Each step has its own time limit, so a slow step cannot eat the rest.
+#      meanwhile the correctness fuzz on CUDA at larger shapes (float32 and bfloat16) against the literal loop;
+#   2. `ptr-kernels bench --host`: wall-clock per fwd+bwd call, fused vs eager, at 8x512 and packed 8 / 4096;
+#   3. the float32 benchmark sweep: torch.compile of the reference first (512x8192 first, graph replay), the eager
+#      baseline, the fused kernel (the packed 8 x 131,072 shape first), the loop and verl; targets of issues 4, 7
+#      and 13 in results.md;
+#   4. optionally (BF16_BUDGET seconds, off by default: it does not fit the 9 minutes) the fused kernel and eager
+#      with bfloat16 inputs.
+# Everything goes to one folder $OUT/<date>-<card>-<commit>/ (default OUT=bench/results), named as the folders of
+# docs/gpu-results/ and ready to be committed there: gpu_check.log (date, card, commit, versions, the end of each
+# step's log), one log per step, host.csv / host.md, results.csv / results.md and the plots. Each step has its
+# own time limit, so a slow step cannot eat the rest. Without a git checkout, pass the commit:
 #
-#   bash bench/gpu_check.sh               # everything
-#   BENCH_BUDGET=120 bash bench/gpu_check.sh   # a shorter sweep (seconds)
-#   BENCH_ONLY=1 bash bench/gpu_check.sh       # the sweep alone
+#   PTR_KERNELS_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh
+#   BENCH_BUDGET=120 bash bench/gpu_check.sh     # a shorter sweep (seconds; default 270)
+#   BENCH_ONLY=1 bash bench/gpu_check.sh         # host time and sweep only
+#   BF16_BUDGET=90 bash bench/gpu_check.sh       # add the bfloat16 sweep (into bf16/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results}
-mkdir -p "$OUT"
-sweep_dir=$(mktemp -d)
 unset TRITON_INTERPRET
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-log=$OUT/gpu_check.log
+
+commit=${PTR_KERNELS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+if [ "$commit" != unknown ] && ! git diff --quiet HEAD 2>/dev/null && [ -z "${PTR_KERNELS_COMMIT:-}" ]; then
+    commit=$commit-dirty
+fi
+export PTR_KERNELS_COMMIT=$commit
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | tr 'A-Z' 'a-z' \
+       | sed -e 's/^nvidia //' -e 's/[^a-z0-9]\+/-/g' -e 's/^-//' -e 's/-$//')
+run_date=$(date -u +%F)
+dir=${OUT:-bench/results}/$run_date-${card:-unknown-card}-$commit
+mkdir -p "$dir"
+log=$dir/gpu_check.log
 status=0
 
 {
-    date -u
-    echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes)')"
+    echo "date $(date -u '+%F %T') UTC"
+    echo "card ${card:-unknown}"
+    echo "commit $commit"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$log"
 
-run_step() {  # run_step NAME SECONDS COMMAND...: time-limited, output to $OUT/NAME.log, "exit N" its last line
+run_step() {  # run_step NAME SECONDS COMMAND...: time-limited, output to $dir/NAME.log, "exit N" its last line
     local name=$1 limit=$2; shift 2
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-    echo "exit $?" >>"$OUT/$name.log"
+    timeout "$limit" "$@" >"$dir/$name.log" 2>&1
+    echo "exit $?" >>"$dir/$name.log"
 }
 report() {  # report NAME [LINES]: the end of a step's log into the main log; remember failures
     local name=$1
-    { echo "=== $name"; tr '\r' '\n' <"$OUT/$name.log" | grep -v '^fuzz: \|^timing: ' | tail -n "${2:-25}"; } | tee -a "$log"
-    [ "$(tail -n 1 "$OUT/$name.log")" = "exit 0" ] || status=1
+    { echo "=== $name"; tr '\r' '\n' <"$dir/$name.log" | grep -v '^fuzz: \|^timing: \|^launches: ' | tail -n "${2:-25}"; } | tee -a "$log"
+    [ "$(tail -n 1 "$dir/$name.log")" = "exit 0" ] || status=1
 }
 
 if [ -z "${BENCH_ONLY:-}" ]; then
@@ -51,9 +68,19 @@ if [ -z "${BENCH_ONLY:-}" ]; then
     report fuzz_bf16 16
 fi
 
-run_step bench $(( ${BENCH_BUDGET:-290} + 40 )) python3 -m ptr_kernels bench --device cuda --full --out "$sweep_dir" --time-budget "${BENCH_BUDGET:-290}"
-report bench 40
-cp "$sweep_dir/results.md" "$OUT/" 2>/dev/null
-tar -czf "$OUT/results.tgz" -C "$sweep_dir" .
-echo "gpu_check: status $status" | tee -a "$log"
+# host.csv first, so that the sweep's results.md includes the wall-clock targets measured here
+run_step host 60 python3 -m ptr_kernels bench --host --device cuda --out "$dir"
+report host 12
+
+budget=${BENCH_BUDGET:-270}
+run_step bench $(( budget + 40 )) python3 -m ptr_kernels bench --device cuda --full --out "$dir" --time-budget "$budget"
+report bench 60
+
+if [ "${BF16_BUDGET:-0}" -gt 0 ]; then
+    run_step bench_bf16 $(( BF16_BUDGET + 40 )) python3 -m ptr_kernels bench --device cuda --full --dtype bfloat16 \
+        --providers fused,eager --out "$dir/bf16" --time-budget "$BF16_BUDGET"
+    report bench_bf16 40
+fi
+
+echo "gpu_check: status $status; results in $dir" | tee -a "$log"
 exit $status
