@@ -153,8 +153,7 @@ def test_global_normalizers_required_with_dp_size_as_in_verl():
 
 
 def test_import_ptr_kernels_does_not_import_verl_and_import_verl_registers():
-    code = ("import sys, ptr_kernels, ptr_kernels.integrations, ptr_kernels.integrations.verl, "
-            "ptr_kernels.integrations.trl\n"
+    code = ("import sys, ptr_kernels, ptr_kernels.integrations, ptr_kernels.integrations.verl\n"
             "assert 'verl' not in sys.modules and 'trl' not in sys.modules, sorted(sys.modules)\n"
             "import verl\n"
             "from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as R\n"
