@@ -280,7 +280,7 @@ def test_host_measurement_on_cpu(host_dir):
                 ("fused", "host_us"), ("eager", "host_us"), ("fused", "host_ratio"), ("fused", "stubbed_launches")))
             assert fused > 0 and eager > 0 and ratio == pytest.approx(fused / eager, rel=1e-4)
             assert launches >= 2  # the stub really skipped the kernels: forward and backward launch at least one
-            assert "20 alternating calls" in by_key[("fused", method, layout, "host_us")]["note"]
+            assert "20 rounds of one call" in by_key[("fused", method, layout, "host_us")]["note"]
     md = (host_dir / "host.md").read_text()
     assert "stubbed launches per call" in md and md.count("<= 0.15") == 4
     host_targets = [t for t in targets(rows) if t.issue == "7"]

@@ -4,19 +4,21 @@ On CPU (the Triton interpreter) every Triton launch is stubbed out for the durat
 fused call is its host work: Python, validation, torch's dispatch and autograd, the launchers' argument
 handling. The outputs are `torch.empty`, so skipping the kernels is safe (the values are garbage, never read).
 That host time is compared with the eager reference's fwd+bwd on the same inputs (about 200 small ops, all
-host work at this size): the two alternate call by call in one run, so the machine's drift hits both, and the
-ratio of the medians is the figure of merit (issue 7: at most 0.15 at a tiny shape, padded and packed).
+host work at this size): the two alternate call by call, round-robin over all cases in one run, so the
+machine's drift and bursts of load hit every case and both providers alike, and the ratio of the medians is
+the figure of merit (issue 7: at most 0.15 at a tiny shape, padded and packed).
 
 On CUDA nothing is stubbed: the figure is the wall-clock per call of back-to-back fwd+bwd calls, synchronized
-after each batch, fused and eager batches alternating (issue 13: at most 100 us at 8x512, below eager).
+after each batch, fused and eager batches alternating round-robin (issue 13: at most 100 us at 8x512, below
+eager).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,7 +34,8 @@ CUDA_SHAPES = (padded(8, 512), packed(8, 4096))
 TARGET_RATIO = 0.15
 WARMUP_CALLS = 5
 CUDA_CALLS_PER_BATCH = 20
-RATIO_METRICS = ("host_ratio", "wall_ratio")
+RATIO_METRICS = ("host_ratio", "wall_ratio")  # CPU, CUDA
+PROVIDERS = ("fused", "eager")
 
 
 @contextlib.contextmanager
@@ -57,37 +60,58 @@ def stubbed_triton_launches():
             cls.run = run
 
 
-def measure(device: torch.device, methods, layouts, dtype: torch.dtype, reps: int, out: Path) -> list:
-    """The host measurement for each (method, layout) into `out/host.csv`; returns the rows.
+@dataclass
+class _Case:
+    """One (shape, method): its input set, both providers' calls and their samples (us)."""
 
-    Rows (mode fwd_bwd), CPU: `host_us` of fused (launches stubbed) and eager, `host_ratio` (fused p50 /
-    eager p50) and `stubbed_launches` (per fused call); CUDA: `wall_us` of both and `wall_ratio`.
+    shape: Shape
+    method: str
+    inputs: object
+    calls: dict
+    times: dict = field(default_factory=lambda: {p: [] for p in PROVIDERS})
+    launches: int = 0  # Triton launches stubbed in one fused call (CPU)
+
+
+def measure(device: torch.device, methods, layouts, dtype: str, reps: int, out: Path) -> list:
+    """The host measurement of each (method, layout) into `out/host.csv`; returns the rows.
+
+    All cases are measured round-robin, `reps` rounds, each round one sample of fused and one of eager per
+    case (which goes first alternates), so a burst of load on the machine falls on every case and provider
+    alike. A sample is one call timed with `perf_counter` (CPU, launches stubbed, garbage collector paused),
+    or the wall-clock per call of a batch of back-to-back calls synchronized before and after (CUDA).
+
+    Rows (mode fwd_bwd), CPU: `host_us` of fused and eager, `host_ratio` (p20, p50 and p80 of fused over
+    the same quantile of eager) and `stubbed_launches` (per fused call); CUDA: `wall_us` and `wall_ratio`.
     """
     cuda = device.type == "cuda"
-    sink = CsvSink(out / "host.csv", environment(device), str(dtype).removeprefix("torch."))
-    shapes = [s for s in (CUDA_SHAPES if cuda else CPU_SHAPES) if s.layout in layouts]
+    sink = CsvSink(out / "host.csv", environment(device), dtype)
     timer = Timer(device)
-    for shape in shapes:
-        inp = make_inputs(shape, device, dtype, seed=0, structure_seed=shape.tokens)
-        key = (shape.layout, shape.name, shape.batch, shape.tokens, "fwd_bwd")
-        for method in methods:
-            calls = {p: make_call(p, method) for p in ("fused", "eager")}
-            if cuda:
-                times = _interleaved_wall(calls, inp, timer, reps)
-                metric, ratio_metric = "wall_us", "wall_ratio"
-                note = f"{reps} alternating batches of {CUDA_CALLS_PER_BATCH} back-to-back calls"
-            else:
-                with stubbed_triton_launches() as stub:
-                    times = _interleaved_host(calls, inp, reps)
-                per_call = stub["launches"] / (WARMUP_CALLS + reps)
-                sink.add("fused", method, *key, "stubbed_launches", (per_call,) * 3,
-                         note="Triton launches skipped per fused call")
-                metric, ratio_metric = "host_us", "host_ratio"
-                note = f"{reps} alternating calls; fused with every Triton launch stubbed"
-            for provider, values in times.items():
-                sink.add(provider, method, *key, metric, quantiles(values), note=note)
-            ratio = statistics.median(times["fused"]) / statistics.median(times["eager"])
-            sink.add("fused", method, *key, ratio_metric, (ratio,) * 3, note="fused p50 / eager p50")
+    cases = []
+    for shape in (CUDA_SHAPES if cuda else CPU_SHAPES):
+        if shape.layout in layouts:
+            inputs = make_inputs(shape, device, getattr(torch, dtype), seed=0, structure_seed=shape.tokens)
+            cases += [_Case(shape, m, inputs, {p: make_call(p, m) for p in PROVIDERS}) for m in methods]
+    if cuda:
+        _round_robin(cases, reps, lambda call, inp: timer.wall_batch(lambda _: _run(call, inp), CUDA_CALLS_PER_BATCH))
+        metric, note = "wall_us", f"{reps} rounds of a batch of {CUDA_CALLS_PER_BATCH} back-to-back calls"
+    else:
+        with stubbed_triton_launches() as stub:
+            for case in cases:  # one untimed call counts the launches skipped
+                before = stub["launches"]
+                _run(case.calls["fused"], case.inputs)
+                case.launches = stub["launches"] - before
+            _round_robin(cases, reps, _timed_call)
+        metric, note = "host_us", f"{reps} rounds of one call; fused with every Triton launch stubbed"
+    for case in cases:
+        key = (case.method, case.shape.layout, case.shape.name, case.shape.batch, case.shape.tokens, "fwd_bwd")
+        if not cuda:
+            sink.add("fused", *key, "stubbed_launches", (case.launches,) * 3,
+                     note="Triton launches skipped per fused call")
+        fused, eager = (quantiles(case.times[p]) for p in PROVIDERS)
+        for provider, values in zip(PROVIDERS, (fused, eager)):
+            sink.add(provider, *key, metric, values, note=note)
+        sink.add("fused", *key, RATIO_METRICS[cuda], tuple(f / e for f, e in zip(fused, eager)),
+                 note="fused / eager, each quantile")
     sink.close()
     return sink.rows
 
@@ -97,40 +121,29 @@ def _run(call, inp) -> None:
     step(call, inp, "fwd_bwd")
 
 
-def _interleaved_host(calls: dict, inp, reps: int) -> dict:
-    """Per-call `perf_counter` times (us) of each provider's fwd+bwd, alternating which goes first; the garbage
-    collector paused so that neither pays for the other's garbage."""
-    for _ in range(WARMUP_CALLS):
-        for call in calls.values():
-            _run(call, inp)
-    names = list(calls)
-    times = {name: [] for name in names}
+def _timed_call(call, inp) -> float:
+    inp.log_prob.grad = None
+    t0 = time.perf_counter()
+    step(call, inp, "fwd_bwd")
+    return (time.perf_counter() - t0) * 1e6
+
+
+def _round_robin(cases: list, rounds: int, sample) -> None:
+    """`sample(call, inputs)` -> us, for every case and provider in each round (after WARMUP_CALLS untimed
+    calls each), into `case.times`; the garbage collector paused so that no call pays for another's garbage."""
+    for case in cases:
+        for call in case.calls.values():
+            for _ in range(WARMUP_CALLS):
+                _run(call, case.inputs)
     gc.collect()
     gc.disable()
     try:
-        for i in range(reps):
-            for name in names if i % 2 == 0 else reversed(names):
-                inp.log_prob.grad = None
-                t0 = time.perf_counter()
-                step(calls[name], inp, "fwd_bwd")
-                times[name].append((time.perf_counter() - t0) * 1e6)
+        for i in range(rounds):
+            for case in cases:
+                for provider in PROVIDERS if i % 2 == 0 else PROVIDERS[::-1]:
+                    case.times[provider].append(sample(case.calls[provider], case.inputs))
     finally:
         gc.enable()
-    return times
-
-
-def _interleaved_wall(calls: dict, inp, timer: Timer, batches: int) -> dict:
-    """Wall-clock per call (us) of batches of back-to-back fwd+bwd calls, synchronized before and after each
-    batch, the providers' batches alternating."""
-    for _ in range(WARMUP_CALLS):
-        for call in calls.values():
-            _run(call, inp)
-    names = list(calls)
-    times = {name: [] for name in names}
-    for i in range(batches):
-        for name in names if i % 2 == 0 else reversed(names):
-            times[name].append(timer.wall_batch(lambda _, call=calls[name]: _run(call, inp), CUDA_CALLS_PER_BATCH))
-    return times
 
 
 def table(rows) -> list:
@@ -161,15 +174,15 @@ def table(rows) -> list:
 def run(args, device: torch.device, out: Path) -> int:
     """`ptr-kernels bench --host`: measure, print the table, write host.csv and host.md under `out`."""
     cuda = device.type == "cuda"
-    reps = args.max_reps or (30 if cuda else 300)
-    rows = measure(device, args.methods, args.layouts, getattr(torch, args.dtype), reps, out)
+    reps = args.max_reps or (30 if cuda else 500)
+    rows = measure(device, args.methods, args.layouts, args.dtype, reps, out)
     env = rows[0]
     if cuda:
         what = ("Wall-clock per fwd+bwd call of back-to-back calls (synchronized after each batch of "
-                f"{CUDA_CALLS_PER_BATCH}), fused and eager batches alternating; nothing stubbed.")
+                f"{CUDA_CALLS_PER_BATCH}), fused and eager batches alternating round-robin; nothing stubbed.")
     else:
         what = ("Host time of one fwd+bwd call: the fused path with every Triton launch stubbed out, against the "
-                "eager reference on the same inputs, calls alternating in one run; ratio of the medians.")
+                "eager reference on the same inputs, calls alternating round-robin in one run; ratio of the medians.")
     lines = [f"Device: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, commit {env['commit']}, "
              f"inputs {env['dtype']}.", "", what, ""] + table(rows)
     (out / "host.md").write_text("\n".join(lines) + "\n")
