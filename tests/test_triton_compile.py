@@ -100,64 +100,73 @@ def test_compile_packed():
     _compiled_matches_eager(3, 40, "packed", "aot_eager", length_mode="padded", loss_agg_mode="seq-mean-token-mean")
 
 
-# Kernel variants for the ahead-of-time compile check: every constexpr value at least once.
+# Kernel variants for the ahead-of-time compile check: every constexpr value at least once (METHOD: cppo 0,
+# dppo 1, ppo 2; DIVERGENCE: binary_tv 0, binary_kl 1, given 2; HORIZON: last 0, argument 1, max_len 2).
 AOT_VARIANTS = [
-    dict(METHOD=0, KL=False, SOFT=False, LOGP=False, QUANTILE=True, HORIZON=0, SCAN_FIRST=True, PACKED=True,
-         HAS_MASK=True, HAS_RW=True, ADV_PER_SEQ=False, ROWS=1, BLOCK=1024),
-    dict(METHOD=0, KL=True, SOFT=True, LOGP=True, QUANTILE=True, HORIZON=2, SCAN_FIRST=True, PACKED=True,
-         HAS_MASK=False, HAS_RW=False, ADV_PER_SEQ=True, ROWS=64, BLOCK=16),
-    dict(METHOD=0, KL=False, SOFT=False, LOGP=False, QUANTILE=False, HORIZON=1, SCAN_FIRST=False, PACKED=False,
-         HAS_MASK=True, HAS_RW=False, ADV_PER_SEQ=True, ROWS=4, BLOCK=256),
-    dict(METHOD=1, KL=True, SOFT=False, LOGP=True, QUANTILE=False, HORIZON=0, SCAN_FIRST=False, PACKED=False,
-         HAS_MASK=True, HAS_RW=False, ADV_PER_SEQ=False, ROWS=1, BLOCK=1024),
-    dict(METHOD=2, KL=False, SOFT=False, LOGP=False, QUANTILE=False, HORIZON=0, SCAN_FIRST=False, PACKED=True,
-         HAS_MASK=True, HAS_RW=True, ADV_PER_SEQ=False, ROWS=8, BLOCK=128),
+    dict(METHOD=0, DIVERGENCE=0, GATE=0, SURROGATE=0, QUANTILE=True, HORIZON=0, SCAN_FIRST=True, PACKED=True,
+         HAS_MASK=True, HAS_RW=True, ADV_PER_SEQ=False, PER_SEQ_MEAN=True, ROWS=1, BLOCK=1024),
+    dict(METHOD=0, DIVERGENCE=1, GATE=1, SURROGATE=1, QUANTILE=True, HORIZON=2, SCAN_FIRST=True, PACKED=True,
+         HAS_MASK=False, HAS_RW=False, ADV_PER_SEQ=True, PER_SEQ_MEAN=False, ROWS=64, BLOCK=16),
+    dict(METHOD=0, DIVERGENCE=2, GATE=0, SURROGATE=0, QUANTILE=False, HORIZON=1, SCAN_FIRST=False, PACKED=False,
+         HAS_MASK=True, HAS_RW=False, ADV_PER_SEQ=True, PER_SEQ_MEAN=False, ROWS=4, BLOCK=256),
+    dict(METHOD=1, DIVERGENCE=1, GATE=0, SURROGATE=1, QUANTILE=False, HORIZON=0, SCAN_FIRST=False, PACKED=False,
+         HAS_MASK=True, HAS_RW=False, ADV_PER_SEQ=False, PER_SEQ_MEAN=False, ROWS=1, BLOCK=1024),
+    dict(METHOD=2, DIVERGENCE=0, GATE=0, SURROGATE=0, QUANTILE=False, HORIZON=0, SCAN_FIRST=False, PACKED=True,
+         HAS_MASK=True, HAS_RW=True, ADV_PER_SEQ=False, PER_SEQ_MEAN=True, ROWS=8, BLOCK=128),
 ]
+
+
+def _resource_usage(cubin: bytes) -> str:
+    """Registers and spill bytes per thread of a compiled kernel, from Triton's bundled cuobjdump."""
+    import re
+    import tempfile
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    return "REG:{} STACK:{} SHARED:{} LOCAL:{}".format(*found.groups()) if found else out.strip()[-200:]
 
 
 def _aot_compile_all():
     """Compile AOT_VARIANTS for sm_90 (bf16 inputs; ints that equal 1 specialized in the last run), the
-    reduction and the backward kernel."""
+    reduction and the backward kernel; print registers and spills per variant."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ptr_kernels.ops import token as kernels
-    from ptr_kernels.ops.token import NUM_STATS, NUM_WARPS, _policy_loss_kernel as kernel
+    from ptr_kernels.ops import reduce, token
 
-    names = kernel.arg_names
+    def compile_one(fn, signature, constexprs, num_warps):
+        names = fn.arg_names
+        signature = {n: "constexpr" if n in constexprs else signature.get(n, "fp32") for n in names}
+        source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+        return _resource_usage(kernel.asm["cubin"])
+
     for i, const in enumerate(AOT_VARIANTS + [dict(AOT_VARIANTS[2])]):
-        const = dict(const, NUM_STATS=NUM_STATS)
         absent = [n for n, on in (("mask_ptr", const["HAS_MASK"]), ("rw_ptr", const["HAS_RW"]),
-                                  ("cu_ptr", const["PACKED"]), ("max_len_ptr", const["HORIZON"] == 2)) if not on]
+                                  ("div_ptr", const["DIVERGENCE"] == 2), ("cu_ptr", const["PACKED"]),
+                                  ("max_len_ptr", const["HORIZON"] == 2)) if not on]
         ones = ["num_seqs", "width", "horizon_arg"] if i == len(AOT_VARIANTS) else []
         types = dict(lp_ptr="*bf16", olp_ptr="*bf16", adv_ptr="*bf16", mask_ptr="*u8", rw_ptr="*bf16",
-                     cu_ptr="*i32", max_len_ptr="*i32", grad_ptr="*fp32", seq_loss_ptr="*fp32", stats_ptr="*fp32",
-                     num_seqs="i32", width="i32", horizon_arg="i32")
+                     div_ptr="*fp32", cu_ptr="*i32", max_len_ptr="*i32", grad_ptr="*fp32",
+                     stats_ptr="*fp32", num_seqs="i32", width="i32", total="i64", horizon_arg="i32")
         constexprs = {**const, **{n: None for n in absent}, **{n: 1 for n in ones}}
-        signature = {n: "constexpr" if n in constexprs else types.get(n, "fp32") for n in names}
-        source = ASTSource(fn=kernel, signature=signature,
-                           constexprs={(names.index(n),): v for n, v in constexprs.items()})
-        triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=NUM_WARPS))
+        print("token", const, compile_one(token.token_kernel, types, constexprs, token.NUM_WARPS))
     # the reduction (every mode; normalizers absent, numbers, tensors) and the backward's scaling
-    names = kernels._reduce_kernel.arg_names
     for mode, kind in [(0, 0), (0, 2), (1, 1), (2, 2), (3, 0), (3, 1), (4, 2)]:
-        pointers = dict(seq_loss_ptr="*fp32", stats_ptr="*fp32", loss_ptr="*fp32", aux_ptr="*fp32", num_seqs="i32",
+        pointers = dict(stats_ptr="*fp32", loss_ptr="*fp32", aux_ptr="*fp32", num_seqs="i32",
                         dp_ptr="*i64", tokens_ptr="*fp32", seqs_ptr="*i32")
-        constexprs = dict(MODE=mode, DP=kind, TOKENS=kind, SEQS=kind, NUM_STATS=kernels.NUM_STATS,
-                          STATS_POW2=16, BLOCK=kernels.REDUCE_BLOCK)
+        constexprs = dict(MODE=mode, DP=kind, TOKENS=kind, SEQS=kind, STATS_POW2=16, BLOCK=reduce.REDUCE_BLOCK)
         if kind != 2:
             constexprs.update(dp_ptr=None, tokens_ptr=None, seqs_ptr=None)
-        signature = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32") for n in names}
-        source = ASTSource(fn=kernels._reduce_kernel, signature=signature,
-                           constexprs={(names.index(n),): v for n, v in constexprs.items()})
-        triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-    names = kernels._scale_grad_kernel.arg_names
-    signature = dict(grad_ptr="*fp32", upstream_ptr="*fp32", scale_ptr="*fp32", out_ptr="*bf16", numel="i64",
-                     BLOCK="constexpr")
-    source = ASTSource(fn=kernels._scale_grad_kernel, signature=signature,
-                       constexprs={(names.index("BLOCK"),): kernels.SCALE_BLOCK})
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+        compile_one(reduce.reduce_kernel, pointers, constexprs, 4)
+    signature = dict(grad_ptr="*fp32", upstream_ptr="*fp32", scale_ptr="*fp32", out_ptr="*bf16", numel="i64")
+    compile_one(reduce.scale_grad_kernel, signature, dict(BLOCK=reduce.SCALE_BLOCK), 4)
     print("compiled", len(AOT_VARIANTS) + 9)
 
 
@@ -169,6 +178,8 @@ def test_kernel_compiles_for_sm90_without_gpu():
     out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0 and "compiled" in out.stdout, out.stdout + out.stderr[-3000:]
+    usage = [line for line in out.stdout.splitlines() if line.startswith("token")]
+    assert usage and all("LOCAL:0" in line for line in usage), "register spills:\n" + "\n".join(usage)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""The Triton kernels as differentiable `torch.library` custom ops, and `triton_policy_loss`.
+"""The fused loss as an autograd operation: a plain `torch.autograd.Function` for eager calls, `torch.library`
+custom ops for `torch.compile`.
 
-`ptr_kernels::policy_loss_fused` runs the token kernel and the one-program reduction (two launches) and
-returns the loss (0-dim, differentiable), the reduction's other outputs (the backward scale and the
-metrics) and the per-token gradient, which the forward pass already computed. Backward is one launch of
-`ptr_kernels::scale_grad`: that gradient times the upstream gradient and the scale, in log_prob's dtype.
-Being custom ops with fake implementations, both are opaque to `torch.compile`, which traces around them
-(`fullgraph=True` works) and never hands Python floats to a Triton launcher as float64.
+Both run `fused_forward` (token kernel + reduction: two launches) and a backward of one launch
+(`reduce.scale_grad`: the per-token gradient the forward already computed, times the upstream gradient and
+the aggregation's scale, in log_prob's dtype). Eager calls skip the custom-op machinery, which costs more host
+time than everything else in a call; under `torch.compile` the custom ops (with fake implementations) let
+Dynamo trace around the kernels, `fullgraph=True` included, and keep Python floats away from the launcher.
 """
 
 from __future__ import annotations
@@ -15,122 +15,180 @@ from typing import Optional
 
 import torch
 
-from . import token as kernels
-from ..config import PolicyLossConfig
 from ..layout import check_inputs, resolve_loss_scale_factor
-from ..reference import compute_dtype
+from . import reduce, token
+from .plan import KernelPlan, decode_config, encode_config, horizon_argument, kernel_plan, layout_constexprs
 
 
-# The op's schema is kept short on purpose: torch's custom-op autograd wrapper walks the schema once per
-# argument per call (quadratic in their number: about 250 us of host time per call on a fast CPU with one
-# argument per hyperparameter). So the options travel as one string, the numbers as one float list (NaN for
-# None) and the integers as one int list.
-OPTION_FIELDS = ("method", "divergence", "gate", "surrogate", "length_mode", "loss_agg_mode")
-FLOAT_FIELDS = ("delta", "delta_low", "delta_high", "w_min", "delta_b", "delta_b_quantile", "delta_b_max_mult",
-                "ratio_cap", "log_ratio_clamp", "clip_ratio_low", "clip_ratio_high", "clip_ratio_c",
-                "loss_scale_factor", "dp_size", "batch_num_tokens", "global_batch_size")
-INT_FIELDS = ("adv_per_seq", "horizon", "block")
-NORMALIZERS = ("dp_size", "batch_num_tokens", "global_batch_size")
+def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, divergence, *,
+                  plan: KernelPlan, adv_per_seq: bool, loss_scale_factor: float, normalizers: tuple, block: int = 0):
+    """Launch the token kernel and the reduction on validated inputs: two launches, no host sync.
 
+    Args: the tensors of `policy_loss` (padded `[B, T]` or packed `[N]` + `cu_seqlens [S + 1]`), `divergence`
+    (D per token, f32, like log_prob) or None to compute the binary D; `normalizers` = (dp_size,
+    batch_num_tokens, global_batch_size), each None, a number or a 0-dim tensor; `block` positions per block
+    (a power of two; 0 picks one from the shapes).
+    Returns: loss `[]` f32; aux `[NUM_AUX]` f32 (the backward scale, then the metrics); grad `[like log_prob]`
+    f32: d loss / d log_prob_t up to the backward scale (0 at masked positions).
+    """
+    packed = cu_seqlens is not None
+    num_seqs = cu_seqlens.shape[0] - 1 if packed else log_prob.shape[0]
+    grad, stats = token.empty_outputs(log_prob, num_seqs)
+    if num_seqs == 0 or log_prob.numel() == 0:
+        grad.zero_(), stats.zero_()
+    else:
+        mask = response_mask
+        if mask is not None:
+            mask = mask.contiguous()
+            mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask  # a uint8 pointer loads anywhere
+        flags = layout_constexprs(plan, packed, mask is not None, rollout_is_weights is not None, adv_per_seq)
+        max_len = None
+        if flags["HORIZON"] == token.HORIZON_MAX_LEN.value:  # cppo, length_mode="padded", packed: on the device
+            max_len = (cu_seqlens[1:] - cu_seqlens[:-1]).max()
+        token.launch_token_kernel(
+            log_prob.contiguous(), old_log_prob.contiguous(), advantages.contiguous(), mask,
+            None if rollout_is_weights is None else rollout_is_weights.contiguous(),
+            None if divergence is None else divergence.contiguous(),
+            cu_seqlens.contiguous() if packed else None, max_len, grad, stats,
+            plan=plan, layout_flags=flags, horizon=horizon_argument(plan.config, None if packed else log_prob.shape[1]),
+            block=block or token.block_size(log_prob.numel(), num_seqs))
+    loss, aux = reduce.launch_reduce(stats, agg_mode=plan.agg_mode, loss_scale_factor=loss_scale_factor,
+                                     normalizers=normalizers)
+    return loss, aux, grad
+
+
+class FusedPolicyLoss(torch.autograd.Function):
+    """Eager path: `(loss, aux)` from `fused_forward`; backward = one `scale_grad` launch into log_prob."""
+
+    @staticmethod
+    def forward(ctx, log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, divergence,
+                options: dict):
+        loss, aux, grad = fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
+                                        rollout_is_weights, divergence, **options)
+        ctx.mark_non_differentiable(aux)
+        ctx.save_for_backward(grad, aux)
+        ctx.grad_dtype = log_prob.dtype
+        return loss, aux
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_aux):
+        grad, aux = ctx.saved_tensors
+        # only log_prob gets a gradient (docs/math.md section 1)
+        return (reduce.scale_grad(grad, grad_loss, aux, ctx.grad_dtype),) + (None,) * 7
+
+
+# ---- the compiled path: custom ops with a short schema (config as one string, numbers as lists) ----
 
 @torch.library.custom_op("ptr_kernels::policy_loss_fused", mutates_args=())
 def policy_loss_fused(
     log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
     response_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-    rollout_is_weights: Optional[torch.Tensor], dp_size_tensor: Optional[torch.Tensor],
-    batch_num_tokens_tensor: Optional[torch.Tensor], global_batch_size_tensor: Optional[torch.Tensor],
-    options: str, floats: list[float], ints: list[int],
+    rollout_is_weights: Optional[torch.Tensor], divergence: Optional[torch.Tensor],
+    dp_size_tensor: Optional[torch.Tensor], batch_num_tokens_tensor: Optional[torch.Tensor],
+    global_batch_size_tensor: Optional[torch.Tensor], config: str, numbers: list[float], ints: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`kernels.launch` with the config packed by `_pack` (each normalizer a number in `floats` or a 0-dim tensor).
-
-    Returns: loss (0-dim f32), aux `[NUM_AUX]` f32 (the backward scale, then the metrics),
-    grad `[like log_prob]` f32.
-    """
-    kwargs = dict(zip(OPTION_FIELDS, options.split(",")))
-    kwargs.update((name, None if math.isnan(v) else v) for name, v in zip(FLOAT_FIELDS, floats))
-    kwargs.update(zip(INT_FIELDS, ints))
-    kwargs["adv_per_seq"] = bool(kwargs["adv_per_seq"])
+    """`fused_forward` with the config as `encode_config`, `numbers` = (loss_scale_factor, dp_size,
+    batch_num_tokens, global_batch_size; NaN: absent or a tensor argument) and `ints` = (adv_per_seq, block)."""
     tensors = (dp_size_tensor, batch_num_tokens_tensor, global_batch_size_tensor)
-    numbers = [kwargs.pop(name) for name in NORMALIZERS]
-    normalizers = {name: n if t is None else t for name, n, t in zip(NORMALIZERS, numbers, tensors)}
-    return kernels.launch(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
-                          normalizers=normalizers, **kwargs)
-
-
-def _pack(config: PolicyLossConfig, *, length_mode: str, loss_scale_factor: float, normalizers: dict,
-          adv_per_seq: bool, horizon: int, block: int) -> tuple:
-    """(options, floats, ints) for `policy_loss_fused`; tensor normalizers travel separately (NaN here)."""
-    values = dict(config.__dict__, length_mode=length_mode, delta_low=config.delta_low_value,
-                  delta_high=config.delta_high_value, loss_scale_factor=loss_scale_factor)
-    for name, value in normalizers.items():
-        values[name] = None if isinstance(value, torch.Tensor) else value
-    options = ",".join(values[name] for name in OPTION_FIELDS)
-    floats = [math.nan if values[name] is None else float(values[name]) for name in FLOAT_FIELDS]
-    return options, floats, [int(adv_per_seq), int(horizon), int(block)]
+    normalizers = tuple(t if t is not None else (None if math.isnan(n) else n) for t, n in zip(tensors, numbers[1:]))
+    return fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
+                         divergence, plan=kernel_plan(decode_config(config), divergence is not None),
+                         adv_per_seq=bool(ints[0]), loss_scale_factor=numbers[0], normalizers=normalizers,
+                         block=ints[1])
 
 
 @policy_loss_fused.register_fake
 def _(log_prob, *args):
     return (log_prob.new_empty((), dtype=torch.float32),
-            log_prob.new_empty((kernels.NUM_AUX,), dtype=torch.float32),
+            log_prob.new_empty((reduce.NUM_AUX,), dtype=torch.float32),
             torch.empty_like(log_prob, dtype=torch.float32))
 
 
 @torch.library.custom_op("ptr_kernels::scale_grad", mutates_args=())
-def scale_grad(grad: torch.Tensor, upstream: torch.Tensor, scale: torch.Tensor,
-               dtype: torch.dtype) -> torch.Tensor:
-    """grad * upstream * scale in `dtype` (one launch)."""
-    return kernels.scale_grad(grad, upstream, scale, dtype)
+def scale_grad_op(grad: torch.Tensor, upstream: torch.Tensor, aux: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad * upstream * aux[AUX_SCALE] in `dtype` (one launch)."""
+    return reduce.scale_grad(grad, upstream, aux, dtype)
 
 
-@scale_grad.register_fake
-def _(grad, upstream, scale, dtype):
+@scale_grad_op.register_fake
+def _(grad, upstream, aux, dtype):
     return torch.empty_like(grad, dtype=dtype)
 
 
 def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[2])  # scale and metrics; the saved per-token gradient
-    ctx.set_materialize_grads(False)  # no zero tensors for the outputs that have no gradient
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[2], output[1])
     ctx.grad_dtype = inputs[0].dtype
     ctx.num_inputs = len(inputs)
 
 
 def _backward(ctx, grad_loss, grad_aux, grad_grad):
-    """d loss / d log_prob_t = (forward's per-token gradient) * scale, times the upstream gradient."""
     grad, aux = ctx.saved_tensors
     none = (None,) * (ctx.num_inputs - 1)
     if grad_loss is None:
         return (None,) + none
-    return (scale_grad(grad, grad_loss, aux[kernels.AUX_SCALE], ctx.grad_dtype),) + none
+    return (scale_grad_op(grad, grad_loss, aux, ctx.grad_dtype),) + none
 
 
 policy_loss_fused.register_autograd(_backward, setup_context=_setup_context)
 
 
-def triton_policy_loss(log_prob, old_log_prob, advantages, response_mask=None, *, cu_seqlens=None,
-                       config: PolicyLossConfig, rollout_is_weights=None, dp_size=1, batch_num_tokens=None,
-                       global_batch_size=None, block: int = 0):
+def fused_policy_loss(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
+                      divergence, *, config, adv_per_seq: bool, loss_scale_factor, normalizers: tuple, block: int = 0):
+    """`(loss, aux)` of validated inputs through the eager Function, or the custom op under torch.compile."""
+    loss_scale_factor = float(loss_scale_factor or 0)
+    if not torch.compiler.is_compiling():
+        options = dict(plan=kernel_plan(config, divergence is not None), adv_per_seq=adv_per_seq,
+                       loss_scale_factor=loss_scale_factor, normalizers=normalizers, block=block)
+        return FusedPolicyLoss.apply(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
+                                     rollout_is_weights, divergence, options)
+    tensors = [v if isinstance(v, torch.Tensor) else None for v in normalizers]
+    numbers = [loss_scale_factor] + [math.nan if v is None or isinstance(v, torch.Tensor) else float(v)
+                                     for v in normalizers]
+    loss, aux, _ = policy_loss_fused(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
+                                     rollout_is_weights, divergence, *tensors, encode_config(config), numbers,
+                                     [int(adv_per_seq), int(block)])
+    return loss, aux
+
+
+def triton_policy_loss(log_prob, old_log_prob, advantages, response_mask=None, *, cu_seqlens=None, config,
+                       rollout_is_weights=None, dp_size=1, batch_num_tokens=None, global_batch_size=None,
+                       block: int = 0):
     """`policy_loss(..., backend="triton")`: same arguments and `(loss, metrics)` as the reference.
 
     `block` forces the kernel's positions per block (a power of two; 0 picks one), for tests.
     """
     layout = check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
-                          dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
-    kernels.check_device(log_prob.device)
+                          dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
+                          cu_seqlens_values_in_kernel=True)
+    check_device(log_prob.device)
     loss_scale_factor = resolve_loss_scale_factor(config.loss_agg_mode, config.loss_scale_factor, layout)
-    if isinstance(config.length_mode, int):
-        length_mode, horizon = "int", config.length_mode
-    else:
-        length_mode, horizon = config.length_mode, 0
-    normalizers = dict(dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
-    tensors = [v if isinstance(v, torch.Tensor) else None for v in normalizers.values()]  # on log_prob's device
-    packed = _pack(config, length_mode=length_mode, loss_scale_factor=float(loss_scale_factor or 0),
-                   normalizers=normalizers, adv_per_seq=layout.adv_per_seq, horizon=horizon, block=block)
-    loss, aux, _ = policy_loss_fused(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
-                                     rollout_is_weights, *tensors, *packed)
+    loss, aux = fused_policy_loss(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
+                                  None, config=config, adv_per_seq=layout.adv_per_seq,
+                                  loss_scale_factor=loss_scale_factor,
+                                  normalizers=(dp_size, batch_num_tokens, global_batch_size), block=block)
+    return finish(loss, aux, kernel_plan(config), log_prob.dtype)
 
-    dtype = compute_dtype(log_prob.dtype)  # the reference's: float64 for float64 input, else float32
-    if dtype != torch.float32:
+
+def finish(loss: torch.Tensor, aux: torch.Tensor, plan: KernelPlan, dtype: torch.dtype):
+    """`(loss, metrics)` in the reference's dtype (float64 for float64 input), the metrics from one unbind."""
+    if dtype == torch.float64:
         loss, aux = loss.to(dtype), aux.to(dtype)
-    return loss, kernels.metrics(aux, config.method)
+    values = aux.unbind()
+    return loss, {name: values[i] for name, i in plan.metrics}
+
+
+def check_device(device: torch.device) -> None:
+    """CPU tensors need the Triton interpreter; raise a RuntimeError saying how to enable it."""
+    if device.type == "cpu" and not interpreter_active():
+        raise RuntimeError(
+            "backend='triton' got CPU tensors, but Triton kernels run on CPU only in the Triton interpreter: "
+            "set the environment variable TRITON_INTERPRET=1 before triton is first imported "
+            "(or use backend='reference' / move the tensors to CUDA)")
+
+
+def interpreter_active() -> bool:
+    """Whether the kernels run in the Triton interpreter (TRITON_INTERPRET=1 when triton was imported)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(token.token_kernel, InterpretedFunction)

@@ -1,0 +1,213 @@
+"""Shared `@triton.jit` pieces of every kernel: branch ids, statistics columns, loads, divergences and THE
+trust-region step (docs/math.md sections 2-5).
+
+Every kernel that decides a token's mask calls `trust_region_step`; the token kernel gets D from
+`binary_divergence`, the from-logits path hands it a D computed over the vocabulary. Branch ids are named
+`tl.constexpr`s, used as such inside the kernels; the host encodes a config into them in `ops/plan.py`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# ---- branch ids (compile-time) ----
+METHOD_CPPO = tl.constexpr(0)
+METHOD_DPPO = tl.constexpr(1)
+METHOD_PPO = tl.constexpr(2)
+DIV_BINARY_TV = tl.constexpr(0)  # |pi - mu|
+DIV_BINARY_KL = tl.constexpr(1)  # KL(mu || pi) on {y_t, rest}
+DIV_GIVEN = tl.constexpr(2)  # read from memory (the from-logits path computes Top-K divergences)
+GATE_HARD = tl.constexpr(0)
+GATE_SOFT = tl.constexpr(1)
+SURROGATE_RATIO = tl.constexpr(0)  # -A r M
+SURROGATE_LOGP = tl.constexpr(1)  # -A sg(min(r, cap)) log_prob M
+# where T_w comes from: the last valid position, a scalar argument (an int horizon or the padded width),
+# or the longest packed sequence read from device memory
+HORIZON_LAST = tl.constexpr(0)
+HORIZON_ARG = tl.constexpr(1)
+HORIZON_MAX_LEN = tl.constexpr(2)
+# a global normalizer: not given (the batch's own count), a number argument, a 0-dim tensor on the device
+NORM_ABSENT = tl.constexpr(0)
+NORM_NUMBER = tl.constexpr(1)
+NORM_TENSOR = tl.constexpr(2)
+# loss_agg_mode, in the order of config.LOSS_AGG_MODES
+AGG_TOKEN_MEAN = tl.constexpr(0)
+AGG_TOKEN_SUM = tl.constexpr(1)
+AGG_SEQ_MEAN_TOKEN_SUM = tl.constexpr(2)
+AGG_SEQ_MEAN_TOKEN_MEAN = tl.constexpr(3)
+AGG_SEQ_MEAN_TOKEN_SUM_NORM = tl.constexpr(4)
+
+# ---- per-sequence statistics `[S, NUM_STATS]` written by the token kernel, read by the reduction ----
+STAT_LOSS = tl.constexpr(0)  # L_i
+STAT_TOKENS = tl.constexpr(1)  # n_i
+STAT_REJ_TOKEN = tl.constexpr(2)  # rejected by the token threshold (ppo: clipped)
+STAT_REJ_BUDGET = tl.constexpr(3)  # rejected by the prefix budget only
+STAT_CLIP_LOW = tl.constexpr(4)
+STAT_CLIP_HIGH = tl.constexpr(5)
+STAT_CLIP_DUAL = tl.constexpr(6)
+STAT_KL = tl.constexpr(7)  # sum of old_log_prob - log_prob
+STAT_DIV = tl.constexpr(8)  # sum of D
+STAT_DELTA_B = tl.constexpr(9)  # delta_b_i (0 for an empty sequence)
+NUM_STATS = tl.constexpr(10)
+
+INT32_MAX = tl.constexpr(2147483647)
+INT32_MIN = tl.constexpr(-2147483648)
+
+
+@triton.jit
+def valid_positions(mask_ptr, offs, inside, HAS_MASK: tl.constexpr):
+    """m_t as int1 for one tile (False past the end of the sequence); any nonzero mask value is valid."""
+    if HAS_MASK:
+        return inside & (tl.load(mask_ptr + offs, mask=inside, other=0) != 0)
+    return inside
+
+
+@triton.jit
+def finite_or_nan(v):
+    """+-inf as NaN: a non-finite input at a valid position is not data and must show (docs/math.md section 10)."""
+    return tl.where(tl.abs(v) == float("inf"), float("nan"), v)
+
+
+@triton.jit
+def load_zeroed(ptr, offs, valid):
+    """A float tile in float32: masked positions 0 (they may hold anything), +-inf at valid ones NaN."""
+    return tl.where(valid, finite_or_nan(tl.load(ptr + offs, mask=valid, other=0.0).to(tl.float32)), 0.0)
+
+
+@triton.jit
+def nan_max(a, b):
+    """max that propagates NaN (Triton's default max, like fmax, drops it: a NaN must show in the loss)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nan_min(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def one_minus_exp(x):
+    """1 - exp(x) without the cancellation of 1 - exp(x) near 0 (a Taylor series for |x| < 1/4)."""
+    small = tl.abs(x) < 0.25
+    xs = tl.where(small, x, 0.0)  # the series only where it is used: no overflow in discarded lanes
+    series = -xs * (1.0 + xs * (0.5 + xs * (1.0 / 6 + xs * (1.0 / 24 + xs * (1.0 / 120 + xs * (
+        1.0 / 720 + xs * (1.0 / 5040 + xs * (1.0 / 40320 + xs * (1.0 / 362880)))))))))
+    return tl.where(small, series, 1.0 - tl.exp(x))
+
+
+@triton.jit
+def binary_divergence(lp, olp, valid, DIVERGENCE: tl.constexpr):
+    """D_t (docs/math.md section 2) between pi = exp(lp) and mu = exp(olp), 0 at masked positions."""
+    if DIVERGENCE == DIV_BINARY_KL:
+        # 1 - pi and 1 - mu near 0 decide the second term: compute them without cancellation
+        d = tl.exp(olp) * (olp - lp) + one_minus_exp(olp) * tl.log(
+            (one_minus_exp(olp) + 1e-8) / (one_minus_exp(lp) + 1e-8))
+    else:
+        d = tl.abs(tl.exp(lp) - tl.exp(olp))
+    return tl.where(valid, d, 0.0)
+
+
+@triton.jit
+def log_ratio(lp, olp, clamp):
+    """x_t = clamp(lp - olp, -L, L) and d x_t / d lp (1 inside, 0 where the clamp binds; NaN stays NaN)."""
+    diff = lp - olp
+    x = nan_min(nan_max(diff, -clamp), clamp)  # clamp = inf when disabled
+    inside = (diff >= -clamp) & (diff <= clamp)
+    return x, tl.where(inside | (diff != diff), 1.0, 0.0)
+
+
+@triton.jit
+def order_key(d):
+    """int32 key with the order of the float32 value (flip the magnitude bits of negatives)."""
+    bits = d.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def key_value(key):
+    """Inverse of `order_key` (the same bit flip) back to float32."""
+    return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def position_weight(pos, span, w_min):
+    """w_t = max(w_min, 1 - (1 - w_min)(t - 1) / max(T_w - 1, 1)) for 0-based `pos` = t - 1 and
+    `span` = max(T_w - 1, 1) `[ROWS, 1]`."""
+    return tl.maximum(w_min, 1.0 - (1.0 - w_min) * pos.to(tl.float32) / span)
+
+
+@triton.jit
+def trust_region_step(
+    lp, x, dx, r, d, adv, valid, weight, delta_b, carry_slack, carry_s, carry_w,
+    delta, delta_low, delta_high, ratio_lo, ratio_hi, clip_c, ratio_cap,
+    METHOD: tl.constexpr, GATE: tl.constexpr, SURROGATE: tl.constexpr,
+):
+    """One `[ROWS, BLOCK]` tile of the trust region and the per-token loss (docs/math.md sections 3-5).
+
+    Inputs per token: log_prob `lp`, log-ratio `x` and its derivative `dx`, ratio `r`, divergence `d`,
+    advantage `adv`, validity, the position weight (cppo); per row `[ROWS]`: delta_b_i and the prefix
+    carried from earlier tiles: sum w (delta_b_i - D) (the budget slack), S and W (soft gate).
+    Returns `(loss, grad, rejected_token, rejected_budget, clip_low, clip_high, clip_dual, carry_slack,
+    carry_s, carry_w)`: l_t and d l_t / d lp (0 at masked positions), the metric flags, the new carries.
+    """
+    toward = adv * x <= 0.0  # moves back toward the rollout policy are always kept
+    none = valid & ~valid  # flags a method does not set stay False
+    rej_budget = none
+    clip_low = none
+    clip_high = none
+    clip_dual = none
+    if METHOD == METHOD_PPO:  # clip, clip-higher, dual clip (clip_c = inf when off)
+        r_clip = nan_min(nan_max(r, ratio_lo), ratio_hi)
+        unclipped = -adv * r
+        clipped = -adv * r_clip
+        loss = nan_max(unclipped, clipped)
+        grad = tl.where(clipped > unclipped, 0.0, -adv * r * dx)  # the clipped branch is constant
+        # -A c for A < 0 (c = inf when the dual clip is off; no 0 * inf in the other lanes)
+        dual_bound = tl.where(adv < 0.0, -adv, 1.0) * clip_c
+        dual = (adv < 0.0) & (loss > dual_bound)
+        loss = tl.where(dual, dual_bound, loss)
+        grad = tl.where(dual, 0.0, grad)
+        clip_low = valid & (adv < 0.0) & (r < ratio_lo)
+        clip_high = valid & (adv > 0.0) & (r > ratio_hi)
+        clip_dual = valid & (adv < 0.0) & (tl.maximum(r, r_clip) > clip_c)
+        rej_token = clip_low | clip_high | clip_dual
+    else:
+        if METHOD == METHOD_CPPO:
+            step = weight * d
+            # c_t = min(delta, delta + delta_b W_{t-1} - S_{t-1}), the budget as one running sum of
+            # w (delta_b - D): an exclusive scan = inclusive cumsum minus the element, plus the carry
+            slack_step = weight * (delta_b[:, None] - d)
+            slack_prev = carry_slack[:, None] + (tl.cumsum(slack_step, axis=1) - slack_step)
+            inside = step <= tl.minimum(delta, delta + slack_prev)
+            rej_token = valid & ~toward & (step > delta)
+            rej_budget = valid & ~toward & ~inside & ~rej_token
+            if GATE == GATE_SOFT:
+                s_prev = carry_s[:, None] + (tl.cumsum(step, axis=1) - step)
+                w_prev = carry_w[:, None] + (tl.cumsum(weight, axis=1) - weight)
+                z = tl.maximum(step / delta, (s_prev + step) / (delta + delta_b[:, None] * w_prev))
+                # min(1, 1/z) for z >= 0; a rounded binary_kl D (and z) can be a hair below 0: still 1
+                keep = toward | (z <= 1.0)
+                gate = tl.where(keep, 1.0, 1.0 / tl.where(keep, 1.0, z))
+                carry_s += tl.sum(step, axis=1)
+                carry_w += tl.sum(weight, axis=1)
+            else:
+                gate = (toward | inside).to(tl.float32)
+            carry_slack += tl.sum(slack_step, axis=1)
+        else:  # dppo
+            threshold = tl.where(adv > 0.0, delta_high, delta_low)
+            inside = d <= threshold
+            rej_token = valid & ~toward & ~inside
+            gate = (toward | inside).to(tl.float32)
+        if SURROGATE == SURROGATE_LOGP:
+            capped = nan_min(r, ratio_cap)
+            grad = -adv * capped * gate
+            loss = grad * lp
+        else:
+            loss = -adv * r * gate
+            grad = loss * dx
+    # a zero advantage contributes exactly 0, even where exp overflowed (0 * inf), but a NaN log-ratio shows
+    counts = valid & ((adv != 0.0) | (x != x))
+    loss = tl.where(counts, loss, 0.0)
+    grad = tl.where(counts, grad, 0.0)
+    return loss, grad, rej_token, rej_budget, clip_low, clip_high, clip_dual, carry_slack, carry_s, carry_w

@@ -1,0 +1,95 @@
+"""A `PolicyLossConfig` encoded for the kernels, once per config (cached), and its one string form.
+
+`kernel_plan(config)` gives the token kernel's branch ids and float scalars, the reduction's mode and the
+metric names; `layout_constexprs` adds what depends on the batch's layout. The custom op of the compiled path
+carries a config as `encode_config(config)` (a short string: torch's custom-op machinery costs time per
+argument) and `decode_config` reads it back, cached, so both paths launch from the same plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+from ..config import LOSS_AGG_MODES, PolicyLossConfig
+from . import common
+from .reduce import METHOD_METRICS, METRICS
+
+METHOD_IDS = {"cppo": common.METHOD_CPPO.value, "dppo": common.METHOD_DPPO.value, "ppo": common.METHOD_PPO.value}
+DIVERGENCE_IDS = {"binary_tv": common.DIV_BINARY_TV.value, "binary_kl": common.DIV_BINARY_KL.value}
+GATE_IDS = {"hard": common.GATE_HARD.value, "soft": common.GATE_SOFT.value}
+SURROGATE_IDS = {"ratio": common.SURROGATE_RATIO.value, "logp": common.SURROGATE_LOGP.value}
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """What the kernels need of a config: compile-time branch ids, run-time scalars, metric positions."""
+
+    config: PolicyLossConfig
+    token_constexprs: dict  # METHOD, DIVERGENCE, GATE, SURROGATE, QUANTILE, PER_SEQ_MEAN
+    token_scalars: tuple  # the token kernel's float arguments, in its order (delta ... clip_c)
+    agg_mode: int  # index into LOSS_AGG_MODES (common.AGG_*)
+    metrics: tuple  # (name, index into aux) of the method's metrics
+
+    def __hash__(self):  # the config decides everything else
+        return hash(self.config)
+
+
+@functools.lru_cache(maxsize=256)
+def kernel_plan(config: PolicyLossConfig, given_divergence: bool = False) -> KernelPlan:
+    """The plan of `config`; `given_divergence`: D is read from memory (the from-logits path)."""
+    inf = float("inf")
+    cppo = config.method == "cppo"
+    constexprs = dict(
+        METHOD=METHOD_IDS[config.method],
+        DIVERGENCE=common.DIV_GIVEN.value if given_divergence else DIVERGENCE_IDS[config.divergence],
+        GATE=GATE_IDS[config.gate], SURROGATE=SURROGATE_IDS[config.surrogate],
+        QUANTILE=cppo and config.delta_b_quantile is not None,
+        PER_SEQ_MEAN=config.loss_agg_mode == "seq-mean-token-mean",
+    )
+    scalars = (
+        float(config.delta), float(config.delta_low_value), float(config.delta_high_value), float(config.w_min),
+        float(config.delta_b), float(config.delta_b_quantile or 0.0),
+        float(config.delta_b_max_mult * config.delta_b), float(config.ratio_cap),
+        inf if config.log_ratio_clamp is None else float(config.log_ratio_clamp),
+        1.0 - config.clip_ratio_low, 1.0 + config.clip_ratio_high,
+        inf if config.clip_ratio_c is None else float(config.clip_ratio_c),
+    )
+    metrics = tuple((name, 1 + METRICS.index(name)) for name in METHOD_METRICS[config.method])
+    return KernelPlan(config, constexprs, scalars, LOSS_AGG_MODES.index(config.loss_agg_mode), metrics)
+
+
+@functools.lru_cache(maxsize=1024)
+def layout_constexprs(plan: KernelPlan, packed: bool, has_mask: bool, has_rw: bool, adv_per_seq: bool) -> dict:
+    """The token kernel's layout-dependent branch ids: T_w's source, whether pass A runs, the inputs present."""
+    config = plan.config
+    cppo = config.method == "cppo"
+    if cppo and config.length_mode == "padded" and packed:
+        horizon = common.HORIZON_MAX_LEN.value
+    elif cppo and config.length_mode != "sequence":  # "padded" (the row width) or an int horizon
+        horizon = common.HORIZON_ARG.value
+    else:
+        horizon = common.HORIZON_LAST.value
+    needs_counts = plan.token_constexprs["PER_SEQ_MEAN"] or (cppo and horizon == common.HORIZON_LAST.value)
+    scan_first = plan.token_constexprs["QUANTILE"] or (has_mask and needs_counts)
+    return dict(HORIZON=horizon, SCAN_FIRST=scan_first, PACKED=packed, HAS_MASK=has_mask, HAS_RW=has_rw,
+                ADV_PER_SEQ=adv_per_seq)
+
+
+def encode_config(config: PolicyLossConfig) -> str:
+    """`config` as one exact string (floats by repr): the custom op's config argument."""
+    return ";".join(f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config))
+
+
+@functools.lru_cache(maxsize=256)
+def decode_config(text: str) -> PolicyLossConfig:
+    """Inverse of `encode_config`."""
+    import ast
+    return PolicyLossConfig(**{k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in text.split(";"))})
+
+
+def horizon_argument(config: PolicyLossConfig, width: Optional[int]) -> int:
+    """T_w for common.HORIZON_ARG: an int horizon, or the padded width."""
+    return config.length_mode if isinstance(config.length_mode, int) else int(width or 0)

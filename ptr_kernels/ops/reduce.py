@@ -1,0 +1,164 @@
+"""The one-program reduction (docs/math.md sections 6 and 9) and the backward's scaling.
+
+The token kernel leaves per-sequence sums (L_i and `stats [S, NUM_STATS]`); `reduce_kernel` turns them into
+the loss of the aggregation mode, the backward scale d loss / d L_i and the metrics, with no host sync (the
+global normalizers are numbers or 0-dim device tensors read here). `scale_grad_kernel` is the whole backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM, AGG_TOKEN_MEAN, AGG_TOKEN_SUM, NORM_NUMBER,
+                     NORM_TENSOR, NUM_STATS, STAT_CLIP_DUAL, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV,
+                     STAT_KL, STAT_LOSS, STAT_REJ_BUDGET, STAT_REJ_TOKEN, STAT_TOKENS)
+
+# `aux [NUM_AUX]` written by the reduction: the backward scale, then the metrics in METRICS order.
+METRICS = ("mask_frac", "ppo_kl", "divergence_mean", "mask_frac_token", "mask_frac_budget", "delta_b_mean",
+           "clip_frac_low", "clip_frac_high", "clip_frac_dual")
+AUX_SCALE = tl.constexpr(0)
+AUX_MASK_FRAC = tl.constexpr(1)
+AUX_PPO_KL = tl.constexpr(2)
+AUX_DIVERGENCE_MEAN = tl.constexpr(3)
+AUX_MASK_FRAC_TOKEN = tl.constexpr(4)
+AUX_MASK_FRAC_BUDGET = tl.constexpr(5)
+AUX_DELTA_B_MEAN = tl.constexpr(6)
+AUX_CLIP_FRAC_LOW = tl.constexpr(7)
+AUX_CLIP_FRAC_HIGH = tl.constexpr(8)
+AUX_CLIP_FRAC_DUAL = tl.constexpr(9)
+NUM_AUX = 1 + len(METRICS)
+# the metrics each method reports (docs/math.md section 9)
+METHOD_METRICS = {
+    "cppo": ("mask_frac", "ppo_kl", "divergence_mean", "mask_frac_token", "mask_frac_budget", "delta_b_mean"),
+    "dppo": ("mask_frac", "ppo_kl", "divergence_mean"),
+    "ppo": ("mask_frac", "ppo_kl", "divergence_mean", "clip_frac_low", "clip_frac_high", "clip_frac_dual"),
+}
+REDUCE_BLOCK = 256  # sequences per step of the one-program reduction
+SCALE_BLOCK = 1024
+STATS_POW2 = triton.next_power_of_2(NUM_STATS.value)
+
+
+@triton.jit
+def _normalizer(ptr, value, KIND: tl.constexpr, default):
+    """A global normalizer: `default` when absent, the number `value`, or a 0-dim tensor at `ptr`."""
+    if KIND == NORM_NUMBER:
+        return tl.cast(value, tl.float32)
+    elif KIND == NORM_TENSOR:
+        return tl.load(ptr).to(tl.float32)
+    return default
+
+
+@triton.jit
+def _column(totals, cols, j):
+    """Entry j of a small vector, as a scalar."""
+    return tl.sum(tl.where(cols == j, totals, 0.0), axis=0)
+
+
+@triton.jit
+def reduce_kernel(
+    stats_ptr, loss_ptr, aux_ptr,  # [S, NUM_STATS] -> [], [NUM_AUX]
+    num_seqs, dp_ptr, dp_value, tokens_ptr, tokens_value, seqs_ptr, seqs_value, loss_scale_factor,
+    MODE: tl.constexpr, DP: tl.constexpr, TOKENS: tl.constexpr, SEQS: tl.constexpr,
+    STATS_POW2: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program: the loss of aggregation MODE (docs/math.md section 6) and the metrics (section 9) from
+    the per-sequence sums. aux = [d loss / d L_i (times n_i for seq-mean-token-mean), metrics...]."""
+    cols = tl.arange(0, STATS_POW2)
+    totals = tl.zeros([STATS_POW2], dtype=tl.float32)
+    sum_loss = tl.zeros([BLOCK], dtype=tl.float32)
+    sum_mean = tl.zeros([BLOCK], dtype=tl.float32)  # sum of L_i / n_i over non-empty sequences
+    non_empty = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(0, num_seqs, BLOCK):
+        seq = off + tl.arange(0, BLOCK)
+        ok = seq < num_seqs
+        stats = tl.load(stats_ptr + seq.to(tl.int64)[:, None] * NUM_STATS + cols[None, :],
+                        mask=ok[:, None] & (cols[None, :] < NUM_STATS), other=0.0)
+        totals += tl.sum(stats, axis=0)
+        n = tl.sum(tl.where(cols[None, :] == STAT_TOKENS, stats, 0.0), axis=1)
+        loss = tl.sum(tl.where(cols[None, :] == STAT_LOSS, stats, 0.0), axis=1)
+        sum_loss += loss
+        # an empty sequence has L_i = 0 (NaN only when the kernel flagged bad offsets: keep it visible)
+        sum_mean += tl.where(n > 0, loss / tl.maximum(n, 1.0), loss)
+        non_empty += (n > 0).to(tl.float32)
+    sum_loss_s = tl.sum(sum_loss, axis=0)
+    n_tok = _column(totals, cols, STAT_TOKENS)
+    n_seq = tl.sum(non_empty, axis=0)
+
+    dp = _normalizer(dp_ptr, dp_value, DP, 1.0)
+    if MODE == AGG_TOKEN_MEAN:
+        numerator = sum_loss_s
+        denominator = _normalizer(tokens_ptr, tokens_value, TOKENS, n_tok)
+    elif MODE == AGG_TOKEN_SUM:
+        numerator = sum_loss_s
+        denominator = tl.full([], 1.0, dtype=tl.float32)
+    elif MODE == AGG_SEQ_MEAN_TOKEN_SUM:
+        numerator = sum_loss_s
+        denominator = _normalizer(seqs_ptr, seqs_value, SEQS, n_seq)
+    elif MODE == AGG_SEQ_MEAN_TOKEN_MEAN:  # the token kernel folded 1 / n_i into the token gradients
+        numerator = tl.sum(sum_mean, axis=0)
+        denominator = _normalizer(seqs_ptr, seqs_value, SEQS, n_seq)
+    else:  # seq-mean-token-sum-norm; a zero width (empty batch) gives 0 like a zero count
+        numerator = sum_loss_s
+        denominator = _normalizer(seqs_ptr, seqs_value, SEQS, n_seq) * tl.cast(loss_scale_factor, tl.float32)
+    scale = tl.where(denominator > 0, dp / tl.where(denominator > 0, denominator, 1.0), 0.0)
+    tl.store(loss_ptr, numerator * scale)
+    tl.store(aux_ptr + AUX_SCALE, scale)
+
+    per_token = tl.where(n_tok > 0, totals / tl.maximum(n_tok, 1.0), 0.0)  # per-token means of the columns
+    rej_token = _column(per_token, cols, STAT_REJ_TOKEN)
+    rej_budget = _column(per_token, cols, STAT_REJ_BUDGET)
+    tl.store(aux_ptr + AUX_MASK_FRAC, rej_token + rej_budget)  # disjoint flags
+    tl.store(aux_ptr + AUX_PPO_KL, _column(per_token, cols, STAT_KL))
+    tl.store(aux_ptr + AUX_DIVERGENCE_MEAN, _column(per_token, cols, STAT_DIV))
+    tl.store(aux_ptr + AUX_MASK_FRAC_TOKEN, rej_token)
+    tl.store(aux_ptr + AUX_MASK_FRAC_BUDGET, rej_budget)
+    delta_b_sum = _column(totals, cols, STAT_DELTA_B)
+    tl.store(aux_ptr + AUX_DELTA_B_MEAN, tl.where(n_seq > 0, delta_b_sum / tl.maximum(n_seq, 1.0), 0.0))
+    tl.store(aux_ptr + AUX_CLIP_FRAC_LOW, _column(per_token, cols, STAT_CLIP_LOW))
+    tl.store(aux_ptr + AUX_CLIP_FRAC_HIGH, _column(per_token, cols, STAT_CLIP_HIGH))
+    tl.store(aux_ptr + AUX_CLIP_FRAC_DUAL, _column(per_token, cols, STAT_CLIP_DUAL))
+
+
+@triton.jit
+def scale_grad_kernel(grad_ptr, upstream_ptr, scale_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    """Backward: out = grad * upstream * scale, cast to the output's dtype (log_prob's)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < numel
+    factor = tl.load(upstream_ptr).to(tl.float32) * tl.load(scale_ptr + AUX_SCALE)
+    grad = tl.load(grad_ptr + offs, mask=inside, other=0.0)
+    tl.store(out_ptr + offs, (grad * factor).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def launch_reduce(stats: torch.Tensor, *, agg_mode: int, loss_scale_factor: float,
+                  normalizers: tuple):
+    """loss `[]` f32 and aux `[NUM_AUX]` f32 from the token kernel's per-sequence sums, in one launch.
+
+    `normalizers`: (dp_size, batch_num_tokens, global_batch_size), each None, a number or a 0-dim tensor.
+    """
+    f32 = dict(dtype=torch.float32, device=stats.device)
+    loss, aux = torch.empty((), **f32), torch.empty(NUM_AUX, **f32)
+    kinds, args = [], []
+    for value in normalizers:
+        if isinstance(value, torch.Tensor):
+            kinds.append(NORM_TENSOR.value)
+            args += [value, 0.0]
+        else:
+            kinds.append(0 if value is None else NORM_NUMBER.value)
+            args += [None, float(value or 0)]
+    reduce_kernel[(1,)](
+        stats, loss, aux, stats.shape[0], *args, float(loss_scale_factor),
+        MODE=agg_mode, DP=kinds[0], TOKENS=kinds[1], SEQS=kinds[2],
+        STATS_POW2=STATS_POW2, BLOCK=REDUCE_BLOCK,
+    )
+    return loss, aux
+
+
+def scale_grad(grad: torch.Tensor, upstream: torch.Tensor, aux: torch.Tensor, dtype: torch.dtype):
+    """Backward in one launch: grad * upstream * aux[AUX_SCALE] in `dtype` (upstream: a 1-element tensor)."""
+    out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+    if grad.numel():
+        scale_grad_kernel[(triton.cdiv(grad.numel(), SCALE_BLOCK),)](grad, upstream, aux, out, grad.numel(),
+                                                                      BLOCK=SCALE_BLOCK)
+    return out
