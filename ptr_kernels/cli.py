@@ -3,6 +3,7 @@
 Subcommands:
   fuzz    compare a backend with the literal SPEC loop on seeded random cases
   bench   benchmark sweep of the fused kernel against eager, torch.compile, the per-sequence loop and verl
+  demo    RL with verifiable rewards on a CPU: a tiny transformer trained with cppo, dppo and ppo in turn
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=benchmark.__doc__.split("\n")[0])
     benchmark.add_arguments(bench)
     bench.set_defaults(func=benchmark.run)
+
+    from .demo import cli as demo_cli
+    demo = commands.add_parser("demo", help="RL on a CPU with cppo, dppo and ppo: reward and rejection plots",
+                               description=demo_cli.__doc__.split("\n")[0])
+    demo_cli.add_arguments(demo)
+    demo.set_defaults(func=demo_cli.run)
     return parser
 
 

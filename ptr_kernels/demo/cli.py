@@ -1,0 +1,50 @@
+"""The `ptr-kernels demo` subcommand: options, progress bar, plots and the summary table."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `ptr-kernels demo`."""
+    from .train import DemoConfig
+    parser.add_argument("--steps", type=int, default=DemoConfig.steps, help="RL steps per method")
+    parser.add_argument("--seed", type=int, default=DemoConfig.seed)
+    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
+                        help="cpu (default, deterministic for a seed), cuda (the loss runs the Triton kernel), "
+                             "auto: cuda when available")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: $OUT/demo if $OUT is set, else demo-results)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`ptr-kernels demo`: warm start, train each method, write the plots and tables, print the table."""
+    from tqdm import tqdm
+
+    from .report import write_report
+    from .train import DemoConfig, run_demo
+
+    if args.steps < 1:
+        print(f"--steps must be at least 1, got {args.steps}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    out = args.out or (Path(os.environ["OUT"]) / "demo" if os.environ.get("OUT") else Path("demo-results"))
+    config = DemoConfig(steps=args.steps, seed=args.seed)
+
+    start = time.perf_counter()
+    with tqdm(total=config.steps * len(config.methods), desc="RL steps", unit="step") as progress:
+        result = run_demo(config, device, progress)
+    report = write_report(result, out)
+    print(report["table"])
+    print(f"{time.perf_counter() - start:.0f} s on {device}; wrote {', '.join(str(p) for p in report['files'])}")
+    return 0
