@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .config import PolicyLossConfig, resolve_config
+from .config import LOGIT_DIVERGENCES, PolicyLossConfig, resolve_config
 from .reference import policy_loss_reference
 
 BACKENDS = ("auto", "reference", "triton")
@@ -35,6 +35,8 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
         `(loss, metrics)`: a 0-dim loss and a dict of 0-dim metric tensors on the input's device.
     """
     config = resolve_config(config, overrides)
+    if config.divergence in LOGIT_DIVERGENCES:
+        raise ValueError(f"divergence={config.divergence!r} needs logits: use policy_loss_from_logits")
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is invalid: expected one of {', '.join(map(repr, BACKENDS))}")
     if backend == "auto":

@@ -58,7 +58,8 @@ class PolicyLossConfig:
     number must be finite and within float32's range, since every backend computes in float32 at least.
 
     method: "cppo" (position-weighted threshold + prefix budget), "dppo" (divergence mask), "ppo" (ratio clip).
-    divergence: D_t for cppo/dppo, "binary_tv" |pi - mu| or "binary_kl" KL(mu || pi) on {y_t, rest}.
+    divergence: D_t for cppo/dppo, "binary_tv" |pi - mu| or "binary_kl" KL(mu || pi) on {y_t, rest};
+        "topk_tv" / "topk_kl" (docs/math.md section 7) only through `policy_loss_from_logits`.
     delta: token threshold (cppo, and dppo's default for both sides); delta_low / delta_high: dppo's
         thresholds for A < 0 / A > 0 (None: delta).
     w_min: position weight at the last position (cppo); 1 disables the position weight.
@@ -96,10 +97,7 @@ class PolicyLossConfig:
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
-        if self.divergence in LOGIT_DIVERGENCES:
-            _fail("divergence", self.divergence,
-                  "one of 'binary_tv', 'binary_kl' (top-K divergences need logits, see docs/math.md)")
-        _check_choice("divergence", self.divergence, DIVERGENCES)
+        _check_choice("divergence", self.divergence, DIVERGENCES + LOGIT_DIVERGENCES)
         _check_number("delta", self.delta, low=0, low_open=True)
         _check_number("delta_low", self.delta_low, low=0, low_open=True, optional=True)
         _check_number("delta_high", self.delta_high, low=0, low_open=True, optional=True)

@@ -78,11 +78,12 @@ def valid_values(t: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> tor
 
 
 def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConfig, *,
-                rollout_is_weights=None, padded_width: Optional[int] = None) -> TokenTerms:
+                rollout_is_weights=None, padded_width: Optional[int] = None, divergence_values=None) -> TokenTerms:
     """The per-token math of docs/math.md on rows: `log_prob`, `old_log_prob`, `mask` `[S, T]`; advantages `[S, T]` or `[S]`.
 
     `padded_width` is T_w for `length_mode="padded"` (default: the row width T). `old_log_prob`, `advantages`
-    and `rollout_is_weights` are detached: only `log_prob` carries a gradient.
+    and `rollout_is_weights` are detached: only `log_prob` carries a gradient. `divergence_values` `[S, T]`:
+    D_t given (the Top-K divergences of docs/math.md section 7, from logits) instead of the binary one.
     """
     dt = compute_dtype(log_prob.dtype)
     S, T = log_prob.shape
@@ -101,7 +102,10 @@ def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConf
     # the clamp, where exp(x) overflows and -0 * inf would be NaN: there the exponent is capped at 0 (NaN stays).
     r = torch.where(adv == 0, x.clamp(max=0), x).exp()
     with torch.no_grad():
-        div = divergence(lp, olp, config.divergence) * m
+        if divergence_values is None:
+            div = divergence(lp, olp, config.divergence) * m
+        else:
+            div = valid_values(divergence_values.detach(), mask, dt)
         toward_mu = adv * x <= 0  # moves back toward the rollout policy are always kept
         no_flag = torch.zeros_like(mask)
         ones = torch.ones_like(m)
@@ -242,11 +246,12 @@ def metrics(terms: TokenTerms, log_prob, old_log_prob, config: PolicyLossConfig)
 
 def policy_loss_reference(log_prob, old_log_prob, advantages, response_mask=None, *, cu_seqlens=None,
                           config: Optional[PolicyLossConfig] = None, rollout_is_weights=None, dp_size=1,
-                          batch_num_tokens=None, global_batch_size=None):
+                          batch_num_tokens=None, global_batch_size=None, divergence_values=None):
     """The reference policy loss: `(loss, metrics)`, same contract as `ptr_kernels.policy_loss`.
 
     Packed input is scattered into rows of the longest sequence's width (one host sync: the reference
-    is the readable statement, not the fast path).
+    is the readable statement, not the fast path). `divergence_values` (shape of log_prob): D_t given instead
+    of the binary divergence (the from-logits reference passes its Top-K D).
     """
     config = config or PolicyLossConfig()
     layout = check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
@@ -257,10 +262,11 @@ def policy_loss_reference(log_prob, old_log_prob, advantages, response_mask=None
         width = max_seqlen(cu_seqlens)
         rows = lambda t: None if t is None else packed_to_rows(t, cu_seqlens, width)  # noqa: E731
         log_prob, old_log_prob, rollout_is_weights = rows(log_prob), rows(old_log_prob), rows(rollout_is_weights)
+        divergence_values = rows(divergence_values)
         advantages = advantages if layout.adv_per_seq else rows(advantages)
         mask = packed_to_rows(mask, cu_seqlens, width, fill=False)
     terms = token_terms(log_prob, old_log_prob, advantages, mask, config,
-                        rollout_is_weights=rollout_is_weights)
+                        rollout_is_weights=rollout_is_weights, divergence_values=divergence_values)
     loss = aggregate(terms.loss, mask, config.loss_agg_mode, dp_size=dp_size,
                      batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
                      loss_scale_factor=loss_scale_factor)

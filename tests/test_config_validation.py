@@ -10,7 +10,7 @@ from ptr_kernels.config import FIELDS
 
 INVALID_FIELDS = [
     ("method", "grpo"), ("method", None),
-    ("divergence", "topk_tv"), ("divergence", "js"),
+    ("divergence", "js"),
     ("delta", 0.0), ("delta", -0.1), ("delta", float("nan")), ("delta", float("inf")), ("delta", "0.1"),
     ("delta", True), ("delta", None),
     ("delta_low", 0.0), ("delta_low", -1.0),

@@ -1,0 +1,82 @@
+"""The from-logits reference: docs/math.md section 7 in plain PyTorch, materializing the distribution.
+
+`log_softmax(logits / temperature)` is materialized in float64 (`[..., V]`), log pi(y_t) gathered from it (the
+gradient reaches the logits through it alone, by autograd), the Top-K divergence computed from it (no
+gradient), and the rest is the token-level reference (`reference.policy_loss_reference` with D given): the
+same trust-region code, not a second statement of it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .config import LOGIT_DIVERGENCES, PolicyLossConfig
+from .layout import mask_as_bool
+from .reference import compute_dtype, policy_loss_reference
+
+OTHER_FLOOR = 1e-12  # p(other) floor, for mu and pi alike
+
+
+def topk_divergence(log_pi: torch.Tensor, input_ids: torch.Tensor, old_log_prob: torch.Tensor,
+                    topk_ids: torch.Tensor, topk_log_probs: torch.Tensor, kind: str) -> torch.Tensor:
+    """Top-K TV or KL (docs/math.md section 7) per token, in log_pi's dtype.
+
+    log_pi `[..., V]` = log pi; input_ids, old_log_prob `[...]`; topk_ids, topk_log_probs `[..., K]` (ids
+    within [0, V)). The set is TopK union {y_t} plus "other": p_mu of a top-K id is exp(its rollout log-prob),
+    p_mu(y_t) = exp(old_log_prob) when y_t is not among them. A zero probability contributes 0 to the KL.
+    """
+    dt = log_pi.dtype
+    lp_k = log_pi.gather(-1, topk_ids)
+    lmu_k = topk_log_probs.to(dt)
+    pi_k, mu_k = lp_k.exp(), lmu_k.exp()
+    lp_y = log_pi.gather(-1, input_ids[..., None])[..., 0]
+    olp = old_log_prob.to(dt)
+    pi_y, mu_y = lp_y.exp(), olp.exp()
+    y_joins = ~(topk_ids == input_ids[..., None]).any(-1)  # y_t not in the top-K: one more member of the set
+    pi_other = (1 - pi_k.sum(-1) - torch.where(y_joins, pi_y, 0.0)).clamp(min=OTHER_FLOOR)
+    mu_other = (1 - mu_k.sum(-1) - torch.where(y_joins, mu_y, 0.0)).clamp(min=OTHER_FLOOR)
+    if kind == "topk_tv":
+        return 0.5 * ((mu_k - pi_k).abs().sum(-1) + torch.where(y_joins, (mu_y - pi_y).abs(), 0.0)
+                      + (mu_other - pi_other).abs())
+    if kind == "topk_kl":
+        kl_k = torch.where(mu_k > 0, mu_k * (lmu_k - lp_k), 0.0).sum(-1)
+        kl_y = torch.where(y_joins & (mu_y > 0), mu_y * (olp - lp_y), 0.0)
+        return kl_k + kl_y + mu_other * (mu_other.log() - pi_other.log())
+    raise ValueError(f"unknown Top-K divergence {kind!r}")
+
+
+def policy_loss_from_logits_reference(logits, input_ids, old_log_prob, advantages, response_mask=None, *,
+                                      cu_seqlens=None, rollout_topk_ids=None, rollout_topk_log_probs=None,
+                                      temperature: float = 1.0, config: Optional[PolicyLossConfig] = None,
+                                      rollout_is_weights=None, dp_size=1, batch_num_tokens=None,
+                                      global_batch_size=None):
+    """`policy_loss_from_logits(..., backend="reference")` on validated inputs: `(loss, metrics)`.
+
+    Loss and metrics come back in float32 (float64 for float64 logits), the logits' gradient in their dtype.
+    Masked positions take no part: their logits rows and ids are replaced before any arithmetic.
+    """
+    config = config or PolicyLossConfig()
+    mask = mask_as_bool(response_mask, input_ids)
+    # masked rows may hold anything (ids -100, NaN logits): a NaN row would reach the gradient as 0 * NaN
+    z = torch.where(mask[..., None], logits, 0).to(torch.float64) / temperature
+    log_pi = torch.log_softmax(z, dim=-1)
+    ids = torch.where(mask, input_ids, 0).long()
+    log_prob = log_pi.gather(-1, ids[..., None])[..., 0]
+    divergence = None
+    if config.divergence in LOGIT_DIVERGENCES:
+        with torch.no_grad():
+            topk_ids = torch.where(mask[..., None], rollout_topk_ids, 0).long()
+            divergence = topk_divergence(log_pi, ids, old_log_prob, topk_ids, rollout_topk_log_probs,
+                                         config.divergence)
+    loss, metrics = policy_loss_reference(
+        log_prob, old_log_prob, advantages, response_mask, cu_seqlens=cu_seqlens, config=config,
+        rollout_is_weights=rollout_is_weights, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size, divergence_values=divergence)
+    with torch.no_grad():
+        entropy = -torch.where(log_pi == float("-inf"), 0.0, log_pi.exp() * log_pi).sum(-1)
+        count = mask.sum()
+        metrics["entropy"] = torch.where(count > 0, torch.where(mask, entropy, 0.0).sum() / count.clamp(min=1), 0.0)
+    out = compute_dtype(logits.dtype)
+    return loss.to(out), {name: value.to(out) for name, value in metrics.items()}
