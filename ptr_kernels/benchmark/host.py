@@ -72,13 +72,28 @@ class _Case:
     launches: int = 0  # Triton launches stubbed in one fused call (CPU)
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """torch's intra-op thread pool limited to one thread for the duration. No op at ~150 tokens gains from
+    threads, and a GPU host's eager ops do not use them; on a loaded machine the pool's synchronization turns
+    other processes' load into stalls of milliseconds that inflate the eager reference (hundreds of ops) far
+    more than the fused call, which would flatter the ratio."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def measure(device: torch.device, methods, layouts, dtype: str, reps: int, out: Path) -> list:
     """The host measurement of each (method, layout) into `out/host.csv`; returns the rows.
 
     All cases are measured round-robin, `reps` rounds, each round one sample of fused and one of eager per
     case (which goes first alternates), so a burst of load on the machine falls on every case and provider
     alike. A sample is one call timed with `perf_counter` (CPU, launches stubbed, garbage collector paused),
-    or the wall-clock per call of a batch of back-to-back calls synchronized before and after (CUDA).
+    or the wall-clock per call of a batch of back-to-back calls synchronized before and after (CUDA). On CPU
+    torch uses one thread meanwhile (`_one_thread`).
 
     Rows (mode fwd_bwd), CPU: `host_us` of fused and eager, `host_ratio` (p20, p50 and p80 of fused over
     the same quantile of eager) and `stubbed_launches` (per fused call); CUDA: `wall_us` and `wall_ratio`.
@@ -95,7 +110,7 @@ def measure(device: torch.device, methods, layouts, dtype: str, reps: int, out: 
         _round_robin(cases, reps, lambda call, inp: timer.wall_batch(lambda _: _run(call, inp), CUDA_CALLS_PER_BATCH))
         metric, note = "wall_us", f"{reps} rounds of a batch of {CUDA_CALLS_PER_BATCH} back-to-back calls"
     else:
-        with stubbed_triton_launches() as stub:
+        with stubbed_triton_launches() as stub, _one_thread():
             for case in cases:  # one untimed call counts the launches skipped
                 before = stub["launches"]
                 _run(case.calls["fused"], case.inputs)

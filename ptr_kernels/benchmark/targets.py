@@ -192,7 +192,7 @@ def _issue13(table, rows, index):
                 pairs.append((fused / eager if fused and eager else None, shape))
             value, label = _worst(pairs)
             table.add("13", "wall-clock fused / eager at every shape (worst shape)",
-                      f"{method} fwd+bwd, {layout} {label} (wall_us)", value, "< 1x", lambda v: v < 1, "{:.2f}x")
+                      f"{method} fwd+bwd, {layout} {label}".rstrip() + " (wall_us)", value, "< 1x", lambda v: v < 1, "{:.2f}x")
 
 
 def targets(rows) -> list:
