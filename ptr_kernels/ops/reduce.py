@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM, AGG_TOKEN_MEAN, AGG_TOKEN_SUM, NORM_NUMBER,
+from .common import (AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM, AGG_TOKEN_MEAN, AGG_TOKEN_SUM, NORM_ABSENT,
+                     NORM_NUMBER,
                      NORM_TENSOR, NUM_STATS, STAT_CLIP_DUAL, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV,
                      STAT_KL, STAT_LOSS, STAT_REJ_BUDGET, STAT_REJ_TOKEN, STAT_TOKENS)
 
@@ -37,7 +38,7 @@ METHOD_METRICS = {
 }
 REDUCE_BLOCK = 256  # sequences per step of the one-program reduction
 SCALE_BLOCK = 1024
-STATS_POW2 = triton.next_power_of_2(NUM_STATS.value)
+STATS_POW2 = 1 << (NUM_STATS.value - 1).bit_length()
 
 
 @triton.jit
@@ -137,28 +138,29 @@ def launch_reduce(stats: torch.Tensor, *, agg_mode: int, loss_scale_factor: floa
 
     `normalizers`: (dp_size, batch_num_tokens, global_batch_size), each None, a number or a 0-dim tensor.
     """
-    f32 = dict(dtype=torch.float32, device=stats.device)
-    loss, aux = torch.empty((), **f32), torch.empty(NUM_AUX, **f32)
-    kinds, args = [], []
-    for value in normalizers:
-        if isinstance(value, torch.Tensor):
-            kinds.append(NORM_TENSOR.value)
-            args += [value, 0.0]
-        else:
-            kinds.append(0 if value is None else NORM_NUMBER.value)
-            args += [None, float(value or 0)]
+    loss, aux = stats.new_empty(()), stats.new_empty(NUM_AUX)
+    (dp_kind, dp_ptr, dp), (tokens_kind, tokens_ptr, tokens), (seqs_kind, seqs_ptr, seqs) = map(_normalizer_args,
+                                                                                                normalizers)
     reduce_kernel[(1,)](
-        stats, loss, aux, stats.shape[0], *args, float(loss_scale_factor),
-        MODE=agg_mode, DP=kinds[0], TOKENS=kinds[1], SEQS=kinds[2],
-        STATS_POW2=STATS_POW2, BLOCK=REDUCE_BLOCK,
+        stats, loss, aux, stats.shape[0], dp_ptr, dp, tokens_ptr, tokens, seqs_ptr, seqs, float(loss_scale_factor),
+        MODE=agg_mode, DP=dp_kind, TOKENS=tokens_kind, SEQS=seqs_kind, STATS_POW2=STATS_POW2, BLOCK=REDUCE_BLOCK,
     )
     return loss, aux
 
 
+def _normalizer_args(value) -> tuple:
+    """(kind, pointer, number) of one global normalizer for `reduce_kernel`."""
+    if isinstance(value, torch.Tensor):
+        return NORM_TENSOR.value, value, 0.0
+    if value is None:
+        return NORM_ABSENT.value, None, 0.0
+    return NORM_NUMBER.value, None, float(value)
+
+
 def scale_grad(grad: torch.Tensor, upstream: torch.Tensor, aux: torch.Tensor, dtype: torch.dtype):
     """Backward in one launch: grad * upstream * aux[AUX_SCALE] in `dtype` (upstream: a 1-element tensor)."""
-    out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+    out = grad.new_empty(grad.shape, dtype=dtype)
     if grad.numel():
-        scale_grad_kernel[(triton.cdiv(grad.numel(), SCALE_BLOCK),)](grad, upstream, aux, out, grad.numel(),
-                                                                      BLOCK=SCALE_BLOCK)
+        scale_grad_kernel[(-(-grad.numel() // SCALE_BLOCK),)](grad, upstream, aux, out, grad.numel(),
+                                                               BLOCK=SCALE_BLOCK)
     return out
