@@ -1,4 +1,4 @@
-"""Input validation and the two layouts (SPEC section 1).
+"""Input validation and the two layouts (docs/math.md).
 
 padded: `[B, T]` tensors, optional `response_mask [B, T]`, advantages `[B, T]` or `[B]`.
 packed: `[N]` tensors with `cu_seqlens [S + 1]` (FlashAttention convention), optional mask `[N]`,
@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT32_MAX = torch.finfo(torch.float32).max  # normalizers are float32 numbers in every backend
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,13 @@ def _check_float(name: str, t) -> None:
 
 
 def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seqlens=None,
-                 rollout_is_weights=None, *, dp_size=1, batch_num_tokens=None, global_batch_size=None) -> Layout:
+                 rollout_is_weights=None, *, dp_size=1, batch_num_tokens=None, global_batch_size=None,
+                 cu_seqlens_values_in_kernel: bool = False) -> Layout:
     """Validate shapes, dtypes, devices and the global normalizers; raise ValueError naming the argument.
 
     `cu_seqlens` values are checked eagerly on CPU; on an accelerator (and under torch.compile) they are
-    checked with an asynchronous device assert, so validation never forces a host sync. A normalizer given
+    checked with an asynchronous device assert, or, with `cu_seqlens_values_in_kernel`, by the token kernel
+    itself (bad offsets give a NaN loss), so validation never forces a host sync. A normalizer given
     as a tensor is checked for shape, dtype and device only, for the same reason.
     """
     _check_float("log_prob", log_prob)
@@ -64,12 +67,15 @@ def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seql
             raise ValueError(f"response_mask has shape {tuple(response_mask.shape)}, "
                              f"expected log_prob's {tuple(log_prob.shape)}")
         if response_mask.is_complex():
-            raise ValueError(f"response_mask must be bool, integer or float 0/1, got {response_mask.dtype}")
+            raise ValueError(f"response_mask must be bool, integer or float (nonzero = valid), "
+                             f"got {response_mask.dtype}")
     if rollout_is_weights is not None:
         _check_float("rollout_is_weights", rollout_is_weights)
         if rollout_is_weights.shape != log_prob.shape:
             raise ValueError(f"rollout_is_weights has shape {tuple(rollout_is_weights.shape)}, "
                              f"expected log_prob's {tuple(log_prob.shape)}")
+    _check_zero_counts(log_prob, response_mask, batch_num_tokens=batch_num_tokens,
+                       global_batch_size=global_batch_size)
 
     if cu_seqlens is None:
         if log_prob.dim() != 2:
@@ -91,7 +97,8 @@ def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seql
     S = cu_seqlens.numel() - 1
     if advantages.shape not in ((N,), (S,)):
         raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected [N] = {(N,)} or [S] = {(S,)}")
-    _check_cu_seqlens(cu_seqlens, N)
+    if not cu_seqlens_values_in_kernel or (cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling()):
+        _check_cu_seqlens(cu_seqlens, N)  # the token kernel checks them itself, without a launch or a sync
     # N == S is ambiguous; per-token is what a [N] tensor means everywhere else.
     return Layout(packed=True, num_seqs=S, width=None, adv_per_seq=advantages.shape == (S,) and N != S)
 
@@ -122,9 +129,31 @@ def _check_normalizer(name: str, value, device: torch.device, *, optional: bool 
         return
     bound = "> 0" if positive else ">= 0"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name}={value!r} is invalid: expected a finite number {bound}"
+            or value < 0 or (positive and value == 0) or value > FLOAT32_MAX:
+        raise ValueError(f"{name}={value!r} is invalid: expected a finite number {bound} within float32's range"
                          + (", a one-element tensor or None" if optional else " or a one-element tensor"))
+
+
+def _check_zero_counts(log_prob, response_mask, **counts) -> None:
+    """A global count given as the number 0 while this batch has a valid token cannot be right (it counts this
+    batch's tokens and non-empty sequences too; a valid token always lies in a non-empty sequence): ValueError
+    naming it. Checked eagerly on CPU; on an accelerator (and under torch.compile) with an asynchronous device
+    assert, so never a host sync. Counts given as tensors are not checked: reading them would be a sync."""
+    zero = [name for name, value in counts.items()
+            if value is not None and not isinstance(value, torch.Tensor) and value == 0]
+    if not zero:
+        return
+    message = (f"{zero[0]}=0 but the batch has valid tokens: a global count includes this batch's own "
+               "tokens and sequences")
+    if response_mask is None:  # every position is valid: known on the host
+        if log_prob.numel():
+            raise ValueError(message)
+        return
+    no_valid = (response_mask == 0).all()
+    if response_mask.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(no_valid, message)
+    elif not no_valid:
+        raise ValueError(message)
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, N: int) -> None:
@@ -144,7 +173,8 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, N: int) -> None:
 
 
 def mask_as_bool(response_mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """The 0/1 mask as bool (all-valid when None)."""
+    """The mask as bool: nonzero = valid, for every dtype (a float mask is not a weight: 0.5 counts fully,
+    and so do negative values and NaN); all-valid when None."""
     if response_mask is None:
         return torch.ones_like(like, dtype=torch.bool)
     return response_mask if response_mask.dtype == torch.bool else response_mask != 0
