@@ -21,15 +21,21 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
 
     Args:
         log_prob: `[B, T]` (padded) or `[N]` (packed) log pi(y_t | s_t) of the policy being trained; the
-            only input that carries gradient (returned in its dtype).
+            only input that receives a gradient (in its dtype): `old_log_prob`, `advantages` and
+            `rollout_is_weights` get None on every backend, even when they require grad.
         old_log_prob: same shape, log mu(y_t | s_t) of the rollout policy (the anchor).
         advantages: `[B, T]` or `[B]` (padded); `[N]` or `[S]` (packed).
-        response_mask: `[B, T]` or `[N]`, bool/int/float 0/1; None means every position is valid.
+        response_mask: `[B, T]` or `[N]`, bool, int or float; nonzero = valid (a float mask is not a weight:
+            0.5 counts as a whole valid token); None means every position is valid. Whatever a masked
+            position holds never reaches the result; a NaN or +-inf at a valid position in any input gives
+            a NaN loss (docs/math.md).
         cu_seqlens: `[S + 1]` int32/int64 offsets of packed sequences (FlashAttention convention).
         config: a `PolicyLossConfig`; keyword `overrides` replace its fields (`method="dppo", delta=0.2`).
         backend: "auto" (Triton kernel for CUDA tensors, reference on CPU), "reference" or "triton".
         rollout_is_weights: optional per-token factor on the loss (no gradient), shape of log_prob.
-        dp_size, batch_num_tokens, global_batch_size: verl's global normalizers (SPEC section 6).
+        dp_size, batch_num_tokens, global_batch_size: verl's global normalizers (docs/math.md): numbers
+            (within float32's range; a count of 0 while the batch has valid tokens is a ValueError) or
+            one-element tensors on the inputs' device (not checked: that would be a host sync).
 
     Returns:
         `(loss, metrics)`: a 0-dim loss and a dict of 0-dim metric tensors on the input's device.
