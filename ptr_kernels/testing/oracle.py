@@ -72,13 +72,14 @@ def _quantile(values: List[float], q: float) -> float:
 def policy_loss_literal(log_prob, old_log_prob, advantages, response_mask=None, *, cu_seqlens=None,
                         config: Optional[PolicyLossConfig] = None, rollout_is_weights=None, dp_size=1,
                         batch_num_tokens=None, global_batch_size=None, gate_override=None,
-                        tie_rtol: float = 1e-9) -> LiteralResult:
+                        tie_rtol: float = 1e-9, divergence_values=None) -> LiteralResult:
     """The policy loss of docs/math.md, token by token. Same inputs as `ptr_kernels.policy_loss` (padded `[B, T]` with
     `response_mask`, or packed `[N]` with `cu_seqlens`), any float dtype (read as float64).
 
     `gate_override`: optional `(where, value)` pair of `[B, T]`/`[N]` tensors; at `where` the decision M_t
     used by the loss and gradient is replaced by `value` (the fuzz uses it to show that a disagreement is
-    only a near tie); the metrics keep the literal decisions.
+    only a near tie); the metrics keep the literal decisions. `divergence_values` (shape of log_prob): D_t
+    given (the Top-K divergence of docs/math.md section 7, `oracle_logits`) instead of the binary one.
     """
     config = config or PolicyLossConfig()
     layout = check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights)
@@ -87,6 +88,7 @@ def policy_loss_literal(log_prob, old_log_prob, advantages, response_mask=None, 
     lp_all, olp_all = flat(log_prob), flat(old_log_prob)
     valid_all = mask_as_bool(response_mask, log_prob).reshape(-1).tolist()
     rw_all = flat(rollout_is_weights) if rollout_is_weights is not None else None
+    dv_all = flat(divergence_values) if divergence_values is not None else None
     adv_all = flat(advantages)
     override = None
     if gate_override is not None:
@@ -123,7 +125,8 @@ def policy_loss_literal(log_prob, old_log_prob, advantages, response_mask=None, 
             seq_loss.append(0.0)
             seq_abs.append(0.0)
             continue
-        D = {k: _divergence(lp_all[k], olp_all[k], c.divergence) for _, k in valid}
+        D = {k: dv_all[k] if dv_all is not None else _divergence(lp_all[k], olp_all[k], c.divergence)
+             for _, k in valid}
         if c.method == "cppo":
             horizon = {"sequence": valid[-1][0], "padded": width}.get(c.length_mode, c.length_mode)
             if c.delta_b_quantile is None:
