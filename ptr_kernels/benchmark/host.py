@@ -4,13 +4,12 @@ On CPU (the Triton interpreter) every Triton launch is stubbed out for the durat
 fused call is its host work: Python, validation, torch's dispatch and autograd, the launchers' argument
 handling. The outputs are `torch.empty`, so skipping the kernels is safe (the values are garbage, never read).
 That host time is compared with the eager reference's fwd+bwd on the same inputs (about 200 small ops, all
-host work at this size): the two alternate call by call, round-robin over all cases in one run, so the
-machine's drift and bursts of load hit every case and both providers alike, and the ratio of the medians is
-the figure of merit (issue 7: at most 0.15 at a tiny shape, padded and packed).
+host work at this size): the two alternate call by call in one run, so the machine's drift and bursts of
+load hit both alike, and the ratio of the medians is the figure of merit (issue 7: at most 0.15 at a tiny
+shape, padded and packed).
 
 On CUDA nothing is stubbed: the figure is the wall-clock per call of back-to-back fwd+bwd calls, synchronized
-after each batch, fused and eager batches alternating round-robin (issue 13: at most 100 us at 8x512, below
-eager).
+after each batch, fused and eager batches alternating (issue 13: at most 100 us at 8x512, below eager).
 """
 
 from __future__ import annotations
@@ -89,9 +88,8 @@ def _one_thread():
 def measure(device: torch.device, methods, layouts, dtype: str, reps: int, out: Path) -> list:
     """The host measurement of each (method, layout) into `out/host.csv`; returns the rows.
 
-    All cases are measured round-robin, `reps` rounds, each round one sample of fused and one of eager per
-    case (which goes first alternates), so a burst of load on the machine falls on every case and provider
-    alike. A sample is one call timed with `perf_counter` (CPU, launches stubbed, garbage collector paused),
+    Each case in turn: `reps` rounds of one sample of fused and one of eager (which goes first alternates), so
+    the machine's drift and bursts of load fall on both providers alike. A sample is one call timed with `perf_counter` (CPU, launches stubbed, garbage collector paused),
     or the wall-clock per call of a batch of back-to-back calls synchronized before and after (CUDA). On CPU
     torch uses one thread meanwhile (`_one_thread`).
 
@@ -107,15 +105,17 @@ def measure(device: torch.device, methods, layouts, dtype: str, reps: int, out: 
             inputs = make_inputs(shape, device, getattr(torch, dtype), seed=0, structure_seed=shape.tokens)
             cases += [_Case(shape, m, inputs, {p: make_call(p, m) for p in PROVIDERS}) for m in methods]
     if cuda:
-        _round_robin(cases, reps, lambda call, inp: timer.wall_batch(lambda _: _run(call, inp), CUDA_CALLS_PER_BATCH))
+        for case in cases:
+            _alternating(case, reps, lambda call, inp: timer.wall_batch(lambda _: _run(call, inp),
+                                                                        CUDA_CALLS_PER_BATCH))
         metric, note = "wall_us", f"{reps} rounds of a batch of {CUDA_CALLS_PER_BATCH} back-to-back calls"
     else:
         with stubbed_triton_launches() as stub, _one_thread():
-            for case in cases:  # one untimed call counts the launches skipped
-                before = stub["launches"]
+            for case in cases:
+                before = stub["launches"]  # one untimed call counts the launches skipped
                 _run(case.calls["fused"], case.inputs)
                 case.launches = stub["launches"] - before
-            _round_robin(cases, reps, _timed_call)
+                _alternating(case, reps, _timed_call)
         metric, note = "host_us", f"{reps} rounds of one call; fused with every Triton launch stubbed"
     for case in cases:
         key = (case.method, case.shape.layout, case.shape.name, case.shape.batch, case.shape.tokens, "fwd_bwd")
@@ -143,20 +143,21 @@ def _timed_call(call, inp) -> float:
     return (time.perf_counter() - t0) * 1e6
 
 
-def _round_robin(cases: list, rounds: int, sample) -> None:
-    """`sample(call, inputs)` -> us, for every case and provider in each round (after WARMUP_CALLS untimed
-    calls each), into `case.times`; the garbage collector paused so that no call pays for another's garbage."""
-    for case in cases:
-        for call in case.calls.values():
-            for _ in range(WARMUP_CALLS):
-                _run(call, case.inputs)
+def _alternating(case: _Case, rounds: int, sample) -> None:
+    """`sample(call, inputs)` -> us of fused and eager alternately, `rounds` each (which goes first alternating),
+    after WARMUP_CALLS untimed calls each, into `case.times`; the garbage collector paused so that no call pays
+    for another's garbage. One case at a time, as a training loop repeats one shape: interleaving the cases
+    made the eager reference's packed cppo call about 4x slower on a CPU than alone (cause not pinned down),
+    which flattered the ratio."""
+    for call in case.calls.values():
+        for _ in range(WARMUP_CALLS):
+            _run(call, case.inputs)
     gc.collect()
     gc.disable()
     try:
         for i in range(rounds):
-            for case in cases:
-                for provider in PROVIDERS if i % 2 == 0 else PROVIDERS[::-1]:
-                    case.times[provider].append(sample(case.calls[provider], case.inputs))
+            for provider in PROVIDERS if i % 2 == 0 else PROVIDERS[::-1]:
+                case.times[provider].append(sample(case.calls[provider], case.inputs))
     finally:
         gc.enable()
 
@@ -194,10 +195,10 @@ def run(args, device: torch.device, out: Path) -> int:
     env = rows[0]
     if cuda:
         what = ("Wall-clock per fwd+bwd call of back-to-back calls (synchronized after each batch of "
-                f"{CUDA_CALLS_PER_BATCH}), fused and eager batches alternating round-robin; nothing stubbed.")
+                f"{CUDA_CALLS_PER_BATCH}), fused and eager batches alternating; nothing stubbed.")
     else:
         what = ("Host time of one fwd+bwd call: the fused path with every Triton launch stubbed out, against the "
-                "eager reference on the same inputs, calls alternating round-robin in one run; ratio of the medians.")
+                "eager reference on the same inputs, calls alternating in one run; ratio of the medians.")
     lines = [f"Device: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, commit {env['commit']}, "
              f"inputs {env['dtype']}.", "", what, ""] + table(rows)
     (out / "host.md").write_text("\n".join(lines) + "\n")
