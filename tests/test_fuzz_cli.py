@@ -120,3 +120,46 @@ def test_only_near_ties_may_be_decided_the_other_way(monkeypatch, shift):
     else:  # token 1 flips too, and it is no tie
         assert numbers["mask_disagreements"] == 1
         assert any("mask disagreement" in p for p in problems)
+
+
+def _positive_terms_case():
+    """dppo with A = -1 everywhere: every token's loss r_t is positive, so the loss error is its relative error."""
+    g = torch.Generator().manual_seed(0)
+    olp = -torch.rand(2, 16, generator=g, dtype=torch.float64) - 0.1
+    lp = olp + 0.01 * torch.randn(2, 16, generator=g, dtype=torch.float64)
+    return Case(seed=-2, log_prob=lp, old_log_prob=olp, advantages=-torch.ones(2, dtype=torch.float64),
+                response_mask=None, cu_seqlens=None, rollout_is_weights=None,
+                config=PolicyLossConfig(method="dppo"), kwargs={})
+
+
+@pytest.mark.parametrize("backend_off,passes", [(3e-4, True), (6e-4, False)])
+def test_tolerance_grows_with_the_float32_references_own_error(monkeypatch, backend_off, passes):
+    """With the float32 reference 1e-4 off (10x the floor), a backend 3e-4 off passes (floor + 4 x 1e-4) and one
+    6e-4 off fails; the reference is the yardstick and the backend under test is held to it."""
+    real = ptr_kernels.api.policy_loss
+
+    def off(*args, backend, **kwargs):
+        loss, metrics = real(*args, backend="reference", **kwargs)
+        return loss * (1 + (1e-4 if backend == "reference" else backend_off)), metrics
+
+    monkeypatch.setattr(ptr_kernels.api, "policy_loss", off)
+    numbers, problems = check_case(_positive_terms_case(), "triton", torch.float32, "cpu")
+    assert numbers["loss_err"] == pytest.approx(backend_off, rel=0.01)
+    assert (problems == []) == passes, problems
+    assert numbers["beyond_floor"] == int(passes)
+    # the reference itself is held to the fixed floor
+    numbers, problems = check_case(_positive_terms_case(), "reference", torch.float32, "cpu")
+    assert any("loss error" in p for p in problems)
+
+
+def test_short_cases_keep_the_fixed_floor(monkeypatch):
+    """The float32 reference is ~1e-7 off on a short case: a backend 5e-5 off fails though 5e-5 is tiny."""
+    real = ptr_kernels.api.policy_loss
+
+    def off(*args, backend, **kwargs):
+        loss, metrics = real(*args, backend="reference", **kwargs)
+        return (loss if backend == "reference" else loss * (1 + 5e-5)), metrics
+
+    monkeypatch.setattr(ptr_kernels.api, "policy_loss", off)
+    numbers, problems = check_case(_positive_terms_case(), "triton", torch.float32, "cpu")
+    assert problems and "loss error" in problems[0]
