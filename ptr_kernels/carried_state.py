@@ -1,0 +1,51 @@
+"""The carried state of a sequence split into consecutive shards (docs/math.md section 8): its layout and the
+validation of the per-sequence shard inputs that `policy_loss` takes.
+
+A shard of sequence i needs, besides its tokens:
+
+- `initial_state [S, 3]`: the prefix of the earlier shards, columns `STATE_SLACK, STATE_S, STATE_W` =
+  (sum_j w_j (delta_b_i - D_j), S = sum_j w_j D_j, W = sum_j w_j) over the valid tokens before the shard.
+  The slack equals delta_b_i W - S; it is carried as its own running sum because delta_b_i W - S of two
+  large float32 sums loses the digits the hard gate compares (docs/kernels.md). Zeros: the sequence starts here.
+- `position_offset [S]` (int): the global position (0-based) of the shard's first position, so that
+  t = offset + local position for the position weight w_t.
+- `sequence_length [S]`: T_w of the whole sequence (replaces what `length_mode` would derive from the shard).
+- `sequence_delta_b [S]`: delta_b_i of the whole sequence (replaces the fixed or calibrated budget; the
+  config field `delta_b` keeps its meaning).
+
+`final_state [S, 3]` is the same state after the shard: initial_state plus the shard's own totals. The
+totals of a shard depend only on its inputs (every valid token counts in the budget), which is what lets
+`ptr_kernels.distributed.cp_policy_loss` get every shard's initial state from one exclusive scan.
+The state takes part only in cppo; for dppo and ppo it passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+STATE_SLACK, STATE_S, STATE_W = 0, 1, 2
+STATE_WIDTH = 3
+
+
+def check_carried_state(num_seqs: int, device: torch.device, *, initial_state=None, position_offset=None,
+                        sequence_length=None, sequence_delta_b=None) -> None:
+    """Shapes, dtypes and devices of the shard inputs (values are not read: that would be a host sync);
+    ValueError naming the argument."""
+    expected = {"initial_state": (num_seqs, STATE_WIDTH), "position_offset": (num_seqs,),
+                "sequence_length": (num_seqs,), "sequence_delta_b": (num_seqs,)}
+    given = dict(initial_state=initial_state, position_offset=position_offset, sequence_length=sequence_length,
+                 sequence_delta_b=sequence_delta_b)
+    for name, value in given.items():
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if tuple(value.shape) != expected[name]:
+            raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {expected[name]} (one per sequence)")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but log_prob is on {device}")
+        integer = name in ("position_offset", "sequence_length")
+        if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            raise ValueError(f"{name} must be an integer tensor, got {value.dtype}")
+        if not integer and not value.is_floating_point():
+            raise ValueError(f"{name} must be a float tensor, got {value.dtype}")
