@@ -16,7 +16,10 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
                 response_mask: Optional[torch.Tensor] = None, *, cu_seqlens: Optional[torch.Tensor] = None,
                 config: Optional[PolicyLossConfig] = None, backend: str = "auto",
                 rollout_is_weights: Optional[torch.Tensor] = None, dp_size: int = 1,
-                batch_num_tokens=None, global_batch_size=None, **overrides):
+                batch_num_tokens=None, global_batch_size=None, initial_state: Optional[torch.Tensor] = None,
+                output_final_state: bool = False, position_offset: Optional[torch.Tensor] = None,
+                sequence_length: Optional[torch.Tensor] = None, sequence_delta_b: Optional[torch.Tensor] = None,
+                **overrides):
     """Position-dependent trust-region policy loss (CPPO, DPPO, PPO clip) and its metrics.
 
     Args:
@@ -36,9 +39,21 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
         dp_size, batch_num_tokens, global_batch_size: verl's global normalizers (docs/math.md): numbers
             (within float32's range; a count of 0 while the batch has valid tokens is a ValueError) or
             one-element tensors on the inputs' device (not checked: that would be a host sync).
+        initial_state: `[S, 3]` float, the carried state of each sequence at the start of this shard when the
+            inputs are shards of longer sequences (context parallelism, docs/math.md section 8): columns
+            (sum w (delta_b_i - D), S = sum w D, W = sum w) over the earlier shards' valid tokens; None = zeros.
+            `ptr_kernels.distributed.cp_policy_loss` computes it and the three below across ranks.
+        output_final_state: also return the state after this shard, `[S, 3]` in the loss's dtype.
+        position_offset: `[S]` int, the global position (0-based) of each shard's first position; None = 0.
+        sequence_length: `[S]` int, T_w of each whole sequence (replaces `length_mode`); None = from the shard.
+        sequence_delta_b: `[S]` float, delta_b_i of each whole sequence (replaces the fixed or calibrated
+            budget; the config field `delta_b` keeps its meaning).
+            These four matter for cppo only (dppo and ppo pass the state through); the aggregation stays
+            this call's: give the whole batch's counts as `batch_num_tokens` / `global_batch_size`.
 
     Returns:
-        `(loss, metrics)`: a 0-dim loss and a dict of 0-dim metric tensors on the input's device.
+        `(loss, metrics)`: a 0-dim loss and a dict of 0-dim metric tensors on the input's device;
+        `(loss, metrics, final_state)` with `output_final_state`.
     """
     config = resolve_config(config, overrides)
     if config.divergence in LOGIT_DIVERGENCES:
@@ -49,6 +64,11 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
         backend = "triton" if log_prob.is_cuda else "reference"
     kwargs = dict(cu_seqlens=cu_seqlens, config=config, rollout_is_weights=rollout_is_weights, dp_size=dp_size,
                   batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
+    if output_final_state or initial_state is not None or position_offset is not None \
+            or sequence_length is not None or sequence_delta_b is not None:
+        kwargs.update(initial_state=initial_state, output_final_state=output_final_state,
+                      position_offset=position_offset, sequence_length=sequence_length,
+                      sequence_delta_b=sequence_delta_b)
     if backend == "reference":
         return policy_loss_reference(log_prob, old_log_prob, advantages, response_mask, **kwargs)
     return _triton_policy_loss(log_prob, old_log_prob, advantages, response_mask, **kwargs)

@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .carried_state import STATE_S, STATE_W, STATE_WIDTH, check_carried_state
 from .config import PolicyLossConfig
 from .layout import check_inputs, mask_as_bool, max_seqlen, packed_to_rows, resolve_loss_scale_factor
 
@@ -78,12 +79,17 @@ def valid_values(t: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> tor
 
 
 def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConfig, *,
-                rollout_is_weights=None, padded_width: Optional[int] = None, divergence_values=None) -> TokenTerms:
+                rollout_is_weights=None, padded_width: Optional[int] = None, divergence_values=None,
+                initial_state=None, position_offset=None, sequence_length=None,
+                sequence_delta_b=None) -> TokenTerms:
     """The per-token math of docs/math.md on rows: `log_prob`, `old_log_prob`, `mask` `[S, T]`; advantages `[S, T]` or `[S]`.
 
     `padded_width` is T_w for `length_mode="padded"` (default: the row width T). `old_log_prob`, `advantages`
     and `rollout_is_weights` are detached: only `log_prob` carries a gradient. `divergence_values` `[S, T]`:
     D_t given (the Top-K divergences of docs/math.md section 7, from logits) instead of the binary one.
+    A row that is a shard of a longer sequence (docs/math.md section 8; `ptr_kernels.carried_state`) takes
+    `initial_state [S, 3]` (the prefix before the shard: columns S and W are used here), `position_offset [S]`,
+    `sequence_length [S]` (T_w) and `sequence_delta_b [S]`, each None for an unsplit sequence.
     """
     dt = compute_dtype(log_prob.dtype)
     S, T = log_prob.shape
@@ -114,18 +120,28 @@ def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConf
 
         if config.method == "cppo":
             positions = torch.arange(1, T + 1, device=lp.device, dtype=dt)
-            if config.length_mode == "sequence":
+            if position_offset is not None:  # global positions of a shard
+                positions = positions + position_offset.to(dt)[:, None]
+            if sequence_length is not None:
+                horizon = sequence_length.to(dt)[:, None]
+            elif config.length_mode == "sequence":
                 horizon = (mask * positions).amax(dim=1, keepdim=True) if T else lp.new_zeros(S, 1)
             elif config.length_mode == "padded":
                 horizon = lp.new_full((), T if padded_width is None else padded_width)
             else:
                 horizon = lp.new_full((), config.length_mode)
             weight = position_weight(positions, horizon, config.w_min).expand(S, T) * m
-            delta_b = calibrated_delta_b(div, mask, config)
+            if sequence_delta_b is None:
+                delta_b = calibrated_delta_b(div, mask, config)
+            else:
+                delta_b = sequence_delta_b.to(dt)
             step = weight * div
             # exclusive prefix sums S_{t-1}, W_{t-1}: the budget at t uses the prefix before t
             prefix_div = torch.cat([step.new_zeros(S, 1), torch.cumsum(step, dim=1)[:, :-1]], dim=1)
             prefix_weight = torch.cat([step.new_zeros(S, 1), torch.cumsum(weight, dim=1)[:, :-1]], dim=1)
+            if initial_state is not None:  # the prefix of the earlier shards
+                prefix_div = prefix_div + initial_state[:, STATE_S, None].to(dt)
+                prefix_weight = prefix_weight + initial_state[:, STATE_W, None].to(dt)
             budget = config.delta + delta_b[:, None] * prefix_weight
             threshold = torch.minimum(torch.full_like(budget, config.delta), budget - prefix_div)
             inside = step <= threshold
@@ -246,8 +262,11 @@ def metrics(terms: TokenTerms, log_prob, old_log_prob, config: PolicyLossConfig)
 
 def policy_loss_reference(log_prob, old_log_prob, advantages, response_mask=None, *, cu_seqlens=None,
                           config: Optional[PolicyLossConfig] = None, rollout_is_weights=None, dp_size=1,
-                          batch_num_tokens=None, global_batch_size=None, divergence_values=None):
-    """The reference policy loss: `(loss, metrics)`, same contract as `ptr_kernels.policy_loss`.
+                          batch_num_tokens=None, global_batch_size=None, divergence_values=None,
+                          initial_state=None, output_final_state: bool = False, position_offset=None,
+                          sequence_length=None, sequence_delta_b=None):
+    """The reference policy loss: `(loss, metrics)`, same contract as `ptr_kernels.policy_loss` (with
+    `output_final_state`: `(loss, metrics, final_state)`, docs/math.md section 8).
 
     Packed input is scattered into rows of the longest sequence's width (one host sync: the reference
     is the readable statement, not the fast path). `divergence_values` (shape of log_prob): D_t given instead
@@ -265,9 +284,29 @@ def policy_loss_reference(log_prob, old_log_prob, advantages, response_mask=None
         divergence_values = rows(divergence_values)
         advantages = advantages if layout.adv_per_seq else rows(advantages)
         mask = packed_to_rows(mask, cu_seqlens, width, fill=False)
+    shard = dict(initial_state=initial_state, position_offset=position_offset, sequence_length=sequence_length,
+                 sequence_delta_b=sequence_delta_b)
+    check_carried_state(layout.num_seqs, mask.device, **shard)
     terms = token_terms(log_prob, old_log_prob, advantages, mask, config,
-                        rollout_is_weights=rollout_is_weights, divergence_values=divergence_values)
+                        rollout_is_weights=rollout_is_weights, divergence_values=divergence_values, **shard)
     loss = aggregate(terms.loss, mask, config.loss_agg_mode, dp_size=dp_size,
                      batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
                      loss_scale_factor=loss_scale_factor)
+    if output_final_state:
+        return loss, metrics(terms, log_prob, old_log_prob, config), final_state(terms, config, initial_state)
     return loss, metrics(terms, log_prob, old_log_prob, config)
+
+
+def final_state(terms: TokenTerms, config: PolicyLossConfig, initial_state=None) -> torch.Tensor:
+    """The carried state after the rows `[S, 3]` (ptr_kernels.carried_state): initial_state plus the rows'
+    totals (sum w (delta_b_i - D), sum w D, sum w); for dppo and ppo the state passes through."""
+    dt = terms.loss.dtype
+    S = terms.mask.shape[0]
+    state = terms.loss.new_zeros(S, STATE_WIDTH) if initial_state is None else initial_state.detach().to(dt)
+    if config.method != "cppo":
+        return state.clone()
+    with torch.no_grad():
+        slack = terms.weight * (terms.delta_b[:, None] - terms.divergence)  # columns in carried_state's order
+        totals = torch.stack([slack.sum(dim=1), (terms.weight * terms.divergence).sum(dim=1),
+                              terms.weight.sum(dim=1)], dim=1)
+    return state + totals

@@ -15,33 +15,51 @@ from typing import Optional
 
 import torch
 
+from ..carried_state import check_carried_state
 from ..layout import check_inputs, resolve_loss_scale_factor
 from . import reduce, token
 from .plan import KernelPlan, decode_config, encode_config, horizon_argument, kernel_plan, layout_constexprs
 
 
 def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, divergence, *,
-                  plan: KernelPlan, adv_per_seq: bool, loss_scale_factor: float, normalizers: tuple, block: int = 0):
+                  plan: KernelPlan, adv_per_seq: bool, loss_scale_factor: float, normalizers: tuple, block: int = 0,
+                  initial_state=None, position_offset=None, sequence_length=None, delta_b=None,
+                  output_final_state: bool = False):
     """Launch the token kernel and the reduction on validated inputs: two launches, no host sync.
 
     Args: the tensors of `policy_loss` (padded `[B, T]` or packed `[N]` + `cu_seqlens [S + 1]`), `divergence`
     (D per token, f32, like log_prob) or None to compute the binary D; `normalizers` = (dp_size,
     batch_num_tokens, global_batch_size), each None, a number or a 0-dim tensor; `block` positions per block
-    (a power of two; 0 picks one from the shapes).
+    (a power of two; 0 picks one from the shapes). A shard of a longer sequence (docs/math.md section 8, all
+    optional, validated by the caller): `initial_state [S, 3]` (slack, S, W), `position_offset [S]` int,
+    `sequence_length [S]` (T_w), `delta_b [S]`, and `output_final_state`.
     Returns: loss `[]` f32; aux `[NUM_AUX]` f32 (the backward scale, then the metrics); grad `[like log_prob]`
-    f32: d loss / d log_prob_t up to the backward scale (0 at masked positions).
+    f32: d loss / d log_prob_t up to the backward scale (0 at masked positions); with `output_final_state`
+    also final_state `[S, 3]` f32, the state after the shard.
     """
     packed = cu_seqlens is not None
     num_seqs = cu_seqlens.shape[0] - 1 if packed else log_prob.shape[0]
     grad, stats = token.empty_outputs(log_prob, num_seqs)
+    has_state = output_final_state or initial_state is not None or position_offset is not None
+    final_state = None
+    if has_state:
+        f32 = dict(dtype=torch.float32, device=log_prob.device)
+        initial_state = torch.zeros(num_seqs, 3, **f32) if initial_state is None else initial_state.contiguous()
+        final_state = torch.empty(num_seqs, 3, **f32)
     if num_seqs == 0 or log_prob.numel() == 0:
         grad.zero_(), stats.zero_()
+        if has_state:
+            final_state.copy_(initial_state)  # no token: the state passes through
     else:
         mask = response_mask
         if mask is not None:
             mask = mask.contiguous()
             mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask  # a uint8 pointer loads anywhere
-        flags = layout_constexprs(plan, packed, mask is not None, rollout_is_weights is not None, adv_per_seq)
+        flags = layout_constexprs(plan, packed, mask is not None, rollout_is_weights is not None, adv_per_seq,
+                                  has_state=has_state, given_horizon=sequence_length is not None,
+                                  given_delta_b=delta_b is not None)
+        if has_state and position_offset is None:
+            position_offset = torch.zeros(num_seqs, dtype=torch.int64, device=log_prob.device)
         max_len = None
         if flags["HORIZON"] == token.HORIZON_MAX_LEN.value:  # cppo, length_mode="padded", packed: on the device
             max_len = (cu_seqlens[1:] - cu_seqlens[:-1]).max()
@@ -51,27 +69,36 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
             None if divergence is None else divergence.contiguous(),
             cu_seqlens.contiguous() if packed else None, max_len, grad, stats,
             plan=plan, layout_flags=flags, horizon=horizon_argument(plan.config, None if packed else log_prob.shape[1]),
-            block=block or token.block_size(log_prob.numel(), num_seqs))
+            block=block or token.block_size(log_prob.numel(), num_seqs),
+            initial_state=initial_state, position_offset=_contiguous(position_offset),
+            sequence_length=_contiguous(sequence_length), delta_b=_contiguous(delta_b), final_state=final_state)
     loss, aux = reduce.launch_reduce(stats, agg_mode=plan.agg_mode, loss_scale_factor=loss_scale_factor,
                                      normalizers=normalizers)
+    if output_final_state:
+        return loss, aux, grad, final_state
     return loss, aux, grad
 
 
+def _contiguous(t):
+    return None if t is None else t.contiguous()
+
+
 class FusedPolicyLoss(torch.autograd.Function):
-    """Eager path: `(loss, aux)` from `fused_forward`; backward = one `scale_grad` launch into log_prob."""
+    """Eager path: `(loss, aux)` from `fused_forward` (and `final_state` when `options` ask for it);
+    backward = one `scale_grad` launch into log_prob."""
 
     @staticmethod
     def forward(ctx, log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, divergence,
                 options: dict):
-        loss, aux, grad = fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
-                                        rollout_is_weights, divergence, **options)
-        ctx.mark_non_differentiable(aux)
+        loss, aux, grad, *final_state = fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
+                                                      rollout_is_weights, divergence, **options)
+        ctx.mark_non_differentiable(aux, *final_state)
         ctx.save_for_backward(grad, aux)
         ctx.grad_dtype = log_prob.dtype
-        return loss, aux
+        return (loss, aux, *final_state)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_aux):
+    def backward(ctx, grad_loss, grad_aux, *grad_final_state):
         grad, aux = ctx.saved_tensors
         # only log_prob gets a gradient (docs/math.md section 1)
         return (reduce.scale_grad(grad, grad_loss, aux, ctx.grad_dtype),) + (None,) * 7
@@ -135,9 +162,22 @@ policy_loss_fused.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_policy_loss(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
-                      divergence, *, config, adv_per_seq: bool, loss_scale_factor, normalizers: tuple, block: int = 0):
-    """`(loss, aux)` of validated inputs through the eager Function, or the custom op under torch.compile."""
+                      divergence, *, config, adv_per_seq: bool, loss_scale_factor, normalizers: tuple, block: int = 0,
+                      shard: Optional[dict] = None):
+    """`(loss, aux)` of validated inputs through the eager Function, or the custom op under torch.compile.
+
+    `shard`: the carried-state keywords of `fused_forward` (docs/math.md section 8), eager only; with
+    `output_final_state` the result is `(loss, aux, final_state)`.
+    """
     loss_scale_factor = float(loss_scale_factor or 0)
+    if shard:
+        if torch.compiler.is_compiling():
+            raise NotImplementedError("policy_loss with a carried state (initial_state, position_offset, ...) "
+                                      "has no torch.compile path yet: call it outside the compiled region")
+        options = dict(plan=kernel_plan(config, divergence is not None), adv_per_seq=adv_per_seq,
+                       loss_scale_factor=loss_scale_factor, normalizers=normalizers, block=block, **shard)
+        return FusedPolicyLoss.apply(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
+                                     rollout_is_weights, divergence, options)
     if not torch.compiler.is_compiling():
         options = dict(plan=kernel_plan(config, divergence is not None), adv_per_seq=adv_per_seq,
                        loss_scale_factor=loss_scale_factor, normalizers=normalizers, block=block)
@@ -154,8 +194,10 @@ def fused_policy_loss(log_prob, old_log_prob, advantages, response_mask, cu_seql
 
 def triton_policy_loss(log_prob, old_log_prob, advantages, response_mask=None, *, cu_seqlens=None, config,
                        rollout_is_weights=None, dp_size=1, batch_num_tokens=None, global_batch_size=None,
-                       block: int = 0):
-    """`policy_loss(..., backend="triton")`: same arguments and `(loss, metrics)` as the reference.
+                       block: int = 0, initial_state=None, output_final_state: bool = False, position_offset=None,
+                       sequence_length=None, sequence_delta_b=None):
+    """`policy_loss(..., backend="triton")`: same arguments and `(loss, metrics)` (or `(loss, metrics,
+    final_state)` with `output_final_state`) as the reference.
 
     `block` forces the kernel's positions per block (a power of two; 0 picks one), for tests.
     """
@@ -164,11 +206,22 @@ def triton_policy_loss(log_prob, old_log_prob, advantages, response_mask=None, *
                           cu_seqlens_values_in_kernel=True)
     check_device(log_prob.device)
     loss_scale_factor = resolve_loss_scale_factor(config.loss_agg_mode, config.loss_scale_factor, layout)
-    loss, aux = fused_policy_loss(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
-                                  None, config=config, adv_per_seq=layout.adv_per_seq,
-                                  loss_scale_factor=loss_scale_factor,
-                                  normalizers=(dp_size, batch_num_tokens, global_batch_size), block=block)
-    return finish(loss, aux, kernel_plan(config), log_prob.dtype)
+    check_carried_state(layout.num_seqs, log_prob.device, initial_state=initial_state,
+                        position_offset=position_offset, sequence_length=sequence_length,
+                        sequence_delta_b=sequence_delta_b)
+    shard = dict(initial_state=initial_state, position_offset=position_offset, sequence_length=sequence_length,
+                 delta_b=sequence_delta_b)
+    shard = {k: v for k, v in shard.items() if v is not None}
+    if output_final_state:
+        shard["output_final_state"] = True
+    loss, aux, *final_state = fused_policy_loss(
+        log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, None, config=config,
+        adv_per_seq=layout.adv_per_seq, loss_scale_factor=loss_scale_factor,
+        normalizers=(dp_size, batch_num_tokens, global_batch_size), block=block, shard=shard)
+    loss, metrics = finish(loss, aux, kernel_plan(config), log_prob.dtype)
+    if output_final_state:  # in the loss's dtype, like the reference's
+        return loss, metrics, final_state[0].to(loss.dtype)
+    return loss, metrics
 
 
 def finish(loss: torch.Tensor, aux: torch.Tensor, plan: KernelPlan, dtype: torch.dtype):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..config import LOSS_AGG_MODES, PolicyLossConfig
-from . import common
+from . import common, token
 from .reduce import METHOD_METRICS, METRICS
 
 METHOD_IDS = {"cppo": common.METHOD_CPPO.value, "dppo": common.METHOD_DPPO.value, "ppo": common.METHOD_PPO.value}
@@ -62,20 +62,32 @@ def kernel_plan(config: PolicyLossConfig, given_divergence: bool = False) -> Ker
 
 
 @functools.lru_cache(maxsize=1024)
-def layout_constexprs(plan: KernelPlan, packed: bool, has_mask: bool, has_rw: bool, adv_per_seq: bool) -> dict:
-    """The token kernel's layout-dependent branch ids: T_w's source, whether pass A runs, the inputs present."""
+def layout_constexprs(plan: KernelPlan, packed: bool, has_mask: bool, has_rw: bool, adv_per_seq: bool, *,
+                      has_state: bool = False, given_horizon: bool = False, given_delta_b: bool = False) -> dict:
+    """The token kernel's layout-dependent branch ids: T_w's source, whether pass A runs, the inputs present.
+
+    A shard of a longer sequence (docs/math.md section 8): `has_state` (carried state and position offset),
+    `given_horizon` (T_w per sequence from `sequence_length`), `given_delta_b` (delta_b_i per sequence, which
+    replaces the quantile: QUANTILE is then overridden to False).
+    """
     config = plan.config
     cppo = config.method == "cppo"
-    if cppo and config.length_mode == "padded" and packed:
+    calibrate = plan.token_constexprs["QUANTILE"] and not given_delta_b
+    if cppo and given_horizon:
+        horizon = token.HORIZON_GIVEN.value
+    elif cppo and config.length_mode == "padded" and packed:
         horizon = common.HORIZON_MAX_LEN.value
     elif cppo and config.length_mode != "sequence":  # "padded" (the row width) or an int horizon
         horizon = common.HORIZON_ARG.value
     else:
         horizon = common.HORIZON_LAST.value
     needs_counts = plan.token_constexprs["PER_SEQ_MEAN"] or (cppo and horizon == common.HORIZON_LAST.value)
-    scan_first = plan.token_constexprs["QUANTILE"] or (has_mask and needs_counts)
-    return dict(HORIZON=horizon, SCAN_FIRST=scan_first, PACKED=packed, HAS_MASK=has_mask, HAS_RW=has_rw,
-                ADV_PER_SEQ=adv_per_seq)
+    scan_first = calibrate or (has_mask and needs_counts)
+    flags = dict(HORIZON=horizon, SCAN_FIRST=scan_first, PACKED=packed, HAS_MASK=has_mask, HAS_RW=has_rw,
+                 ADV_PER_SEQ=adv_per_seq, HAS_STATE=has_state, DELTA_B_GIVEN=given_delta_b and cppo)
+    if calibrate != plan.token_constexprs["QUANTILE"]:
+        flags["QUANTILE"] = calibrate  # replaces the plan's (token.launch_token_kernel merges the two)
+    return flags
 
 
 def encode_config(config: PolicyLossConfig) -> str:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (DIV_GIVEN, HORIZON_ARG, HORIZON_MAX_LEN, INT32_MAX, INT32_MIN, METHOD_CPPO, NUM_STATS,
+from .common import (DIV_GIVEN, GATE_SOFT, HORIZON_ARG, HORIZON_MAX_LEN, INT32_MAX, INT32_MIN, METHOD_CPPO, NUM_STATS,
                      STAT_CLIP_DUAL, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL, STAT_LOSS,
                      STAT_REJ_BUDGET, STAT_REJ_TOKEN, STAT_TOKENS, binary_divergence, finite_or_nan, key_value,
                      load_zeroed, log_ratio, order_key, position_weight, trust_region_step, valid_positions)
@@ -28,6 +28,10 @@ MAX_BLOCK = 1024
 MIN_BLOCK = 16
 TILE = 1024  # ROWS * BLOCK positions per program step
 NUM_WARPS = 8  # 4 positions per thread: no register spills on sm_90 (4 warps: up to 255 registers and spills)
+# T_w read per sequence from `sequence_length` (a shard of a longer sequence, docs/math.md section 8); the other
+# sources are common.HORIZON_*
+HORIZON_GIVEN = tl.constexpr(3)
+STATE_WIDTH = tl.constexpr(3)  # carried state per sequence: (slack, S, W), docs/distributed.md
 
 
 @triton.jit
@@ -123,17 +127,24 @@ def _sequences(cu_ptr, seq, seq_ok, num_seqs, width, total, PACKED: tl.constexpr
 @triton.jit
 def token_kernel(
     lp_ptr, olp_ptr, adv_ptr, mask_ptr, rw_ptr, div_ptr, cu_ptr, max_len_ptr,  # inputs
-    grad_ptr, stats_ptr,  # outputs: [like log_prob] f32, [S, NUM_STATS] f32
+    state_ptr, offset_ptr, seq_len_ptr, delta_b_ptr,  # per-sequence shard inputs (HAS_STATE, HORIZON_GIVEN, ...)
+    grad_ptr, stats_ptr, final_ptr,  # outputs: [like log_prob] f32, [S, NUM_STATS] f32, [S, 3] f32 (HAS_STATE)
     num_seqs, width, total, horizon_arg,  # S; padded row width T; N; T_w when HORIZON == HORIZON_ARG
     delta, delta_low, delta_high, w_min, delta_b, quantile, delta_b_hi, ratio_cap, log_ratio_clamp,
     ratio_lo, ratio_hi, clip_c,
     METHOD: tl.constexpr, DIVERGENCE: tl.constexpr, GATE: tl.constexpr, SURROGATE: tl.constexpr,
     QUANTILE: tl.constexpr, HORIZON: tl.constexpr, SCAN_FIRST: tl.constexpr, PACKED: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_RW: tl.constexpr, ADV_PER_SEQ: tl.constexpr, PER_SEQ_MEAN: tl.constexpr,
+    HAS_STATE: tl.constexpr, DELTA_B_GIVEN: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """A tile of ROWS sequences per program, walked in blocks of BLOCK positions: pass A (T_w, quantile
-    counts) when needed, then pass B (mask, loss, gradient, per-sequence sums)."""
+    counts) when needed, then pass B (mask, loss, gradient, per-sequence sums).
+
+    A shard of a longer sequence (docs/math.md section 8): HAS_STATE reads the carried state `[S, 3]` (slack,
+    S, W) and the global position of the shard's first token `[S]`, and writes the state after the shard;
+    DELTA_B_GIVEN reads delta_b_i `[S]` (no quantile here); HORIZON == HORIZON_GIVEN reads T_w `[S]`.
+    """
     seq = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     seq_ok = seq < num_seqs
     start, length, bad = _sequences(cu_ptr, seq, seq_ok, num_seqs, width, total, PACKED)
@@ -176,16 +187,23 @@ def token_kernel(
         n_valid = tl.sum(n_acc, axis=1)
         if HAS_MASK:
             last = tl.max(last_acc, axis=1)
+    if HAS_STATE:  # positions are global: the shard starts at position offset + 1
+        offset = tl.load(offset_ptr + seq, mask=seq_ok, other=0).to(tl.int64)
+        last = tl.where(last > 0, last + offset.to(tl.float32), 0.0)
 
     # ---- T_w and the per-sequence budget delta_b_i, `[ROWS]` ----
     if HORIZON == HORIZON_ARG:
         horizon = tl.cast(horizon_arg, tl.float32)
     elif HORIZON == HORIZON_MAX_LEN:
         horizon = tl.load(max_len_ptr).to(tl.float32)
+    elif HORIZON == HORIZON_GIVEN:
+        horizon = tl.load(seq_len_ptr + seq, mask=seq_ok, other=0).to(tl.float32)
     else:
         horizon = last
     span = tl.maximum(horizon - 1.0, 1.0) + tl.zeros([ROWS], dtype=tl.float32)
     db = delta_b + tl.zeros([ROWS], dtype=tl.float32)
+    if DELTA_B_GIVEN:  # the plan turns QUANTILE off
+        db = finite_or_nan(tl.load(delta_b_ptr + seq, mask=seq_ok, other=0.0).to(tl.float32))
     if QUANTILE:
         n = n_valid
         n_lo = tl.sum(lo_acc, axis=1)
@@ -210,9 +228,15 @@ def token_kernel(
         adv_seq = finite_or_nan(tl.load(adv_ptr + seq, mask=seq_ok, other=0.0).to(tl.float32))
     if PER_SEQ_MEAN:  # seq-mean-token-mean: d loss / d L_i has a factor 1 / n_i
         inv_n = 1.0 / tl.maximum(n_valid, 1).to(tl.float32)
-    carry_slack = tl.zeros([ROWS], dtype=tl.float32)  # sum of w (delta_b_i - D) = delta_b_i W - S
-    carry_s = tl.zeros([ROWS], dtype=tl.float32)  # S (soft gate)
-    carry_w = tl.zeros([ROWS], dtype=tl.float32)  # W (soft gate)
+    if HAS_STATE:  # the prefix of the earlier shards
+        state_row = state_ptr + seq.to(tl.int64) * STATE_WIDTH
+        carry_slack = tl.load(state_row, mask=seq_ok, other=0.0).to(tl.float32)
+        carry_s = tl.load(state_row + 1, mask=seq_ok, other=0.0).to(tl.float32)
+        carry_w = tl.load(state_row + 2, mask=seq_ok, other=0.0).to(tl.float32)
+    else:
+        carry_slack = tl.zeros([ROWS], dtype=tl.float32)  # sum of w (delta_b_i - D) = delta_b_i W - S
+        carry_s = tl.zeros([ROWS], dtype=tl.float32)  # S (soft gate, and the state)
+        carry_w = tl.zeros([ROWS], dtype=tl.float32)  # W (soft gate, and the state)
     # per-position accumulators, reduced once at the end; those a method never adds to stay constant 0
     loss_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     tok_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
@@ -237,11 +261,19 @@ def token_kernel(
         d = _divergence_tile(lp_ptr, olp_ptr, div_ptr, offs, valid, DIVERGENCE)
         weight = valid.to(tl.float32)
         if METHOD == METHOD_CPPO:
-            weight = tl.where(valid, position_weight(pos, span[:, None], w_min), 0.0)
+            if HAS_STATE:
+                weight = tl.where(valid, position_weight(pos + offset[:, None], span[:, None], w_min), 0.0)
+            else:
+                weight = tl.where(valid, position_weight(pos, span[:, None], w_min), 0.0)
         loss, grad, rej_tok, rej_bud, clip_lo, clip_hi, clip_du, carry_slack, carry_s, carry_w = \
             trust_region_step(lp, x, dx, r, d, adv, valid, weight, db, carry_slack, carry_s, carry_w,
                               delta, delta_low, delta_high, ratio_lo, ratio_hi, clip_c, ratio_cap,
                               METHOD, GATE, SURROGATE)
+        if HAS_STATE:
+            if METHOD == METHOD_CPPO:
+                if GATE != GATE_SOFT:  # the soft gate carries S and W itself; the state needs them too
+                    carry_s += tl.sum(weight * d, axis=1)
+                    carry_w += tl.sum(weight, axis=1)
         if HAS_RW:
             rw = load_zeroed(rw_ptr, offs, valid)
             loss = loss * rw
@@ -273,6 +305,11 @@ def token_kernel(
     tl.store(row + STAT_KL, tl.sum(kl_acc, axis=1) + poison, mask=seq_ok)
     tl.store(row + STAT_DIV, tl.sum(div_acc, axis=1) + poison, mask=seq_ok)
     tl.store(row + STAT_DELTA_B, tl.where(n_tokens > 0, db, 0.0) + poison, mask=seq_ok)
+    if HAS_STATE:
+        final_row = final_ptr + seq.to(tl.int64) * STATE_WIDTH
+        tl.store(final_row, carry_slack + poison, mask=seq_ok)
+        tl.store(final_row + 1, carry_s + poison, mask=seq_ok)
+        tl.store(final_row + 2, carry_w + poison, mask=seq_ok)
 
 
 def block_size(num_tokens: int, num_seqs: int) -> int:
@@ -282,19 +319,27 @@ def block_size(num_tokens: int, num_seqs: int) -> int:
 
 
 def launch_token_kernel(log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens,
-                        max_len, grad, stats, *, plan, layout_flags: dict, horizon: int, block: int):
+                        max_len, grad, stats, *, plan, layout_flags: dict, horizon: int, block: int,
+                        initial_state=None, position_offset=None, sequence_length=None, delta_b=None,
+                        final_state=None):
     """One launch of `token_kernel` on contiguous inputs (mask as uint8 or None) and preallocated outputs.
 
     `plan` is an `ops.plan.KernelPlan` (the config's scalars and branch ids), `layout_flags` the
-    layout-dependent constexprs (`layout_constexprs`), `horizon` T_w for HORIZON_ARG.
+    layout-dependent constexprs (`layout_constexprs`), `horizon` T_w for HORIZON_ARG. A shard of a longer
+    sequence (the flags say which are read): `initial_state [S, 3]` and `position_offset [S]` in,
+    `final_state [S, 3]` f32 out (HAS_STATE), `sequence_length [S]` (HORIZON_GIVEN), `delta_b [S]`
+    (DELTA_B_GIVEN), all contiguous.
     """
     num_seqs = stats.shape[0]
     rows = max(TILE // block, 1)
-    token_kernel[(triton.cdiv(num_seqs, rows),)](
+    constexprs = plan.token_constexprs if "QUANTILE" not in layout_flags else \
+        {k: v for k, v in plan.token_constexprs.items() if k != "QUANTILE"}  # layout_flags replaces it
+    token_kernel[(-(-num_seqs // rows),)](
         log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens, max_len,
-        grad, stats,
+        initial_state, position_offset, sequence_length, delta_b,
+        grad, stats, final_state,
         num_seqs, 0 if cu_seqlens is not None else log_prob.shape[1], log_prob.numel(), horizon,
-        *plan.token_scalars, **plan.token_constexprs, **layout_flags, ROWS=rows, BLOCK=block,
+        *plan.token_scalars, **constexprs, **layout_flags, ROWS=rows, BLOCK=block,
         num_warps=NUM_WARPS,
     )
 
