@@ -18,7 +18,8 @@ from .results import load_rows
 from .sweep import END_RESERVE_S, sweep
 from .workloads import LAYOUTS, METHODS, SWEEPS
 
-DESCRIPTION = "Benchmark harness: the fused kernel against eager PyTorch, torch.compile, the per-sequence loop and verl."
+DESCRIPTION = ("Benchmark harness: the fused kernel against eager PyTorch, torch.compile, the per-sequence loop "
+               "and verl.")
 
 
 def _list(choices):

@@ -89,9 +89,9 @@ def measure(device: torch.device, methods, layouts, dtype: str, reps: int, out: 
     """The host measurement of each (method, layout) into `out/host.csv`; returns the rows.
 
     Each case in turn: `reps` rounds of one sample of fused and one of eager (which goes first alternates), so
-    the machine's drift and bursts of load fall on both providers alike. A sample is one call timed with `perf_counter` (CPU, launches stubbed, garbage collector paused),
-    or the wall-clock per call of a batch of back-to-back calls synchronized before and after (CUDA). On CPU
-    torch uses one thread meanwhile (`_one_thread`).
+    the machine's drift and bursts of load fall on both providers alike. A sample is one call timed with
+    `perf_counter` (CPU: launches stubbed, torch on one thread, garbage collector paused), or the wall-clock
+    per call of a batch of back-to-back calls synchronized before and after (CUDA).
 
     Rows (mode fwd_bwd), CPU: `host_us` of fused and eager, `host_ratio` (p20, p50 and p80 of fused over
     the same quantile of eager) and `stubbed_launches` (per fused call); CUDA: `wall_us` and `wall_ratio`.

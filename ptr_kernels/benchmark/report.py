@@ -113,8 +113,9 @@ def report(rows, out: Path, csv_path) -> None:
     """Write results.md and the plots next to the CSV; print the targets (with host.csv's rows if the CSV's
     folder has one)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(f"Results from `{csv_path}`.\n\n" + markdown(with_host_rows(rows, Path(csv_path).parent)))
-    print("\n".join(target_table(with_host_rows(rows, Path(csv_path).parent))))
+    all_rows = with_host_rows(rows, Path(csv_path).parent)
+    (out / "results.md").write_text(f"Results from `{csv_path}`.\n\n" + markdown(all_rows))
+    print("\n".join(target_table(all_rows)))
     if rows and rows[0]["device"].startswith("cpu"):
         print(CPU_NOTE)
     pngs = plots(rows, out)
