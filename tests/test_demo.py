@@ -12,7 +12,7 @@ from ptr_kernels.demo import rollout, task
 from ptr_kernels.demo.train import DemoConfig, run_demo
 
 CPU = torch.device("cpu")
-# a cheap config for the mechanics (rewards stay near 0 after 20 warm-start steps; a high lr makes rejections)
+# a cheap config for the mechanics (rewards stay near 0 after 20 warm-start steps)
 TINY = DemoConfig(steps=2, warm_start_steps=20, eval_prompts=64, prompts_per_step=4)
 
 
@@ -44,7 +44,8 @@ def test_group_advantages_hand_computed():
 
 
 def test_rejections_by_position_are_the_loss_mask():
-    # one step: every update sees the same batch, so the per-position counts add up to the loss's metrics
+    # one step: every update sees the same batch, so the per-position counts add up to the loss's metrics;
+    # a high lr and 6 updates make the policy drift far enough for every method to reject some tokens
     config = DemoConfig(steps=1, warm_start_steps=60, eval_prompts=64, lr=1e-2, updates_per_batch=6)
     for method, res in run_demo(config, CPU).methods.items():
         valid = res.valid_by_position.sum().item()
@@ -57,6 +58,7 @@ def test_rejections_by_position_are_the_loss_mask():
 
 
 def test_deterministic_for_a_seed():
+    threads = torch.get_num_threads()
     first, second = run_demo(TINY, CPU), run_demo(TINY, CPU)
     assert first.warm_start_eval_reward == second.warm_start_eval_reward
     for method in TINY.methods:
@@ -65,7 +67,7 @@ def test_deterministic_for_a_seed():
             (b.reward, b.mask_frac, b.mask_frac_budget, b.eval_reward)
         assert torch.equal(a.rejected_token_by_position, b.rejected_token_by_position)
         assert torch.equal(a.rejected_budget_by_position, b.rejected_budget_by_position)
-    assert torch.get_num_threads() >= 1 and not torch.are_deterministic_algorithms_enabled()  # restored
+    assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()  # restored
 
 
 def test_cli_beats_supervised_only_and_writes_outputs(tmp_path, capsys):

@@ -1,4 +1,7 @@
-"""The `ptr-kernels demo` subcommand: options, progress bar, plots and the summary table."""
+"""RL with verifiable rewards on a CPU: a tiny transformer trained with cppo, dppo and ppo, and where each rejects.
+
+The `ptr-kernels demo` subcommand: its options, the progress bar, the plots and the summary table.
+"""
 
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .. import policy_loss
 from ..config import PolicyLossConfig
@@ -98,7 +97,7 @@ def evaluate(model, config: DemoConfig, device: torch.device) -> float:
 
 def train_method(method: str, warm_model: CausalTransformer, config: DemoConfig, device: torch.device,
                  progress=None) -> MethodResult:
-    """RL from a copy of `warm_model` with `policy_loss(method=method)`; `progress` (a tqdm bar) is advanced per step."""
+    """RL from a copy of `warm_model` with `policy_loss(method=method)`; `progress` (tqdm) advances per step."""
     model = copy.deepcopy(warm_model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     loss_config = PolicyLossConfig(method=method)
@@ -136,7 +135,8 @@ def train_method(method: str, warm_model: CausalTransformer, config: DemoConfig,
             progress.update()
     result.seconds = time.perf_counter() - start
     result.valid_by_position = valid.cpu()
-    result.rejected_token_by_position, result.rejected_budget_by_position = rejected_token.cpu(), rejected_budget.cpu()
+    result.rejected_token_by_position = rejected_token.cpu()
+    result.rejected_budget_by_position = rejected_budget.cpu()
     result.trained_tokens = int(valid.sum())
     result.eval_reward = evaluate(model, config, device)
     return result
