@@ -12,6 +12,9 @@ from .reference import policy_loss_reference
 BACKENDS = ("auto", "reference", "triton")
 
 
+_DEFAULT_CONFIG = PolicyLossConfig()
+
+
 def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                 response_mask: Optional[torch.Tensor] = None, *, cu_seqlens: Optional[torch.Tensor] = None,
                 config: Optional[PolicyLossConfig] = None, backend: str = "auto",
@@ -55,7 +58,10 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
         `(loss, metrics)`: a 0-dim loss and a dict of 0-dim metric tensors on the input's device;
         `(loss, metrics, final_state)` with `output_final_state`.
     """
-    config = resolve_config(config, overrides)
+    if config is None and not overrides:
+        config = _DEFAULT_CONFIG
+    elif overrides or not isinstance(config, PolicyLossConfig):  # a given config was validated when built
+        config = resolve_config(config, overrides)
     if config.divergence in LOGIT_DIVERGENCES:
         raise ValueError(f"divergence={config.divergence!r} needs logits: use policy_loss_from_logits")
     if backend not in BACKENDS:
@@ -75,8 +81,11 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
 
 
 def _triton_policy_loss(*args, **kwargs):
-    # imported here so that importing ptr_kernels does not import triton (TRITON_INTERPRET must be set first)
+    # imported on first use so that importing ptr_kernels does not import triton (TRITON_INTERPRET must be set
+    # first), then kept: an import statement per call costs host time
+    global _triton_policy_loss
     from .ops.autograd import triton_policy_loss
+    _triton_policy_loss = triton_policy_loss
     return triton_policy_loss(*args, **kwargs)
 
 

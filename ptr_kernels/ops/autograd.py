@@ -234,7 +234,7 @@ def finish(loss: torch.Tensor, aux: torch.Tensor, plan: KernelPlan, dtype: torch
 
 def check_device(device: torch.device) -> None:
     """CPU tensors need the Triton interpreter; raise a RuntimeError saying how to enable it."""
-    if device.type == "cpu" and not interpreter_active():
+    if device.type == "cpu" and not _INTERPRETER_ACTIVE:
         raise RuntimeError(
             "backend='triton' got CPU tensors, but Triton kernels run on CPU only in the Triton interpreter: "
             "set the environment variable TRITON_INTERPRET=1 before triton is first imported "
@@ -245,3 +245,6 @@ def interpreter_active() -> bool:
     """Whether the kernels run in the Triton interpreter (TRITON_INTERPRET=1 when triton was imported)."""
     from triton.runtime.interpreter import InterpretedFunction
     return isinstance(token.token_kernel, InterpretedFunction)
+
+
+_INTERPRETER_ACTIVE = interpreter_active()

@@ -13,6 +13,8 @@ import functools
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from ..config import LOSS_AGG_MODES, PolicyLossConfig
 from . import common, token
 from .reduce import METHOD_METRICS, METRICS
@@ -90,6 +92,7 @@ def layout_constexprs(plan: KernelPlan, packed: bool, has_mask: bool, has_rw: bo
     return flags
 
 
+@torch.compiler.assume_constant_result  # evaluated once while tracing, a constant of the graph
 def encode_config(config: PolicyLossConfig) -> str:
     """`config` as one exact string (floats by repr): the custom op's config argument."""
     return ";".join(f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config))

@@ -315,7 +315,7 @@ def token_kernel(
 def block_size(num_tokens: int, num_seqs: int) -> int:
     """A power of two near the mean sequence length, in [MIN_BLOCK, MAX_BLOCK] (shapes only, no sync)."""
     mean = -(-num_tokens // max(num_seqs, 1))
-    return min(max(triton.next_power_of_2(max(mean, 1)), MIN_BLOCK), MAX_BLOCK)
+    return min(max(1 << (mean - 1).bit_length(), MIN_BLOCK), MAX_BLOCK)  # plain Python: host time per call
 
 
 def launch_token_kernel(log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens,
@@ -347,5 +347,5 @@ def launch_token_kernel(log_prob, old_log_prob, advantages, mask, rollout_is_wei
 def empty_outputs(log_prob: torch.Tensor, num_seqs: int):
     """grad `[like log_prob]` and stats `[S, NUM_STATS]` (float32). The kernel writes every element (each
     position belongs to exactly one row or packed sequence), so `empty` is enough."""
-    return (torch.empty(log_prob.shape, dtype=torch.float32, device=log_prob.device),
-            torch.empty(num_seqs, NUM_STATS.value, dtype=torch.float32, device=log_prob.device))
+    grad = log_prob.new_empty(log_prob.shape, dtype=torch.float32)  # new_empty: the cheapest allocation call
+    return grad, grad.new_empty((num_seqs, NUM_STATS.value))
