@@ -101,7 +101,8 @@ def test_compile_packed():
 
 
 # Kernel variants for the ahead-of-time compile check: every constexpr value at least once (METHOD: cppo 0,
-# dppo 1, ppo 2; DIVERGENCE: binary_tv 0, binary_kl 1, given 2; HORIZON: last 0, argument 1, max_len 2).
+# dppo 1, ppo 2; DIVERGENCE: binary_tv 0, binary_kl 1, given 2; HORIZON: last 0, argument 1, max_len 2,
+# given 3; HAS_STATE, DELTA_B_GIVEN).
 AOT_VARIANTS = [
     dict(METHOD=0, DIVERGENCE=0, GATE=0, SURROGATE=0, QUANTILE=True, HORIZON=0, SCAN_FIRST=True, PACKED=True,
          HAS_MASK=True, HAS_RW=True, ADV_PER_SEQ=False, PER_SEQ_MEAN=True, ROWS=1, BLOCK=1024),
@@ -113,7 +114,12 @@ AOT_VARIANTS = [
          HAS_MASK=True, HAS_RW=False, ADV_PER_SEQ=False, PER_SEQ_MEAN=False, ROWS=1, BLOCK=1024),
     dict(METHOD=2, DIVERGENCE=0, GATE=0, SURROGATE=0, QUANTILE=False, HORIZON=0, SCAN_FIRST=False, PACKED=True,
          HAS_MASK=True, HAS_RW=True, ADV_PER_SEQ=False, PER_SEQ_MEAN=True, ROWS=8, BLOCK=128),
+    # a context-parallel shard: carried state, T_w and delta_b given (HORIZON_GIVEN = 3)
+    dict(METHOD=0, DIVERGENCE=0, GATE=0, SURROGATE=0, QUANTILE=False, HORIZON=3, SCAN_FIRST=False, PACKED=True,
+         HAS_MASK=True, HAS_RW=False, ADV_PER_SEQ=True, PER_SEQ_MEAN=False, ROWS=4, BLOCK=256, HAS_STATE=True,
+         DELTA_B_GIVEN=True),
 ]
+AOT_VARIANTS = [dict(dict(HAS_STATE=False, DELTA_B_GIVEN=False), **v) for v in AOT_VARIANTS]
 
 
 def _resource_usage(cubin: bytes) -> str:
@@ -150,11 +156,16 @@ def _aot_compile_all():
     for i, const in enumerate(AOT_VARIANTS + [dict(AOT_VARIANTS[2])]):
         absent = [n for n, on in (("mask_ptr", const["HAS_MASK"]), ("rw_ptr", const["HAS_RW"]),
                                   ("div_ptr", const["DIVERGENCE"] == 2), ("cu_ptr", const["PACKED"]),
-                                  ("max_len_ptr", const["HORIZON"] == 2)) if not on]
+                                  ("max_len_ptr", const["HORIZON"] == 2), ("state_ptr", const["HAS_STATE"]),
+                                  ("offset_ptr", const["HAS_STATE"]), ("final_ptr", const["HAS_STATE"]),
+                                  ("seq_len_ptr", const["HORIZON"] == 3),
+                                  ("delta_b_ptr", const["DELTA_B_GIVEN"])) if not on]
         ones = ["num_seqs", "width", "horizon_arg"] if i == len(AOT_VARIANTS) else []
         types = dict(lp_ptr="*bf16", olp_ptr="*bf16", adv_ptr="*bf16", mask_ptr="*u8", rw_ptr="*bf16",
                      div_ptr="*fp32", cu_ptr="*i32", max_len_ptr="*i32", grad_ptr="*fp32",
-                     stats_ptr="*fp32", num_seqs="i32", width="i32", total="i64", horizon_arg="i32")
+                     stats_ptr="*fp32", num_seqs="i32", width="i32", total="i64", horizon_arg="i32",
+                     state_ptr="*fp32", offset_ptr="*i64", seq_len_ptr="*i64", delta_b_ptr="*fp32",
+                     final_ptr="*fp32")
         constexprs = {**const, **{n: None for n in absent}, **{n: 1 for n in ones}}
         print("token", const, compile_one(token.token_kernel, types, constexprs, token.NUM_WARPS))
     # the reduction (every mode; normalizers absent, numbers, tensors) and the backward's scaling
