@@ -235,6 +235,19 @@ def test_masked_positions_are_not_validated():
         assert math.isfinite(loss.item())
 
 
+def test_fuzz_and_bench_commands(tmp_path, capsys):
+    """`ptr-kernels fuzz --from-logits` (Triton in the interpreter against the oracle) and a tiny
+    `ptr-kernels bench --from-logits` run and report."""
+    from ptr_kernels.cli import main
+
+    assert main(["fuzz", "--from-logits", "--backend", "triton", "--cases", "2", "--max-len", "8"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert main(["bench", "--from-logits", "--methods", "ppo", "--max-reps", "1", "--out", str(tmp_path)]) == 0
+    rows = (tmp_path / "from_logits.csv").read_text().splitlines()
+    assert rows[0].startswith("provider,method") and any(r.startswith("fused,ppo") for r in rows)
+    assert all(r.split(",")[6] for r in rows[1:])  # every provider that ran has a time
+
+
 def _aot_compile_logits_kernels():
     """Compile the forward (every TOPK, with and without a mask) and backward kernels for sm_90, bf16 logits."""
     import triton

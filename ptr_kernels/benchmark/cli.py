@@ -58,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only measure the host time of one fwd+bwd call, fused vs eager, interleaved (CPU: "
                              "Triton launches stubbed, ratio target 0.15; CUDA: wall-clock at 8x512 and packed "
                              "8 / 4096); writes host.csv and host.md")
+    parser.add_argument("--from-logits", action="store_true",
+                        help="only compare the loss from logits: fused vs eager log_softmax (and TRL / Liger-Kernel "
+                             "when installed); bf16 logits, V 32k and 152k on cuda, a tiny shape on cpu; writes "
+                             "from_logits.csv and from_logits.md")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
                           else "cpu")
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
+    if args.from_logits:
+        from .from_logits import run as run_from_logits
+        return run_from_logits(args, device, out)
     if args.host:
         if device.type == "cpu" and not interpreter_ready():
             print("--host on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before triton is imported",

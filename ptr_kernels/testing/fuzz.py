@@ -191,6 +191,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: cuda when available")
     parser.add_argument("--max-len", type=int, default=300, help="longest sequence (default 300)")
     parser.add_argument("--show", type=int, default=5, help="failing cases printed in full (default 5)")
+    parser.add_argument("--from-logits", action="store_true",
+                        help="fuzz policy_loss_from_logits (Top-K divergences, logits gradient) instead")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -208,6 +210,9 @@ def run(args: argparse.Namespace) -> int:
             print("triton was imported without TRITON_INTERPRET=1; set it in the environment", file=sys.stderr)
             return 2
         os.environ["TRITON_INTERPRET"] = "1"
+    if args.from_logits:
+        from .fuzz_logits import run as run_from_logits
+        return run_from_logits(args, device, backend, dtype)
     rtol, tie_rtol = tolerances(dtype)
     print(f"ptr-kernels fuzz: backend={backend} device={device} dtype={str(dtype).removeprefix('torch.')} "
           f"cases={args.cases} seeds={args.seed}..{args.seed + args.cases - 1}")
