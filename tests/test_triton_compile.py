@@ -161,7 +161,9 @@ def _aot_compile_all():
                                   ("seq_len_ptr", const["HORIZON"] == 3),
                                   ("delta_b_ptr", const["DELTA_B_GIVEN"])) if not on]
         ones = ["num_seqs", "width", "horizon_arg"] if i == len(AOT_VARIANTS) else []
-        types = dict(lp_ptr="*bf16", olp_ptr="*bf16", adv_ptr="*bf16", mask_ptr="*u8", rw_ptr="*bf16",
+        # masks of any dtype load as they are: bool (*i1), uint8, float
+        mask_type = ("*i1", "*u8", "*fp32")[i % 3]
+        types = dict(lp_ptr="*bf16", olp_ptr="*bf16", adv_ptr="*bf16", mask_ptr=mask_type, rw_ptr="*bf16",
                      div_ptr="*fp32", cu_ptr="*i32", max_len_ptr="*i32", grad_ptr="*fp32",
                      stats_ptr="*fp32", num_seqs="i32", width="i32", total="i64", horizon_arg="i32",
                      state_ptr="*fp32", offset_ptr="*i64", seq_len_ptr="*i64", delta_b_ptr="*fp32",

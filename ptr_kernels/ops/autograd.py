@@ -51,10 +51,7 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
         if has_state:
             final_state.copy_(initial_state)  # no token: the state passes through
     else:
-        mask = response_mask
-        if mask is not None:
-            mask = mask.contiguous()
-            mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask  # a uint8 pointer loads anywhere
+        mask = None if response_mask is None else response_mask.contiguous()  # bool, int or float: != 0 is valid
         flags = layout_constexprs(plan, packed, mask is not None, rollout_is_weights is not None, adv_per_seq,
                                   has_state=has_state, given_horizon=sequence_length is not None,
                                   given_delta_b=delta_b is not None)
@@ -68,7 +65,7 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
             None if rollout_is_weights is None else rollout_is_weights.contiguous(),
             None if divergence is None else divergence.contiguous(),
             cu_seqlens.contiguous() if packed else None, max_len, grad, stats,
-            plan=plan, layout_flags=flags, horizon=horizon_argument(plan.config, None if packed else log_prob.shape[1]),
+            plan=plan, constexprs=flags, horizon=horizon_argument(plan.config, None if packed else log_prob.shape[1]),
             block=block or token.block_size(log_prob.numel(), num_seqs),
             initial_state=initial_state, position_offset=_contiguous(position_offset),
             sequence_length=_contiguous(sequence_length), delta_b=_contiguous(delta_b), final_state=final_state)
@@ -84,24 +81,26 @@ def _contiguous(t):
 
 
 class FusedPolicyLoss(torch.autograd.Function):
-    """Eager path: `(loss, aux)` from `fused_forward` (and `final_state` when `options` ask for it);
-    backward = one `scale_grad` launch into log_prob."""
+    """Eager path: the loss from `fused_forward`; backward = one `scale_grad` launch into log_prob.
+
+    Only `log_prob` is an argument of its own: the other tensors travel in `inputs`, so autograd never tracks
+    them (they get no gradient, docs/math.md section 10). The outputs without a gradient (`aux`, and
+    `final_state` when asked) are handed back in `side` rather than as outputs: autograd then tracks one
+    output, and `apply` costs less host time.
+    """
 
     @staticmethod
-    def forward(ctx, log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, divergence,
-                options: dict):
-        loss, aux, grad, *final_state = fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
-                                                      rollout_is_weights, divergence, **options)
-        ctx.mark_non_differentiable(aux, *final_state)
+    def forward(ctx, log_prob, inputs: tuple, options: dict, side: list):
+        loss, aux, grad, *final_state = fused_forward(log_prob, *inputs, **options)
         ctx.save_for_backward(grad, aux)
         ctx.grad_dtype = log_prob.dtype
-        return (loss, aux, *final_state)
+        side += [aux, *final_state]
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_aux, *grad_final_state):
+    def backward(ctx, grad_loss):
         grad, aux = ctx.saved_tensors
-        # only log_prob gets a gradient (docs/math.md section 1)
-        return (reduce.scale_grad(grad, grad_loss, aux, ctx.grad_dtype),) + (None,) * 7
+        return reduce.scale_grad(grad, grad_loss, aux, ctx.grad_dtype), None, None, None
 
 
 # ---- the compiled path: custom ops with a short schema (config as one string, numbers as lists) ----
@@ -170,19 +169,17 @@ def fused_policy_loss(log_prob, old_log_prob, advantages, response_mask, cu_seql
     `output_final_state` the result is `(loss, aux, final_state)`.
     """
     loss_scale_factor = float(loss_scale_factor or 0)
-    if shard:
-        if torch.compiler.is_compiling():
-            raise NotImplementedError("policy_loss with a carried state (initial_state, position_offset, ...) "
-                                      "has no torch.compile path yet: call it outside the compiled region")
+    compiling = torch.compiler.is_compiling()
+    if shard and compiling:
+        raise NotImplementedError("policy_loss with a carried state (initial_state, position_offset, ...) "
+                                  "has no torch.compile path yet: call it outside the compiled region")
+    if not compiling:
         options = dict(plan=kernel_plan(config, divergence is not None), adv_per_seq=adv_per_seq,
-                       loss_scale_factor=loss_scale_factor, normalizers=normalizers, block=block, **shard)
-        return FusedPolicyLoss.apply(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
-                                     rollout_is_weights, divergence, options)
-    if not torch.compiler.is_compiling():
-        options = dict(plan=kernel_plan(config, divergence is not None), adv_per_seq=adv_per_seq,
-                       loss_scale_factor=loss_scale_factor, normalizers=normalizers, block=block)
-        return FusedPolicyLoss.apply(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
-                                     rollout_is_weights, divergence, options)
+                       loss_scale_factor=loss_scale_factor, normalizers=normalizers, block=block, **(shard or {}))
+        inputs = (old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, divergence)
+        side = []
+        loss = FusedPolicyLoss.apply(log_prob, inputs, options, side)
+        return (loss, *side)
     tensors = [v if isinstance(v, torch.Tensor) else None for v in normalizers]
     numbers = [loss_scale_factor] + [math.nan if v is None or isinstance(v, torch.Tensor) else float(v)
                                      for v in normalizers]
@@ -204,16 +201,17 @@ def triton_policy_loss(log_prob, old_log_prob, advantages, response_mask=None, *
     layout = check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
                           dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
                           cu_seqlens_values_in_kernel=True)
-    check_device(log_prob.device)
+    if not _INTERPRETER_ACTIVE:
+        check_device(log_prob.device)
     loss_scale_factor = resolve_loss_scale_factor(config.loss_agg_mode, config.loss_scale_factor, layout)
-    check_carried_state(layout.num_seqs, log_prob.device, initial_state=initial_state,
-                        position_offset=position_offset, sequence_length=sequence_length,
-                        sequence_delta_b=sequence_delta_b)
-    shard = dict(initial_state=initial_state, position_offset=position_offset, sequence_length=sequence_length,
-                 delta_b=sequence_delta_b)
-    shard = {k: v for k, v in shard.items() if v is not None}
-    if output_final_state:
-        shard["output_final_state"] = True
+    shard = None
+    if output_final_state or any(t is not None for t in (initial_state, position_offset, sequence_length,
+                                                          sequence_delta_b)):
+        check_carried_state(layout.num_seqs, log_prob.device, initial_state=initial_state,
+                            position_offset=position_offset, sequence_length=sequence_length,
+                            sequence_delta_b=sequence_delta_b)
+        shard = dict(initial_state=initial_state, position_offset=position_offset, sequence_length=sequence_length,
+                     delta_b=sequence_delta_b, output_final_state=output_final_state)
     loss, aux, *final_state = fused_policy_loss(
         log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, None, config=config,
         adv_per_seq=layout.adv_per_seq, loss_scale_factor=loss_scale_factor,
@@ -234,7 +232,7 @@ def finish(loss: torch.Tensor, aux: torch.Tensor, plan: KernelPlan, dtype: torch
 
 def check_device(device: torch.device) -> None:
     """CPU tensors need the Triton interpreter; raise a RuntimeError saying how to enable it."""
-    if device.type == "cpu" and not _INTERPRETER_ACTIVE:
+    if not _INTERPRETER_ACTIVE and device.type == "cpu":
         raise RuntimeError(
             "backend='triton' got CPU tensors, but Triton kernels run on CPU only in the Triton interpreter: "
             "set the environment variable TRITON_INTERPRET=1 before triton is first imported "

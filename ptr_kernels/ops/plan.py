@@ -66,7 +66,8 @@ def kernel_plan(config: PolicyLossConfig, given_divergence: bool = False) -> Ker
 @functools.lru_cache(maxsize=1024)
 def layout_constexprs(plan: KernelPlan, packed: bool, has_mask: bool, has_rw: bool, adv_per_seq: bool, *,
                       has_state: bool = False, given_horizon: bool = False, given_delta_b: bool = False) -> dict:
-    """The token kernel's layout-dependent branch ids: T_w's source, whether pass A runs, the inputs present.
+    """Every branch id of the token kernel: the plan's, and those that depend on the layout (T_w's source,
+    whether pass A runs, the inputs present), merged once per combination.
 
     A shard of a longer sequence (docs/math.md section 8): `has_state` (carried state and position offset),
     `given_horizon` (T_w per sequence from `sequence_length`), `given_delta_b` (delta_b_i per sequence, which
@@ -85,11 +86,9 @@ def layout_constexprs(plan: KernelPlan, packed: bool, has_mask: bool, has_rw: bo
         horizon = common.HORIZON_LAST.value
     needs_counts = plan.token_constexprs["PER_SEQ_MEAN"] or (cppo and horizon == common.HORIZON_LAST.value)
     scan_first = calibrate or (has_mask and needs_counts)
-    flags = dict(HORIZON=horizon, SCAN_FIRST=scan_first, PACKED=packed, HAS_MASK=has_mask, HAS_RW=has_rw,
-                 ADV_PER_SEQ=adv_per_seq, HAS_STATE=has_state, DELTA_B_GIVEN=given_delta_b and cppo)
-    if calibrate != plan.token_constexprs["QUANTILE"]:
-        flags["QUANTILE"] = calibrate  # replaces the plan's (token.launch_token_kernel merges the two)
-    return flags
+    return dict(plan.token_constexprs, QUANTILE=calibrate, HORIZON=horizon, SCAN_FIRST=scan_first, PACKED=packed,
+                HAS_MASK=has_mask, HAS_RW=has_rw, ADV_PER_SEQ=adv_per_seq, HAS_STATE=has_state,
+                DELTA_B_GIVEN=given_delta_b and cppo)
 
 
 @torch.compiler.assume_constant_result  # evaluated once while tracing, a constant of the graph

@@ -139,8 +139,9 @@ def launch_reduce(stats: torch.Tensor, *, agg_mode: int, loss_scale_factor: floa
     `normalizers`: (dp_size, batch_num_tokens, global_batch_size), each None, a number or a 0-dim tensor.
     """
     loss, aux = stats.new_empty(()), stats.new_empty(NUM_AUX)
-    (dp_kind, dp_ptr, dp), (tokens_kind, tokens_ptr, tokens), (seqs_kind, seqs_ptr, seqs) = map(_normalizer_args,
-                                                                                                normalizers)
+    dp_kind, dp_ptr, dp = _normalizer_args(normalizers[0])
+    tokens_kind, tokens_ptr, tokens = _normalizer_args(normalizers[1])
+    seqs_kind, seqs_ptr, seqs = _normalizer_args(normalizers[2])
     reduce_kernel[(1,)](
         stats, loss, aux, stats.shape[0], dp_ptr, dp, tokens_ptr, tokens, seqs_ptr, seqs, float(loss_scale_factor),
         MODE=agg_mode, DP=dp_kind, TOKENS=tokens_kind, SEQS=seqs_kind, STATS_POW2=STATS_POW2, BLOCK=REDUCE_BLOCK,
@@ -150,11 +151,14 @@ def launch_reduce(stats: torch.Tensor, *, agg_mode: int, loss_scale_factor: floa
 
 def _normalizer_args(value) -> tuple:
     """(kind, pointer, number) of one global normalizer for `reduce_kernel`."""
+    if value is None:
+        return _ABSENT
     if isinstance(value, torch.Tensor):
         return NORM_TENSOR.value, value, 0.0
-    if value is None:
-        return NORM_ABSENT.value, None, 0.0
     return NORM_NUMBER.value, None, float(value)
+
+
+_ABSENT = (NORM_ABSENT.value, None, 0.0)
 
 
 def scale_grad(grad: torch.Tensor, upstream: torch.Tensor, aux: torch.Tensor, dtype: torch.dtype):
