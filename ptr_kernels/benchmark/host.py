@@ -35,6 +35,29 @@ WARMUP_CALLS = 5
 CUDA_CALLS_PER_BATCH = 20
 RATIO_METRICS = ("host_ratio", "wall_ratio")  # CPU, CUDA
 PROVIDERS = ("fused", "eager")
+# the floor of any loss written as a Python autograd.Function: apply + the engine's backward, nothing else
+FLOOR = "autograd_floor"
+
+
+class _AutogradFloor(torch.autograd.Function):
+    """What every Python autograd op costs on the host: `apply` with the fused path's arguments, its
+    allocations (loss, aux, the saved gradient; the backward's output) and the engine's backward call."""
+
+    @staticmethod
+    def forward(ctx, log_prob, inputs, options, side):
+        grad = log_prob.new_empty(log_prob.shape)
+        ctx.save_for_backward(grad)
+        side.append(grad.new_empty(11))
+        return grad.new_empty(())
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad.new_empty(grad.shape), None, None, None
+
+
+def _floor_call(inp):
+    return _AutogradFloor.apply(inp.log_prob, (inp.old_log_prob, inp.advantages, inp.mask), {}, [])
 
 
 @contextlib.contextmanager
@@ -104,6 +127,10 @@ def measure(device: torch.device, methods, layouts, dtype: str, reps: int, out: 
         if shape.layout in layouts:
             inputs = make_inputs(shape, device, getattr(torch, dtype), seed=0, structure_seed=shape.tokens)
             cases += [_Case(shape, m, inputs, {p: make_call(p, m) for p in PROVIDERS}) for m in methods]
+    if not cuda:
+        for case in cases:
+            case.calls[FLOOR] = _floor_call
+            case.times[FLOOR] = []
     if cuda:
         for case in cases:
             _alternating(case, reps, lambda call, inp: timer.wall_batch(lambda _: _run(call, inp),
@@ -127,6 +154,11 @@ def measure(device: torch.device, methods, layouts, dtype: str, reps: int, out: 
             sink.add(provider, *key, metric, values, note=note)
         sink.add("fused", *key, RATIO_METRICS[cuda], tuple(f / e for f, e in zip(fused, eager)),
                  note="fused / eager, each quantile")
+        if FLOOR in case.times:
+            floor = quantiles(case.times[FLOOR])
+            sink.add(FLOOR, *key, metric, floor, note="a no-op autograd.Function: apply + backward, no work")
+            sink.add(FLOOR, *key, "host_ratio", tuple(f / e for f, e in zip(floor, eager)),
+                     note="autograd floor / eager, each quantile")
     sink.close()
     return sink.rows
 
@@ -156,7 +188,7 @@ def _alternating(case: _Case, rounds: int, sample) -> None:
     gc.disable()
     try:
         for i in range(rounds):
-            for provider in PROVIDERS if i % 2 == 0 else PROVIDERS[::-1]:
+            for provider in case.calls if i % 2 == 0 else reversed(case.calls):
                 case.times[provider].append(sample(case.calls[provider], case.inputs))
     finally:
         gc.enable()
@@ -166,11 +198,11 @@ def table(rows) -> list:
     """Markdown lines: per (method, layout) of the ratio rows in `rows`, each provider's p50 and the ratio,
     PASS/MISS against the target."""
     by_key = {(r["provider"], r["method"], r["layout"], r["shape"], r["metric"]): r for r in rows if r["p50"]}
-    ratios = [r for r in rows if r["metric"] in RATIO_METRICS]
+    ratios = [r for r in rows if r["metric"] in RATIO_METRICS and r["provider"] == "fused"]
     cpu = any(r["metric"] == "host_ratio" for r in ratios)
     metric = "host_us" if cpu else "wall_us"
     header = ("method", "layout", "shape", f"fused {metric} p50", f"eager {metric} p50", "fused / eager", "target",
-              "status") + (("stubbed launches per call",) if cpu else ())
+              "status") + (("stubbed launches per call", f"autograd floor {metric} p50") if cpu else ())
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in ratios:
         key = (r["method"], r["layout"], r["shape"])
@@ -183,6 +215,8 @@ def table(rows) -> list:
         cells = [*key, f"{fused:.1f} us", f"{eager:.1f} us", f"{ratio:.3f}", required, "PASS" if ok else "MISS"]
         if cpu:
             cells.append(f"{float(by_key[('fused', *key, 'stubbed_launches')]['p50']):g}")
+            floor = by_key.get((FLOOR, *key, metric))
+            cells.append(f"{float(floor['p50']):.1f} us" if floor else "")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -108,7 +108,7 @@ def _issue4(table, rows, index):
 
 
 def _issue7(table, rows):
-    host = [r for r in rows if r["metric"] == "host_ratio"]
+    host = [r for r in rows if r["metric"] == "host_ratio" and r["provider"] == "fused"]
     for r in host:
         table.add("7", "host time of fwd+bwd, Triton launches stubbed: fused / eager",
                   f"{r['method']}, {r['layout']} {r['shape']} (`bench --host`, {r['device']})", float(r["p50"]),
