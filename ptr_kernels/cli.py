@@ -1,7 +1,7 @@
 """The `ptr-kernels` command line (also `python -m ptr_kernels`).
 
 Subcommands:
-  fuzz    compare a backend with the literal SPEC loop on seeded random cases
+  fuzz    compare a backend with the token-by-token oracle (docs/math.md) on seeded random cases
   bench   benchmark sweep of the fused kernel against eager, torch.compile, the per-sequence loop and verl
   demo    RL with verifiable rewards on a CPU: a tiny transformer trained with cppo, dppo and ppo in turn
 """
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     from .testing import fuzz  # imports torch, not triton: fuzz sets TRITON_INTERPRET before triton is imported
-    check = commands.add_parser("fuzz", help="compare a backend with the literal SPEC loop on random cases",
+    check = commands.add_parser("fuzz", help="compare a backend with the token-by-token oracle on random cases",
                                 description=fuzz.__doc__.split("\n")[0])
     fuzz.add_arguments(check)
     check.set_defaults(func=fuzz.run)

@@ -185,7 +185,7 @@ def _smooth_inputs(seed, shape, method, cfg_kwargs, per_seq_adv=False):
 
 
 # Only configs whose loss is the function autograd differentiates: the soft gate g_t and the "logp"
-# surrogate's capped ratio are stop-gradient by SPEC, so finite differences see terms the gradient omits
+# surrogate's capped ratio are stop-gradient (docs/math.md section 5), so finite differences see terms the gradient omits
 # (their gradient is checked against the literal loop's hand derivation in test_reference_equals_literal).
 GRADCHECK_CONFIGS = [
     ("cppo", dict()),

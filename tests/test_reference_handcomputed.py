@@ -1,4 +1,4 @@
-"""CPPO on a 6-token sequence, derived by hand step by step (SPEC section 3), against the reference.
+"""CPPO on a 6-token sequence, derived by hand step by step (docs/math.md section 3), against the reference.
 
 Shared data: mu_t = 0.5 everywhere, pi = [0.60, 0.62, 0.45, 0.51, 0.52, 0.69], so
     D_t = |pi_t - mu_t| = [0.10, 0.12, 0.05, 0.01, 0.02, 0.19]     (binary TV)

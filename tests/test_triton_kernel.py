@@ -207,7 +207,7 @@ def test_soft_gate_with_rounding_negative_kl():
 
 
 def test_fuzz_covers_every_option():
-    """The fuzz seeds draw every method, option, layout and aggregation mode of SPEC sections 2-6."""
+    """The fuzz seeds draw every method, option, layout and aggregation mode of docs/math.md sections 2-6."""
     seen = set()
     for seed in range(FUZZ_CASES):
         case = random_case(seed, max_len=512)
@@ -335,7 +335,7 @@ def test_empty_batch(packed, agg):
 
 
 def test_cppo_reduces_to_dppo():
-    """SPEC section 4: cppo with w_min = 1 and a budget that never binds equals dppo with the same delta."""
+    """docs/math.md section 3: cppo with w_min = 1 and a budget that never binds equals dppo with the same delta."""
     case = random_case(5, max_len=200, methods=("cppo",))
     cfg = case.config.replace(w_min=1.0, delta_b=1e6, delta_b_quantile=None, gate="hard")
     a = run_triton(dict(case.inputs(torch.float32), config=cfg))

@@ -62,7 +62,7 @@ AGG = [
     ("seq-mean-token-mean", dict(dp_size=8, global_batch_size=64), "seq-mean-token-mean",
      dict(dp_size=8, global_batch_size=64), VERL_MEAN_RTOL),
     # verl's seq-mean-token-sum-norm is sum_i L_i / loss_scale_factor (no sequence count, no dp_size);
-    # SPEC's is seq-mean-token-sum / loss_scale_factor: they coincide with global_batch_size = dp_size = 1
+    # docs/math.md's is seq-mean-token-sum / loss_scale_factor: they coincide with global_batch_size = dp_size = 1
     ("seq-mean-token-sum-norm", dict(global_batch_size=1), "seq-mean-token-sum-norm", {}, RTOL),
     ("seq-mean-token-sum-norm", dict(global_batch_size=1, loss_scale_factor=4096.0), "seq-mean-token-sum-norm",
      dict(loss_scale_factor=4096.0), RTOL),
@@ -128,7 +128,7 @@ def test_dppo_matches_verl(seed, agg, divergence, fn, thresholds):
 
 def test_dppo_clip_fraction_differs_from_verl_only_at_zero_advantage():
     # verl puts A = 0 on the negative side (keep iff pi - mu >= -delta_low) and counts a token with pi well
-    # below mu as masked; SPEC keeps it (A x = 0 <= 0). Its loss and gradient are 0 either way.
+    # below mu as masked; docs/math.md keeps it (A x = 0 <= 0). Its loss and gradient are 0 either way.
     lp = torch.tensor([[-1.0, -2.0]], dtype=torch.float64)
     olp = torch.tensor([[-0.1, -2.0]], dtype=torch.float64)  # pi - mu = 0.368 - 0.905 < -0.1 at token 1
     adv = torch.zeros(1, 2, dtype=torch.float64)
@@ -141,7 +141,7 @@ def test_dppo_clip_fraction_differs_from_verl_only_at_zero_advantage():
 
 
 def test_verl_sum_norm_has_no_sequence_count():
-    # SPEC's seq-mean-token-sum-norm divides by the sequence count (and multiplies dp_size); verl's does not
+    # docs/math.md's seq-mean-token-sum-norm divides by the sequence count (and multiplies dp_size); verl's does not
     loss_mat = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 0.0]], dtype=torch.float64)
     mask = torch.tensor([[1, 1], [1, 1], [1, 0]], dtype=torch.float64)
     assert verl_agg_loss(loss_mat, mask, "seq-mean-token-sum-norm").item() == 15 / 2

@@ -6,12 +6,12 @@ verl: the formulas of `compute_policy_loss_vanilla`, `compute_policy_loss_dppo_t
 paper, arXiv 2602.04879), and `masked_sum` / `masked_mean` of `verl/utils/torch_functional.py`.
 They are transcribed as formulas, eager PyTorch on padded `[B, T]` tensors, with verl's numerics kept
 (the +1e-8 in means, the loss computed at every position and masked afterwards, metrics as Python
-floats, i.e. one host sync each, unless `metrics_as_floats=False`). Where verl differs from SPEC, see
+floats, i.e. one host sync each, unless `metrics_as_floats=False`). Where verl differs from docs/math.md, see
 docs/math.md ("Known deviations").
 
 `cppo_per_sequence_loop`: CPPO written the way the authors' released code is (Tencent-Hunyuan/UniRL,
 `unirl/algorithms/cppo.py`): one Python iteration per sequence with cumsums, a `torch.quantile` and the
-mask, then verl's `agg_loss`. Written from SPEC section 3, not from that code.
+mask, then verl's `agg_loss`. Written from docs/math.md section 3, not from that code.
 """
 
 from __future__ import annotations
