@@ -8,8 +8,7 @@ packed: `[N]` tensors with `cu_seqlens [S + 1]` (FlashAttention convention), opt
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -17,9 +16,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FLOAT32_MAX = torch.finfo(torch.float32).max  # normalizers are float32 numbers in every backend
 
 
-@dataclass(frozen=True)
-class Layout:
-    """What `check_inputs` learned about a batch."""
+class Layout(NamedTuple):
+    """What `check_inputs` learned about a batch (a NamedTuple: built on every call, cheaply)."""
 
     packed: bool
     num_seqs: int  # B (padded) or S (packed)
@@ -119,6 +117,8 @@ def _check_normalizer(name: str, value, device: torch.device, *, optional: bool 
     """A global normalizer: None (if optional), a finite number (> 0 or >= 0), or a one-element real tensor on
     the inputs' device."""
     if value is None and optional:
+        return
+    if type(value) is int and (1 if positive else 0) <= value <= FLOAT32_MAX:  # the common case, decided fast
         return
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:

@@ -64,7 +64,7 @@ def kernel_plan(config: PolicyLossConfig, given_divergence: bool = False) -> Ker
 
 
 @functools.lru_cache(maxsize=1024)
-def layout_constexprs(plan: KernelPlan, packed: bool, has_mask: bool, has_rw: bool, adv_per_seq: bool, *,
+def layout_constexprs(plan: KernelPlan, packed: bool, has_mask: bool, has_rw: bool, adv_per_seq: bool,
                       has_state: bool = False, given_horizon: bool = False, given_delta_b: bool = False) -> dict:
     """Every branch id of the token kernel: the plan's, and those that depend on the layout (T_w's source,
     whether pass A runs, the inputs present), merged once per combination.
