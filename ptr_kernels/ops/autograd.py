@@ -214,18 +214,18 @@ def triton_policy_loss(log_prob, old_log_prob, advantages, response_mask=None, *
         log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, None, config=config,
         adv_per_seq=layout.adv_per_seq, loss_scale_factor=loss_scale_factor,
         normalizers=(dp_size, batch_num_tokens, global_batch_size), block=block, shard=shard)
-    loss, metrics = finish(loss, aux, kernel_plan(config), log_prob.dtype)
+    loss, metrics = finish(loss, aux, config.method, log_prob.dtype)
     if output_final_state:  # in the loss's dtype, like the reference's
         return loss, metrics, final_state[0].to(loss.dtype)
     return loss, metrics
 
 
-def finish(loss: torch.Tensor, aux: torch.Tensor, plan: KernelPlan, dtype: torch.dtype):
+def finish(loss: torch.Tensor, aux: torch.Tensor, method: str, dtype: torch.dtype):
     """`(loss, metrics)` in the reference's dtype (float64 for float64 input), the metrics from one unbind."""
     if dtype == torch.float64:
         loss, aux = loss.to(dtype), aux.to(dtype)
     values = aux.unbind()
-    return loss, {name: values[i] for name, i in plan.metrics}
+    return loss, {name: values[i] for name, i in reduce.METRIC_POSITIONS[method]}
 
 
 def check_device(device: torch.device) -> None:

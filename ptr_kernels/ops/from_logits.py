@@ -86,6 +86,6 @@ def triton_policy_loss_from_logits(logits, input_ids, old_log_prob, advantages, 
     loss, aux, entropy = FusedPolicyLossFromLogits.apply(
         logits, input_ids, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
         rollout_topk_ids if topk else None, rollout_topk_log_probs if topk else None, options)
-    loss, metrics = finish(loss, aux, plan, logits.dtype)
+    loss, metrics = finish(loss, aux, plan.config.method, logits.dtype)
     metrics["entropy"] = entropy.to(loss.dtype)
     return loss, metrics

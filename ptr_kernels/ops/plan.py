@@ -17,7 +17,6 @@ import torch
 
 from ..config import LOSS_AGG_MODES, PolicyLossConfig
 from . import common, token
-from .reduce import METHOD_METRICS, METRICS
 
 METHOD_IDS = {"cppo": common.METHOD_CPPO.value, "dppo": common.METHOD_DPPO.value, "ppo": common.METHOD_PPO.value}
 DIVERGENCE_IDS = {"binary_tv": common.DIV_BINARY_TV.value, "binary_kl": common.DIV_BINARY_KL.value}
@@ -27,13 +26,12 @@ SURROGATE_IDS = {"ratio": common.SURROGATE_RATIO.value, "logp": common.SURROGATE
 
 @dataclass(frozen=True)
 class KernelPlan:
-    """What the kernels need of a config: compile-time branch ids, run-time scalars, metric positions."""
+    """What the kernels need of a config: compile-time branch ids and run-time scalars."""
 
     config: PolicyLossConfig
     token_constexprs: dict  # METHOD, DIVERGENCE, GATE, SURROGATE, QUANTILE, PER_SEQ_MEAN
     token_scalars: tuple  # the token kernel's float arguments, in its order (delta ... clip_c)
     agg_mode: int  # index into LOSS_AGG_MODES (common.AGG_*)
-    metrics: tuple  # (name, index into aux) of the method's metrics
 
     def __hash__(self):  # the config decides everything else
         return hash(self.config)
@@ -59,8 +57,7 @@ def kernel_plan(config: PolicyLossConfig, given_divergence: bool = False) -> Ker
         1.0 - config.clip_ratio_low, 1.0 + config.clip_ratio_high,
         inf if config.clip_ratio_c is None else float(config.clip_ratio_c),
     )
-    metrics = tuple((name, 1 + METRICS.index(name)) for name in METHOD_METRICS[config.method])
-    return KernelPlan(config, constexprs, scalars, LOSS_AGG_MODES.index(config.loss_agg_mode), metrics)
+    return KernelPlan(config, constexprs, scalars, LOSS_AGG_MODES.index(config.loss_agg_mode))
 
 
 @functools.lru_cache(maxsize=1024)

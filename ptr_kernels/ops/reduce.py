@@ -36,6 +36,9 @@ METHOD_METRICS = {
     "dppo": ("mask_frac", "ppo_kl", "divergence_mean"),
     "ppo": ("mask_frac", "ppo_kl", "divergence_mean", "clip_frac_low", "clip_frac_high", "clip_frac_dual"),
 }
+# (name, index into aux) of each method's metrics
+METRIC_POSITIONS = {method: tuple((name, 1 + METRICS.index(name)) for name in names)
+                    for method, names in METHOD_METRICS.items()}
 REDUCE_BLOCK = 256  # sequences per step of the one-program reduction
 SCALE_BLOCK = 1024
 STATS_POW2 = 1 << (NUM_STATS.value - 1).bit_length()

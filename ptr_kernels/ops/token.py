@@ -22,7 +22,7 @@ import triton.language as tl
 from .common import (DIV_GIVEN, GATE_SOFT, HORIZON_ARG, HORIZON_MAX_LEN, INT32_MAX, INT32_MIN, METHOD_CPPO, NUM_STATS,
                      STAT_CLIP_DUAL, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL, STAT_LOSS,
                      STAT_REJ_BUDGET, STAT_REJ_TOKEN, STAT_TOKENS, binary_divergence, finite_or_nan, key_value,
-                     load_zeroed, log_ratio, order_key, position_weight, trust_region_step, valid_positions)
+                     load_zeroed, log_ratio, nan_min, order_key, position_weight, trust_region_step, valid_positions)
 
 MAX_BLOCK = 1024
 MIN_BLOCK = 16
@@ -257,7 +257,8 @@ def token_kernel(
         else:
             adv = load_zeroed(adv_ptr, offs, valid)
         x, dx = log_ratio(lp, olp, log_ratio_clamp)
-        r = tl.exp(x)
+        # r_t; a zero-advantage token contributes 0 whatever its ratio: no exp overflow there (NaN stays NaN)
+        r = tl.exp(tl.where(adv == 0.0, nan_min(x, 0.0), x))
         d = _divergence_tile(lp_ptr, olp_ptr, div_ptr, offs, valid, DIVERGENCE)
         weight = valid.to(tl.float32)
         if METHOD == METHOD_CPPO:
