@@ -30,6 +30,7 @@ FLOAT64_RTOL = 1e-9
 FLOAT32_RTOL = 1e-5  # arithmetic in float32 (docs/math.md) for every dtype but float64
 FLOAT32_TIE_RTOL = 1e-4  # float32 prefix sums over a few hundred tokens
 FLOAT32_ERROR_MULTIPLE = 4  # a backend may be this many times as far off as the float32 reference, plus rtol
+FLOAT32_UNIT_ROUNDOFF = 2.0**-24
 
 
 def tolerances(dtype: torch.dtype) -> tuple[float, float]:
@@ -127,6 +128,13 @@ def _compare(case, backend: str, dtype: torch.dtype, device, lit, tie_rtol: floa
                       ties_flipped=n_flipped_ties)
 
 
+def longest_sequence(case) -> int:
+    """Positions in the longest sequence (row width for padded input)."""
+    if case.cu_seqlens is None:
+        return case.log_prob.shape[-1]
+    return int((case.cu_seqlens[1:] - case.cu_seqlens[:-1]).max()) if case.cu_seqlens.numel() > 1 else 0
+
+
 def uses_float32_yardstick(backend: str, dtype: torch.dtype) -> bool:
     """Whether the tolerance grows with the float32 reference's own error (see `check_case`)."""
     return dtype != torch.float64 and backend != "reference"
@@ -139,12 +147,16 @@ def check_case(case, backend: str, dtype: torch.dtype, device) -> tuple[dict, li
     backend other than the reference in reduced precision, within `rtol + FLOAT32_ERROR_MULTIPLE * e_ref`,
     where e_ref is the same error of the float32 reference on the same inputs. Float32 evaluation drifts
     with the length of a sequence (prefix sums, long reductions); a backend may drift as much as the reference
-    does, up to a small factor, but no more. Short cases keep the fixed floor `rtol`.
+    does, up to a small factor, but no more. Short cases keep the fixed floor `rtol`. The float32 reference
+    itself (the yardstick; its logic is checked in float64 at 1e-9) is held to `rtol + n u`, the worst-case
+    error of a float32 sum along the longest sequence (n positions, unit roundoff u).
     """
     rtol, tie_rtol = tolerances(dtype)
     lit = policy_loss_literal(**case.rounded(dtype).inputs(torch.float64), tie_rtol=tie_rtol)
     run = _compare(case, backend, dtype, device, lit, tie_rtol)
     allowed = dict.fromkeys(run.errors, rtol)
+    if backend == "reference" and dtype != torch.float64:
+        allowed = dict.fromkeys(run.errors, rtol + longest_sequence(case) * FLOAT32_UNIT_ROUNDOFF)
     if uses_float32_yardstick(backend, dtype):
         yardstick = _compare(case, "reference", dtype, device, lit, tie_rtol).errors
         allowed = {k: rtol + FLOAT32_ERROR_MULTIPLE * yardstick.get(k, 0.0) for k in run.errors}
@@ -241,14 +253,16 @@ def run(args: argparse.Namespace) -> int:
     tol = f"{rtol:.3g}"
     if uses_float32_yardstick(backend, dtype):
         tol += f" + {FLOAT32_ERROR_MULTIPLE} x the float32 reference's error"
+    elif dtype != torch.float64:
+        tol += " + n u (n: the longest sequence, u = 2**-24)"
     rows = [("cases", f"{s.cases} ({len(s.failures)} failed)", ""), ("valid tokens", str(s.tokens), ""),
             ("max loss error", f"{s.loss_err:.3g}", tol),
             ("max grad error", f"{s.grad_err:.3g}", tol),
             ("max metric error", f"{s.metric_err:.3g}", tol),
             ("mask disagreements", str(s.mask_disagreements), "0"),
             ("near ties (flipped)", f"{s.near_ties} ({s.ties_flipped})", f"within {tie_rtol:.3g}")]
-    if uses_float32_yardstick(backend, dtype):
-        rows.append(("cases over the floor", str(s.beyond_floor), f"within {FLOAT32_ERROR_MULTIPLE} x reference"))
+    if dtype != torch.float64:
+        rows.append(("cases over the floor", str(s.beyond_floor), "within the bound above"))
     width = max(len(r[0]) for r in rows)
     print(f"\n{'quantity':<{width}}  {'value':>16}  tolerance")
     for name, value, tol in rows:
