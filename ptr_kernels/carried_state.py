@@ -27,10 +27,15 @@ STATE_SLACK, STATE_S, STATE_W = 0, 1, 2
 STATE_WIDTH = 3
 
 
-def check_carried_state(num_seqs: int, device: torch.device, *, initial_state=None, position_offset=None,
-                        sequence_length=None, sequence_delta_b=None) -> None:
+def check_carried_state(num_seqs: int, device: torch.device, *, calibrated: bool = False, initial_state=None,
+                        position_offset=None, sequence_length=None, sequence_delta_b=None) -> None:
     """Shapes, dtypes and devices of the shard inputs (values are not read: that would be a host sync);
-    ValueError naming the argument."""
+    ValueError naming the argument. `calibrated`: cppo with a calibrated delta_b, where a carried state needs
+    the whole sequence's `sequence_delta_b` (the earlier shards' slack was built with it)."""
+    if calibrated and initial_state is not None and sequence_delta_b is None:
+        raise ValueError("initial_state with a calibrated delta_b (delta_b_quantile set) needs sequence_delta_b: "
+                         "the whole sequence's delta_b_i, with which the earlier shards' state was built "
+                         "(ptr_kernels.distributed.cp_shard_state computes both)")
     expected = {"initial_state": (num_seqs, STATE_WIDTH), "position_offset": (num_seqs,),
                 "sequence_length": (num_seqs,), "sequence_delta_b": (num_seqs,)}
     given = dict(initial_state=initial_state, position_offset=position_offset, sequence_length=sequence_length,

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .carried_state import STATE_S, STATE_W, STATE_WIDTH, check_carried_state
+from .carried_state import STATE_S, STATE_SLACK, STATE_W, STATE_WIDTH, check_carried_state
 from .config import PolicyLossConfig
 from .layout import check_inputs, mask_as_bool, max_seqlen, packed_to_rows, resolve_loss_scale_factor
 
@@ -88,7 +88,8 @@ def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConf
     and `rollout_is_weights` are detached: only `log_prob` carries a gradient. `divergence_values` `[S, T]`:
     D_t given (the Top-K divergences of docs/math.md section 7, from logits) instead of the binary one.
     A row that is a shard of a longer sequence (docs/math.md section 8; `ptr_kernels.carried_state`) takes
-    `initial_state [S, 3]` (the prefix before the shard: columns S and W are used here), `position_offset [S]`,
+    `initial_state [S, 3]` (the prefix before the shard: the hard gate reads its slack, the soft gate S and W),
+    `position_offset [S]`,
     `sequence_length [S]` (T_w) and `sequence_delta_b [S]`, each None for an unsplit sequence.
     """
     dt = compute_dtype(log_prob.dtype)
@@ -139,11 +140,14 @@ def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConf
             # exclusive prefix sums S_{t-1}, W_{t-1}: the budget at t uses the prefix before t
             prefix_div = torch.cat([step.new_zeros(S, 1), torch.cumsum(step, dim=1)[:, :-1]], dim=1)
             prefix_weight = torch.cat([step.new_zeros(S, 1), torch.cumsum(weight, dim=1)[:, :-1]], dim=1)
-            if initial_state is not None:  # the prefix of the earlier shards
-                prefix_div = prefix_div + initial_state[:, STATE_S, None].to(dt)
-                prefix_weight = prefix_weight + initial_state[:, STATE_W, None].to(dt)
+            slack = delta_b[:, None] * prefix_weight - prefix_div  # delta_b_i W_{t-1} - S_{t-1}
+            if initial_state is not None:  # the prefix of the earlier shards: its slack, S and W as carried
+                state = initial_state.detach().to(dt)
+                slack = slack + state[:, STATE_SLACK, None]
+                prefix_div = prefix_div + state[:, STATE_S, None]
+                prefix_weight = prefix_weight + state[:, STATE_W, None]
             budget = config.delta + delta_b[:, None] * prefix_weight
-            threshold = torch.minimum(torch.full_like(budget, config.delta), budget - prefix_div)
+            threshold = torch.minimum(torch.full_like(budget, config.delta), config.delta + slack)
             inside = step <= threshold
             rejected_token = ~toward_mu & (step > config.delta) & mask
             rejected_budget = ~toward_mu & ~inside & ~rejected_token & mask
@@ -173,6 +177,9 @@ def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConf
                 clip_dual = (adv < 0) & (torch.maximum(ratio, clipped) > config.clip_ratio_c) & mask
             rejected_token = clip_low | clip_high | clip_dual
             gate = (~rejected_token).to(dt)
+
+        if config.method != "ppo":  # a NaN divergence (e.g. given from logits) shows in the loss
+            gate = torch.where(div.isnan(), div, gate)
 
     if config.method == "ppo":
         unclipped = -adv * r
@@ -286,7 +293,8 @@ def policy_loss_reference(log_prob, old_log_prob, advantages, response_mask=None
         mask = packed_to_rows(mask, cu_seqlens, width, fill=False)
     shard = dict(initial_state=initial_state, position_offset=position_offset, sequence_length=sequence_length,
                  sequence_delta_b=sequence_delta_b)
-    check_carried_state(layout.num_seqs, mask.device, **shard)
+    check_carried_state(layout.num_seqs, mask.device,
+                        calibrated=config.method == "cppo" and config.delta_b_quantile is not None, **shard)
     terms = token_terms(log_prob, old_log_prob, advantages, mask, config,
                         rollout_is_weights=rollout_is_weights, divergence_values=divergence_values, **shard)
     loss = aggregate(terms.loss, mask, config.loss_agg_mode, dp_size=dp_size,

@@ -14,6 +14,7 @@ import math
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..carried_state import check_carried_state
 from ..layout import check_inputs, resolve_loss_scale_factor
@@ -43,9 +44,9 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     has_state = output_final_state or initial_state is not None or position_offset is not None
     final_state = None
     if has_state:
-        f32 = dict(dtype=torch.float32, device=log_prob.device)
-        initial_state = torch.zeros(num_seqs, 3, **f32) if initial_state is None else initial_state.contiguous()
-        final_state = torch.empty(num_seqs, 3, **f32)
+        width = token.STATE_WIDTH.value
+        initial_state = stats.new_zeros((num_seqs, width)) if initial_state is None else initial_state.contiguous()
+        final_state = stats.new_empty((num_seqs, width))
     if num_seqs == 0 or log_prob.numel() == 0:
         grad.zero_(), stats.zero_()
         if has_state:
@@ -96,6 +97,7 @@ class FusedPolicyLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable  # the backward is a kernel: a double backward raises instead of silently returning 0
     def backward(ctx, grad_loss):
         grad, aux = ctx.saved_tensors
         return reduce.scale_grad(grad, grad_loss, aux, ctx.grad_dtype), None, None, None
@@ -205,7 +207,9 @@ def triton_policy_loss(log_prob, old_log_prob, advantages, response_mask=None, *
     shard = None
     if output_final_state or initial_state is not None or position_offset is not None \
             or sequence_length is not None or sequence_delta_b is not None:
-        check_carried_state(layout.num_seqs, log_prob.device, initial_state=initial_state,
+        check_carried_state(layout.num_seqs, log_prob.device,
+                            calibrated=config.method == "cppo" and config.delta_b_quantile is not None,
+                            initial_state=initial_state,
                             position_offset=position_offset, sequence_length=sequence_length,
                             sequence_delta_b=sequence_delta_b)
         shard = dict(initial_state=initial_state, position_offset=position_offset, sequence_length=sequence_length,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .. import carried_state
+
 # ---- branch ids (compile-time) ----
 METHOD_CPPO = tl.constexpr(0)
 METHOD_DPPO = tl.constexpr(1)
@@ -27,6 +29,7 @@ SURROGATE_LOGP = tl.constexpr(1)  # -A sg(min(r, cap)) log_prob M
 HORIZON_LAST = tl.constexpr(0)
 HORIZON_ARG = tl.constexpr(1)
 HORIZON_MAX_LEN = tl.constexpr(2)
+HORIZON_GIVEN = tl.constexpr(3)  # per sequence from memory (a shard of a longer sequence, docs/math.md section 8)
 # a global normalizer: not given (the batch's own count), a number argument, a 0-dim tensor on the device
 NORM_ABSENT = tl.constexpr(0)
 NORM_NUMBER = tl.constexpr(1)
@@ -50,6 +53,12 @@ STAT_KL = tl.constexpr(7)  # sum of old_log_prob - log_prob
 STAT_DIV = tl.constexpr(8)  # sum of D
 STAT_DELTA_B = tl.constexpr(9)  # delta_b_i (0 for an empty sequence)
 NUM_STATS = tl.constexpr(10)
+
+# ---- the carried state `[S, STATE_WIDTH]` of a shard of a longer sequence (layout: carried_state.py) ----
+STATE_SLACK = tl.constexpr(carried_state.STATE_SLACK)  # sum w (delta_b_i - D) = delta_b_i W - S
+STATE_S = tl.constexpr(carried_state.STATE_S)  # S = sum w D
+STATE_W = tl.constexpr(carried_state.STATE_W)  # W = sum w
+STATE_WIDTH = tl.constexpr(carried_state.STATE_WIDTH)
 
 INT32_MAX = tl.constexpr(2147483647)
 INT32_MIN = tl.constexpr(-2147483648)
@@ -179,7 +188,7 @@ def trust_region_step(
             # w (delta_b - D): an exclusive scan = inclusive cumsum minus the element, plus the carry
             slack_step = weight * (delta_b[:, None] - d)
             slack_prev = carry_slack[:, None] + (tl.cumsum(slack_step, axis=1) - slack_step)
-            inside = step <= tl.minimum(delta, delta + slack_prev)
+            inside = step <= nan_min(delta, delta + slack_prev)  # a NaN prefix rejects, as in the reference
             rej_token = valid & ~toward & (step > delta)
             rej_budget = valid & ~toward & ~inside & ~rej_token
             if GATE == GATE_SOFT:
@@ -206,8 +215,11 @@ def trust_region_step(
         else:
             loss = -adv * r * gate
             grad = loss * dx
-    # a zero advantage contributes exactly 0, even where exp overflowed (0 * inf), but a NaN log-ratio shows
-    counts = valid & ((adv != 0.0) | (x != x))
+    if METHOD != METHOD_PPO:  # a NaN divergence (given from logits) must show too, not read as "rejected"
+        loss = tl.where(d != d, d, loss)
+        grad = tl.where(d != d, d, grad)
+    # a zero advantage contributes exactly 0, even where exp overflowed (0 * inf), but a NaN shows
+    counts = valid & ((adv != 0.0) | (x != x) | (d != d))
     loss = tl.where(counts, loss, 0.0)
     grad = tl.where(counts, grad, 0.0)
     return loss, grad, rej_token, rej_budget, clip_low, clip_high, clip_dual, carry_slack, carry_s, carry_w

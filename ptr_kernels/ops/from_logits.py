@@ -10,6 +10,7 @@ d loss / d logits once, in the logits' dtype, into a new tensor or (`inplace_gra
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..config import LOGIT_DIVERGENCES
 from ..layout import Layout, resolve_loss_scale_factor
@@ -56,6 +57,7 @@ class FusedPolicyLossFromLogits(torch.autograd.Function):
         return loss, aux, entropy
 
     @staticmethod
+    @once_differentiable  # the backward is a kernel: a double backward raises instead of silently returning 0
     def backward(ctx, grad_loss, grad_aux, grad_entropy):
         logits, input_ids, mask, log_normalizer, grad_log_prob, aux = ctx.saved_tensors
         out = logits if ctx.inplace_grad else torch.empty_like(logits, memory_format=torch.contiguous_format)

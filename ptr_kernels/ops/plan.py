@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..config import LOSS_AGG_MODES, PolicyLossConfig
-from . import common, token
+from . import common
 
 METHOD_IDS = {"cppo": common.METHOD_CPPO.value, "dppo": common.METHOD_DPPO.value, "ppo": common.METHOD_PPO.value}
 DIVERGENCE_IDS = {"binary_tv": common.DIV_BINARY_TV.value, "binary_kl": common.DIV_BINARY_KL.value}
@@ -74,7 +74,7 @@ def layout_constexprs(plan: KernelPlan, packed: bool, has_mask: bool, has_rw: bo
     cppo = config.method == "cppo"
     calibrate = plan.token_constexprs["QUANTILE"] and not given_delta_b
     if cppo and given_horizon:
-        horizon = token.HORIZON_GIVEN.value
+        horizon = common.HORIZON_GIVEN.value
     elif cppo and config.length_mode == "padded" and packed:
         horizon = common.HORIZON_MAX_LEN.value
     elif cppo and config.length_mode != "sequence":  # "padded" (the row width) or an int horizon

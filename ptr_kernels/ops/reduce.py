@@ -74,6 +74,7 @@ def reduce_kernel(
     sum_loss = tl.zeros([BLOCK], dtype=tl.float32)
     sum_mean = tl.zeros([BLOCK], dtype=tl.float32)  # sum of L_i / n_i over non-empty sequences
     non_empty = tl.zeros([BLOCK], dtype=tl.float32)
+    bad_offsets = tl.zeros([BLOCK], dtype=tl.int32)  # the token kernel marks them with a NaN n_i
     for off in range(0, num_seqs, BLOCK):
         seq = off + tl.arange(0, BLOCK)
         ok = seq < num_seqs
@@ -86,6 +87,7 @@ def reduce_kernel(
         # an empty sequence has L_i = 0 (NaN only when the kernel flagged bad offsets: keep it visible)
         sum_mean += tl.where(n > 0, loss / tl.maximum(n, 1.0), loss)
         non_empty += (n > 0).to(tl.float32)
+        bad_offsets += (n != n).to(tl.int32)
     sum_loss_s = tl.sum(sum_loss, axis=0)
     n_tok = _column(totals, cols, STAT_TOKENS)
     n_seq = tl.sum(non_empty, axis=0)
@@ -107,10 +109,13 @@ def reduce_kernel(
         numerator = sum_loss_s
         denominator = _normalizer(seqs_ptr, seqs_value, SEQS, n_seq) * tl.cast(loss_scale_factor, tl.float32)
     scale = tl.where(denominator > 0, dp / tl.where(denominator > 0, denominator, 1.0), 0.0)
+    # bad offsets left gradient positions unwritten: a NaN scale makes every one of them NaN
+    scale = tl.where(tl.sum(bad_offsets, axis=0) > 0, float("nan"), scale)
     tl.store(loss_ptr, numerator * scale)
     tl.store(aux_ptr + AUX_SCALE, scale)
 
-    per_token = tl.where(n_tok > 0, totals / tl.maximum(n_tok, 1.0), 0.0)  # per-token means of the columns
+    # per-token means of the columns (0 for an empty batch; totals * 0 keeps the NaN of bad offsets)
+    per_token = tl.where(n_tok > 0, totals / tl.maximum(n_tok, 1.0), totals * 0.0)
     rej_token = _column(per_token, cols, STAT_REJ_TOKEN)
     rej_budget = _column(per_token, cols, STAT_REJ_BUDGET)
     tl.store(aux_ptr + AUX_MASK_FRAC, rej_token + rej_budget)  # disjoint flags
@@ -119,7 +124,7 @@ def reduce_kernel(
     tl.store(aux_ptr + AUX_MASK_FRAC_TOKEN, rej_token)
     tl.store(aux_ptr + AUX_MASK_FRAC_BUDGET, rej_budget)
     delta_b_sum = _column(totals, cols, STAT_DELTA_B)
-    tl.store(aux_ptr + AUX_DELTA_B_MEAN, tl.where(n_seq > 0, delta_b_sum / tl.maximum(n_seq, 1.0), 0.0))
+    tl.store(aux_ptr + AUX_DELTA_B_MEAN, tl.where(n_seq > 0, delta_b_sum / tl.maximum(n_seq, 1.0), delta_b_sum * 0.0))
     tl.store(aux_ptr + AUX_CLIP_FRAC_LOW, _column(per_token, cols, STAT_CLIP_LOW))
     tl.store(aux_ptr + AUX_CLIP_FRAC_HIGH, _column(per_token, cols, STAT_CLIP_HIGH))
     tl.store(aux_ptr + AUX_CLIP_FRAC_DUAL, _column(per_token, cols, STAT_CLIP_DUAL))

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (DIV_GIVEN, GATE_SOFT, HORIZON_ARG, HORIZON_MAX_LEN, INT32_MAX, INT32_MIN, METHOD_CPPO, NUM_STATS,
-                     STAT_CLIP_DUAL, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL, STAT_LOSS,
+from .common import (DIV_GIVEN, GATE_SOFT, HORIZON_ARG, HORIZON_GIVEN, HORIZON_MAX_LEN, INT32_MAX, INT32_MIN,
+                     METHOD_CPPO, NUM_STATS, STATE_S, STATE_SLACK, STATE_W, STATE_WIDTH, STAT_CLIP_DUAL, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL, STAT_LOSS,
                      STAT_REJ_BUDGET, STAT_REJ_TOKEN, STAT_TOKENS, binary_divergence, finite_or_nan, key_value,
                      load_zeroed, log_ratio, nan_min, order_key, position_weight, trust_region_step, valid_positions)
 
@@ -30,8 +30,6 @@ TILE = 1024  # ROWS * BLOCK positions per program step
 NUM_WARPS = 8  # 4 positions per thread: no register spills on sm_90 (4 warps: up to 255 registers and spills)
 # T_w read per sequence from `sequence_length` (a shard of a longer sequence, docs/math.md section 8); the other
 # sources are common.HORIZON_*
-HORIZON_GIVEN = tl.constexpr(3)
-STATE_WIDTH = tl.constexpr(3)  # carried state per sequence: (slack, S, W), docs/distributed.md
 
 
 @triton.jit
@@ -230,9 +228,9 @@ def token_kernel(
         inv_n = 1.0 / tl.maximum(n_valid, 1).to(tl.float32)
     if HAS_STATE:  # the prefix of the earlier shards
         state_row = state_ptr + seq.to(tl.int64) * STATE_WIDTH
-        carry_slack = tl.load(state_row, mask=seq_ok, other=0.0).to(tl.float32)
-        carry_s = tl.load(state_row + 1, mask=seq_ok, other=0.0).to(tl.float32)
-        carry_w = tl.load(state_row + 2, mask=seq_ok, other=0.0).to(tl.float32)
+        carry_slack = tl.load(state_row + STATE_SLACK, mask=seq_ok, other=0.0).to(tl.float32)
+        carry_s = tl.load(state_row + STATE_S, mask=seq_ok, other=0.0).to(tl.float32)
+        carry_w = tl.load(state_row + STATE_W, mask=seq_ok, other=0.0).to(tl.float32)
     else:
         carry_slack = tl.zeros([ROWS], dtype=tl.float32)  # sum of w (delta_b_i - D) = delta_b_i W - S
         carry_s = tl.zeros([ROWS], dtype=tl.float32)  # S (soft gate, and the state)
@@ -294,10 +292,12 @@ def token_kernel(
         div_acc += d
 
     n_tokens = tl.sum(tok_acc, axis=1)
-    poison = tl.where(bad, float("nan"), 0.0)  # bad cu_seqlens: NaN loss and metrics, never a plausible number
+    # bad cu_seqlens: NaN loss, metrics and (through a NaN n_i, which the reduction turns into a NaN scale)
+    # gradient, never a plausible number
+    poison = tl.where(bad, float("nan"), 0.0)
     row = stats_ptr + seq.to(tl.int64) * NUM_STATS
     tl.store(row + STAT_LOSS, tl.sum(loss_acc, axis=1) + poison, mask=seq_ok)
-    tl.store(row + STAT_TOKENS, n_tokens, mask=seq_ok)
+    tl.store(row + STAT_TOKENS, n_tokens + poison, mask=seq_ok)
     tl.store(row + STAT_REJ_TOKEN, tl.sum(rej_tok_acc, axis=1) + poison, mask=seq_ok)
     tl.store(row + STAT_REJ_BUDGET, tl.sum(rej_bud_acc, axis=1) + poison, mask=seq_ok)
     tl.store(row + STAT_CLIP_LOW, tl.sum(clip_lo_acc, axis=1) + poison, mask=seq_ok)
@@ -308,9 +308,9 @@ def token_kernel(
     tl.store(row + STAT_DELTA_B, tl.where(n_tokens > 0, db, 0.0) + poison, mask=seq_ok)
     if HAS_STATE:
         final_row = final_ptr + seq.to(tl.int64) * STATE_WIDTH
-        tl.store(final_row, carry_slack + poison, mask=seq_ok)
-        tl.store(final_row + 1, carry_s + poison, mask=seq_ok)
-        tl.store(final_row + 2, carry_w + poison, mask=seq_ok)
+        tl.store(final_row + STATE_SLACK, carry_slack + poison, mask=seq_ok)
+        tl.store(final_row + STATE_S, carry_s + poison, mask=seq_ok)
+        tl.store(final_row + STATE_W, carry_w + poison, mask=seq_ok)
 
 
 def block_size(num_tokens: int, num_seqs: int) -> int:

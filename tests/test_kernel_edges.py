@@ -1,0 +1,120 @@
+"""Edges of the fused path that the fuzz does not reach: packed offsets checked inside the kernel, a carried state
+that did not come from `cp_shard_state`, a NaN divergence given from logits, double backward.
+
+On CPU the kernels run in the Triton interpreter (conftest.py); each check compares both backends or states
+the exact expected values.
+"""
+
+import math
+
+import pytest
+import torch
+
+from ptr_kernels import PolicyLossConfig, policy_loss, policy_loss_from_logits
+from ptr_kernels.ops import reduce
+from ptr_kernels.ops.autograd import fused_forward
+from ptr_kernels.ops.plan import kernel_plan
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ("reference", "triton")
+
+
+def _packed(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(n, generator=g)
+    return lp.to(DEVICE), (lp - 0.1).to(DEVICE), torch.randn(n, generator=g).to(DEVICE)
+
+
+@pytest.mark.parametrize("offsets", [[2, 5, 12], [0, 5, 3, 12], [0, 5, 13], [0, 13, 12], [-1, 5, 12]])
+@pytest.mark.parametrize("method", ["cppo", "dppo", "ppo"])
+def test_bad_offsets_checked_in_the_kernel_give_nan_everywhere(offsets, method):
+    """The path an accelerator takes (no host-side check): loss, every metric and the whole gradient are NaN,
+    and no position outside the tensors is read (the interpreter would raise)."""
+    lp, olp, adv = _packed()
+    plan = kernel_plan(PolicyLossConfig(method=method))
+    cu = torch.tensor(offsets, device=DEVICE)
+    loss, aux, grad = fused_forward(lp, olp, adv, None, cu, None, None, plan=plan, adv_per_seq=False,
+                                    loss_scale_factor=0.0, normalizers=(1, None, None))
+    assert math.isnan(loss.item())
+    for name, index in reduce.METRIC_POSITIONS[method]:
+        assert math.isnan(aux[index].item()), name
+    out = reduce.scale_grad(grad, torch.ones((), device=DEVICE), aux, torch.float32)
+    assert torch.isnan(out).all()
+
+
+def test_good_offsets_in_the_kernel_match_the_reference():
+    lp, olp, adv = _packed()
+    cu = torch.tensor([0, 5, 5, 12], device=DEVICE)
+    plan = kernel_plan(PolicyLossConfig())
+    loss, aux, _ = fused_forward(lp, olp, adv, None, cu, None, None, plan=plan, adv_per_seq=False,
+                                 loss_scale_factor=0.0, normalizers=(1, None, None))
+    expected, _ = policy_loss(lp, olp, adv, cu_seqlens=cu, backend="reference")
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("gate", ["hard", "soft"])
+def test_any_carried_state_reads_the_same_on_both_backends(gate):
+    """A state whose slack is not delta_b W - S (built with another delta_b, or by hand): the hard gate reads
+    the carried slack, the soft gate S and W, on both backends."""
+    g = torch.Generator().manual_seed(0)
+    B, T = 3, 40
+    olp = -torch.rand(B, T, generator=g) * 2
+    lp = (olp + 0.3 * torch.randn(B, T, generator=g)).clamp(max=0).requires_grad_()
+    adv, mask = torch.randn(B, generator=g), torch.rand(B, T, generator=g) > 0.1
+    state = torch.tensor([[0.5, 1.0, 3.0], [-0.2, 0.4, 2.0], [0.0, 0.0, 0.0]])
+    results = []
+    for backend in BACKENDS:
+        loss, metrics, final = policy_loss(lp, olp, adv, mask, initial_state=state, output_final_state=True,
+                                           backend=backend, delta_b_quantile=None, gate=gate)
+        (grad,) = torch.autograd.grad(loss, lp)
+        results.append((loss, metrics["mask_frac"], grad, final))
+    (loss_r, frac_r, grad_r, final_r), (loss_t, frac_t, grad_t, final_t) = results
+    assert frac_r.item() > 0.1  # the states bind
+    torch.testing.assert_close(loss_t, loss_r, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(frac_t, frac_r)
+    torch.testing.assert_close(grad_t, grad_r, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(final_t, final_r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_carried_state_with_calibrated_delta_b_needs_the_sequence_delta_b(backend):
+    lp = -torch.rand(2, 8)
+    with pytest.raises(ValueError, match="sequence_delta_b"):
+        policy_loss(lp, lp - 0.1, torch.ones(2), initial_state=torch.zeros(2, 3), backend=backend)
+    loss, _ = policy_loss(lp, lp - 0.1, torch.ones(2), initial_state=torch.zeros(2, 3), backend=backend,
+                          sequence_delta_b=torch.full((2,), 0.02))
+    assert math.isfinite(loss.item())
+
+
+def _topk_case(nan_at=None):
+    g = torch.Generator().manual_seed(0)
+    B, T, V, K = 2, 6, 50, 4
+    logits = torch.randn(B, T, V, generator=g)
+    input_ids = torch.randint(0, V, (B, T), generator=g)
+    rollout = torch.randn(B, T, V, generator=g).log_softmax(-1)
+    old_log_prob = rollout.gather(-1, input_ids[..., None])[..., 0]
+    topk_log_probs, topk_ids = rollout.topk(K, dim=-1)
+    if nan_at is not None:
+        topk_log_probs[nan_at] = float("nan")
+    return logits, input_ids, old_log_prob, torch.randn(B, generator=g), topk_ids, topk_log_probs
+
+
+@pytest.mark.parametrize("method", ["cppo", "dppo", "ppo"])
+def test_nan_in_the_rollout_topk_shows_in_the_loss(method):
+    """A NaN Top-K divergence at a valid position is a NaN loss for the masked methods (ppo does not read D),
+    on both backends, with the same metrics."""
+    logits, ids, olp, adv, topk_ids, topk_lp = _topk_case(nan_at=(0, 2, 1))
+    results = [policy_loss_from_logits(logits, ids, olp, adv, rollout_topk_ids=topk_ids,
+                                       rollout_topk_log_probs=topk_lp, divergence="topk_tv", method=method,
+                                       backend=backend) for backend in BACKENDS]
+    for loss, _ in results:
+        assert math.isnan(loss.item()) == (method != "ppo")
+    torch.testing.assert_close(results[1][1]["mask_frac"], results[0][1]["mask_frac"])
+
+
+def test_double_backward_raises_instead_of_returning_zero():
+    lp = (-torch.rand(3, 5)).requires_grad_()
+    loss, _ = policy_loss(lp, lp.detach() - 0.1, torch.randn(3), backend="triton")
+    (grad,) = torch.autograd.grad(loss, lp, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(grad.sum(), lp)
