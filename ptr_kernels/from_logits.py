@@ -7,10 +7,10 @@ from typing import Optional
 
 import torch
 
+from .api import BACKENDS
 from .config import LOGIT_DIVERGENCES, PolicyLossConfig, resolve_config
 from .layout import FLOAT_DTYPES, Layout, check_inputs
 
-BACKENDS = ("auto", "reference", "triton")
 INT_DTYPES = (torch.int32, torch.int64)
 
 

@@ -1,9 +1,10 @@
 """The from-logits loss as an autograd operation: logits kernel -> token kernel -> reduction; backward into logits.
 
-Forward, three launches and no host sync: `logits.logits_forward` (log pi(y_t), the Top-K D_t, entropy,
-log Z per token), then `autograd.fused_forward` with D given (the token kernel's DIV_GIVEN branch: the same
-trust-region step as `policy_loss`; for a binary divergence D is left to the token kernel, which computes it
-from that log pi(y_t)), which also runs the reduction. Backward, one launch: `logits.logits_backward` writes
+Forward, no host sync: `logits.logits_forward` (log pi(y_t), the Top-K D_t, entropy, log Z per token), then
+`autograd.fused_forward` with D given (the token kernel's DIV_GIVEN branch: the same trust-region step as
+`policy_loss`; for a binary divergence D is left to the token kernel, which computes it from that log pi(y_t)),
+which also runs the reduction: three kernels, plus a few small torch ops for the entropy's masked mean (and, on
+an accelerator, the asynchronous checks of the token ids). Backward, one launch: `logits.logits_backward` writes
 d loss / d logits once, in the logits' dtype, into a new tensor or (`inplace_grad`) into the logits buffer.
 """
 
