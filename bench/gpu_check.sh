@@ -7,15 +7,21 @@
 #   3. the float32 benchmark sweep: torch.compile of the reference first (512x8192 first, graph replay), the eager
 #      baseline, the fused kernel (the packed 8 x 131,072 shape first), the loop and verl; targets of issues 4, 7
 #      and 13 in results.md;
-#   4. optionally (BF16_BUDGET seconds, off by default: it does not fit the 9 minutes) the fused kernel and eager
+#   4. `ptr-kernels bench --from-logits` (FROM_LOGITS_BUDGET seconds, default 60): the fused loss from logits
+#      against eager log_softmax and, when their wheels were carried in .whl/ (the GPU machine reaches no
+#      package index: `pip download --no-deps liger-kernel trl -d .whl` here, then carry `.whl`), Liger-Kernel's
+#      triton_grpo_loss and TRL's selective_log_softmax_and_entropy;
+#   5. optionally (BF16_BUDGET seconds, off by default: it does not fit the 9 minutes) the fused kernel and eager
 #      with bfloat16 inputs.
+# Besides the kernel tests, step 1 runs the CUDA side of the edge tests: NaN/inf at valid positions, bad packed
+# offsets checked in the kernel, the carried state, and the from-logits kernels.
 # Everything goes to one folder $OUT/<date>-<card>-<commit>/ (default OUT=bench/results), named as the folders of
 # docs/gpu-results/ and ready to be committed there: gpu_check.log (date, card, commit, versions, the end of each
 # step's log), one log per step, host.csv / host.md, results.csv / results.md and the plots. Each step has its
 # own time limit, so a slow step cannot eat the rest. Without a git checkout, pass the commit:
 #
 #   PTR_KERNELS_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh
-#   BENCH_BUDGET=120 bash bench/gpu_check.sh     # a shorter sweep (seconds; default 270)
+#   BENCH_BUDGET=120 bash bench/gpu_check.sh     # a shorter sweep (seconds; default 240)
 #   BENCH_ONLY=1 bash bench/gpu_check.sh         # host time and sweep only
 #   BF16_BUDGET=90 bash bench/gpu_check.sh       # add the bfloat16 sweep (into bf16/)
 set -uo pipefail
@@ -60,21 +66,30 @@ if [ -z "${BENCH_ONLY:-}" ]; then
     python3 -c "import xdist" 2>/dev/null && xdist="-n 10"
     run_step fuzz_f32 170 python3 -m ptr_kernels fuzz --backend triton --device cuda --cases 150 --seed 1000 --max-len 4096 &
     run_step fuzz_bf16 170 python3 -m ptr_kernels fuzz --backend triton --device cuda --cases 100 --seed 2000 --dtype bfloat16 &
+    run_step edge_tests 170 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_edges.py tests/test_from_logits.py \
+        tests/test_reliability.py -k "triton or kernel or logits" &
     # each fuzz case compiles its own kernel variant: the first 240 of the 400 cases fit the time limit
     PTR_KERNELS_FUZZ_CASES=${PTR_KERNELS_FUZZ_CASES:-240} run_step kernel_tests 170 python3 -m pytest -q -p no:cacheprovider $xdist tests/test_triton_kernel.py tests/test_triton_compile.py
     wait
     report kernel_tests 15
+    report edge_tests 15
     report fuzz_f32 16
     report fuzz_bf16 16
 fi
 
-# host.csv first, so that the sweep's results.md includes the wall-clock targets measured here
+# host.csv before the sweep, so that the sweep's results.md includes the wall-clock targets measured here
 run_step host 60 python3 -m ptr_kernels bench --host --device cuda --out "$dir"
 report host 12
 
-budget=${BENCH_BUDGET:-270}
+budget=${BENCH_BUDGET:-240}
 run_step bench $(( budget + 40 )) python3 -m ptr_kernels bench --device cuda --full --out "$dir" --time-budget "$budget"
 report bench 60
+
+if [ -d .whl ]; then  # wheels carried to the GPU machine (no index there): the from-logits comparisons
+    python3 -m pip install -q --no-deps .whl/*.whl >"$dir/wheels.log" 2>&1 || echo "wheels: install failed" | tee -a "$log"
+fi
+run_step from_logits "${FROM_LOGITS_BUDGET:-60}" python3 -m ptr_kernels bench --device cuda --from-logits --out "$dir"
+report from_logits 30
 
 if [ "${BF16_BUDGET:-0}" -gt 0 ]; then
     run_step bench_bf16 $(( BF16_BUDGET + 40 )) python3 -m ptr_kernels bench --device cuda --full --dtype bfloat16 \
