@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from .api import BACKENDS
+from .carried_state import check_carried_state
 from .config import LOGIT_DIVERGENCES, PolicyLossConfig, resolve_config
 from .layout import FLOAT_DTYPES, Layout, check_inputs
 
@@ -21,7 +22,11 @@ def policy_loss_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, old_l
                             rollout_topk_log_probs: Optional[torch.Tensor] = None, temperature: float = 1.0,
                             config: Optional[PolicyLossConfig] = None, backend: str = "auto",
                             inplace_grad: bool = False, rollout_is_weights: Optional[torch.Tensor] = None,
-                            dp_size=1, batch_num_tokens=None, global_batch_size=None, **overrides):
+                            dp_size=1, batch_num_tokens=None, global_batch_size=None,
+                            initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
+                            position_offset: Optional[torch.Tensor] = None,
+                            sequence_length: Optional[torch.Tensor] = None,
+                            sequence_delta_b: Optional[torch.Tensor] = None, **overrides):
     """The policy loss of `policy_loss` with log pi(y_t) and the divergence computed from the logits.
 
     pi = softmax(logits / temperature); log_prob_t = log pi(y_t) is the only path of the gradient (D_t is a
@@ -41,6 +46,8 @@ def policy_loss_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, old_l
         rollout_topk_log_probs: same shape, float: their log-probs under mu (-inf: probability 0).
         temperature: the sampling temperature (finite, > 0).
         backend: "auto" (Triton kernels for CUDA tensors, reference elsewhere), "reference" or "triton".
+        initial_state, output_final_state, position_offset, sequence_length, sequence_delta_b: a shard of a
+            longer sequence (context parallelism), as in `policy_loss` (docs/math.md section 8).
         inplace_grad: (triton) write the logits' gradient into the logits buffer instead of a new tensor,
             saving V bytes per token in the backward. The logits are gone after `backward()`: their version
             counter is bumped, so a graph that saved them for its own backward raises instead of reading the
@@ -48,7 +55,8 @@ def policy_loss_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, old_l
 
     Returns:
         `(loss, metrics)`: the metrics of `policy_loss` plus `entropy`, the mean entropy of pi over the valid
-        tokens. Bad options or inputs raise ValueError naming the argument; on an accelerator the values of
+        tokens; with `output_final_state` also the carried state after the shard `[S, 3]`. Bad options or
+        inputs raise ValueError naming the argument; on an accelerator the values of
         ids are checked without a host sync (an asynchronous device assert), and the kernels poison a bad id
         with NaN.
     """
@@ -59,12 +67,18 @@ def policy_loss_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, old_l
                                  rollout_topk_ids, rollout_topk_log_probs, temperature, config, inplace_grad,
                                  rollout_is_weights, dp_size, batch_num_tokens, global_batch_size,
                                  values_in_kernel=backend != "reference")
+    check_carried_state(layout.num_seqs, logits.device,
+                        calibrated=config.method == "cppo" and config.delta_b_quantile is not None,
+                        initial_state=initial_state, position_offset=position_offset,
+                        sequence_length=sequence_length, sequence_delta_b=sequence_delta_b)
     if backend == "auto":
         backend = "triton" if logits.is_cuda else "reference"
     kwargs = dict(cu_seqlens=cu_seqlens, rollout_topk_ids=rollout_topk_ids,
                   rollout_topk_log_probs=rollout_topk_log_probs, temperature=temperature, config=config,
                   rollout_is_weights=rollout_is_weights, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
-                  global_batch_size=global_batch_size)
+                  global_batch_size=global_batch_size, initial_state=initial_state,
+                  output_final_state=output_final_state, position_offset=position_offset,
+                  sequence_length=sequence_length, sequence_delta_b=sequence_delta_b)
     if backend == "reference":
         from .reference_logits import policy_loss_from_logits_reference
         return policy_loss_from_logits_reference(logits, input_ids, old_log_prob, advantages, response_mask,

@@ -51,8 +51,10 @@ def policy_loss_from_logits_reference(logits, input_ids, old_log_prob, advantage
                                       cu_seqlens=None, rollout_topk_ids=None, rollout_topk_log_probs=None,
                                       temperature: float = 1.0, config: Optional[PolicyLossConfig] = None,
                                       rollout_is_weights=None, dp_size=1, batch_num_tokens=None,
-                                      global_batch_size=None):
-    """`policy_loss_from_logits(..., backend="reference")` on validated inputs: `(loss, metrics)`.
+                                      global_batch_size=None, **shard):
+    """`policy_loss_from_logits(..., backend="reference")` on validated inputs: `(loss, metrics)`, or
+    `(loss, metrics, final_state)` with `output_final_state` among the carried-state keywords `shard`
+    (docs/math.md section 8, as `policy_loss`).
 
     Loss and metrics come back in float32 (float64 for float64 logits), the logits' gradient in their dtype.
     Masked positions take no part: their logits rows and ids are replaced before any arithmetic.
@@ -70,13 +72,14 @@ def policy_loss_from_logits_reference(logits, input_ids, old_log_prob, advantage
             topk_ids = torch.where(mask[..., None], rollout_topk_ids, 0).long()
             divergence = topk_divergence(log_pi, ids, old_log_prob, topk_ids, rollout_topk_log_probs,
                                          config.divergence)
-    loss, metrics = policy_loss_reference(
+    loss, metrics, *final_state = policy_loss_reference(
         log_prob, old_log_prob, advantages, response_mask, cu_seqlens=cu_seqlens, config=config,
         rollout_is_weights=rollout_is_weights, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
-        global_batch_size=global_batch_size, divergence_values=divergence)
+        global_batch_size=global_batch_size, divergence_values=divergence, **shard)
     with torch.no_grad():
         entropy = -torch.where(log_pi == float("-inf"), 0.0, log_pi.exp() * log_pi).sum(-1)
         count = mask.sum()
         metrics["entropy"] = torch.where(count > 0, torch.where(mask, entropy, 0.0).sum() / count.clamp(min=1), 0.0)
     out = compute_dtype(logits.dtype)
-    return loss.to(out), {name: value.to(out) for name, value in metrics.items()}
+    return (loss.to(out), {name: value.to(out) for name, value in metrics.items()},
+            *(state.to(out) for state in final_state))

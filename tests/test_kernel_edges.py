@@ -118,3 +118,33 @@ def test_double_backward_raises_instead_of_returning_zero():
     (grad,) = torch.autograd.grad(loss, lp, create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(grad.sum(), lp)
+
+
+@pytest.mark.parametrize("divergence", ["binary_tv", "topk_kl"])
+def test_from_logits_takes_the_carried_state(divergence):
+    """A shard through `policy_loss_from_logits`: both backends agree on loss, gradient and final state, and
+    with a binary divergence they equal `policy_loss` on the gathered log-probs with the same state."""
+    logits, ids, olp, adv, topk_ids, topk_lp = _topk_case()
+    B, T = ids.shape
+    shard = dict(initial_state=torch.tensor([[0.05, 0.3, 2.0], [-0.01, 0.2, 1.5]]),
+                 position_offset=torch.tensor([3, 7]), sequence_length=torch.tensor([12, 20]),
+                 sequence_delta_b=torch.tensor([0.02, 0.03]), output_final_state=True)
+    results = []
+    for backend in BACKENDS:
+        lg = logits.clone().requires_grad_()
+        loss, metrics, final = policy_loss_from_logits(lg, ids, olp, adv, rollout_topk_ids=topk_ids,
+                                                       rollout_topk_log_probs=topk_lp, divergence=divergence,
+                                                       delta=0.05, backend=backend, **shard)
+        (grad,) = torch.autograd.grad(loss, lg)
+        results.append((loss, metrics["mask_frac"], grad, final))
+    (loss_r, frac_r, grad_r, final_r), (loss_t, frac_t, grad_t, final_t) = results
+    torch.testing.assert_close(loss_t, loss_r, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(frac_t, frac_r)
+    torch.testing.assert_close(grad_t, grad_r.to(grad_t.dtype), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(final_t, final_r, rtol=1e-5, atol=1e-6)
+    if divergence.startswith("binary"):
+        log_prob = logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0]
+        loss_token, _, final_token = policy_loss(log_prob, olp, adv, divergence=divergence, delta=0.05,
+                                                 backend="reference", **shard)
+        torch.testing.assert_close(loss_r, loss_token.to(loss_r.dtype), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(final_r, final_token.to(final_r.dtype), rtol=1e-5, atol=1e-6)

@@ -46,20 +46,20 @@ class FusedPolicyLossFromLogits(torch.autograd.Function):
             None if topk_ids is None else topk_ids.contiguous(),
             None if topk_log_probs is None else topk_log_probs.contiguous(),
             temperature=options["temperature"], topk=options["topk"])
-        loss, aux, grad_log_prob = fused_forward(
+        loss, aux, grad_log_prob, *final_state = fused_forward(
             per_token.log_prob, old_log_prob, advantages, mask, cu_seqlens, rollout_is_weights, per_token.divergence,
             plan=plan, adv_per_seq=options["adv_per_seq"], loss_scale_factor=options["loss_scale_factor"],
-            normalizers=options["normalizers"])
+            normalizers=options["normalizers"], **options["shard"])
         entropy = _masked_mean(per_token.entropy, mask)
-        ctx.mark_non_differentiable(aux, entropy)
+        ctx.mark_non_differentiable(aux, entropy, *final_state)
         ctx.save_for_backward(logits, input_ids, mask, per_token.log_normalizer, grad_log_prob, aux)
         ctx.temperature = options["temperature"]
         ctx.inplace_grad = options["inplace_grad"]
-        return loss, aux, entropy
+        return (loss, aux, entropy, *final_state)
 
     @staticmethod
     @once_differentiable  # the backward is a kernel: a double backward raises instead of silently returning 0
-    def backward(ctx, grad_loss, grad_aux, grad_entropy):
+    def backward(ctx, grad_loss, grad_aux, grad_entropy, *grad_final_state):
         logits, input_ids, mask, log_normalizer, grad_log_prob, aux = ctx.saved_tensors
         out = logits if ctx.inplace_grad else torch.empty_like(logits, memory_format=torch.contiguous_format)
         logits_ops.logits_backward(logits, input_ids, mask, log_normalizer, grad_log_prob, grad_loss, aux,
@@ -73,8 +73,9 @@ class FusedPolicyLossFromLogits(torch.autograd.Function):
 def triton_policy_loss_from_logits(logits, input_ids, old_log_prob, advantages, response_mask, *, layout: Layout,
                                    cu_seqlens, rollout_topk_ids, rollout_topk_log_probs, temperature: float, config,
                                    inplace_grad: bool, rollout_is_weights, dp_size, batch_num_tokens,
-                                   global_batch_size):
-    """`policy_loss_from_logits(..., backend="triton")` on validated inputs: `(loss, metrics)`."""
+                                   global_batch_size, **shard):
+    """`policy_loss_from_logits(..., backend="triton")` on validated inputs: `(loss, metrics)`, or with
+    `output_final_state` among the carried-state keywords `shard` `(loss, metrics, final_state)`."""
     check_device(logits.device)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()  # the kernels need unit stride along V; rows may be strided
@@ -85,10 +86,13 @@ def triton_policy_loss_from_logits(logits, input_ids, old_log_prob, advantages, 
         temperature=float(temperature), inplace_grad=inplace_grad, adv_per_seq=layout.adv_per_seq,
         loss_scale_factor=float(resolve_loss_scale_factor(config.loss_agg_mode, config.loss_scale_factor,
                                                           layout) or 0),
-        normalizers=(dp_size, batch_num_tokens, global_batch_size))
-    loss, aux, entropy = FusedPolicyLossFromLogits.apply(
+        normalizers=(dp_size, batch_num_tokens, global_batch_size),
+        shard={name: value for name, value in shard.items() if value is not None and value is not False})
+    if "sequence_delta_b" in options["shard"]:  # fused_forward's name for it
+        options["shard"]["delta_b"] = options["shard"].pop("sequence_delta_b")
+    loss, aux, entropy, *final_state = FusedPolicyLossFromLogits.apply(
         logits, input_ids, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
         rollout_topk_ids if topk else None, rollout_topk_log_probs if topk else None, options)
     loss, metrics = finish(loss, aux, plan.config.method, logits.dtype)
     metrics["entropy"] = entropy.to(loss.dtype)
-    return loss, metrics
+    return (loss, metrics, *(state.to(loss.dtype) for state in final_state))
