@@ -149,10 +149,13 @@ class GRPOTrainer(trl.GRPOTrainer):
         store = self._metrics[mode]
         store["entropy"].append(self._global_masked_mean(entropies, mask))
         if self.policy_loss_config is not None:
-            # our metrics are means over the local valid tokens: weight them by the count across processes
+            # our metrics are means over the local valid tokens (delta_b_mean: over the non-empty sequences):
+            # weight each by its own count across processes
             count = mask.sum().float()
+            sequences = (mask.sum(dim=-1) > 0).sum().float() if mask.dim() > 1 else count
             for name, value in metrics.items():
-                totals = self.accelerator.reduce(torch.stack([value.float() * count, count]), reduction="sum")
+                weight = sequences if name == "delta_b_mean" else count
+                totals = self.accelerator.reduce(torch.stack([value.float() * weight, weight]), reduction="sum")
                 store[f"ptr/{name}"].append((totals[0] / totals[1].clamp(min=1.0)).item())
             return
         # TRL's own clip metrics, computed as TRL does
