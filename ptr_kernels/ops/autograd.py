@@ -127,7 +127,7 @@ def policy_loss_fused(
 def _(log_prob, *args):
     return (log_prob.new_empty((), dtype=torch.float32),
             log_prob.new_empty((reduce.NUM_AUX,), dtype=torch.float32),
-            torch.empty_like(log_prob, dtype=torch.float32))
+            torch.empty_like(log_prob, dtype=torch.float32, memory_format=torch.contiguous_format))
 
 
 @torch.library.custom_op("ptr_kernels::scale_grad", mutates_args=())
@@ -138,7 +138,7 @@ def scale_grad_op(grad: torch.Tensor, upstream: torch.Tensor, aux: torch.Tensor,
 
 @scale_grad_op.register_fake
 def _(grad, upstream, aux, dtype):
-    return torch.empty_like(grad, dtype=dtype)
+    return torch.empty_like(grad, dtype=dtype, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):

@@ -171,7 +171,7 @@ _ABSENT = (NORM_ABSENT.value, None, 0.0)
 
 def scale_grad(grad: torch.Tensor, upstream: torch.Tensor, aux: torch.Tensor, dtype: torch.dtype):
     """Backward in one launch: grad * upstream * aux[AUX_SCALE] in `dtype` (upstream: a 1-element tensor)."""
-    out = torch.empty_like(grad, dtype=dtype)
+    out = torch.empty_like(grad, dtype=dtype, memory_format=torch.contiguous_format)
     if grad.numel():
         scale_grad_kernel[(-(-grad.numel() // SCALE_BLOCK),)](grad, upstream, aux, out, grad.numel(),
                                                                BLOCK=SCALE_BLOCK)

@@ -346,5 +346,6 @@ def launch_token_kernel(log_prob, old_log_prob, advantages, mask, rollout_is_wei
 def empty_outputs(log_prob: torch.Tensor, num_seqs: int):
     """grad `[like log_prob]` and stats `[S, NUM_STATS]` (float32). The kernel writes every element (each
     position belongs to exactly one row or packed sequence), so `empty` is enough."""
-    grad = torch.empty_like(log_prob, dtype=torch.float32)  # empty_like: the cheapest allocation call
+    # empty_like: the cheapest allocation call; contiguous, as the kernel writes it (log_prob may be a view)
+    grad = torch.empty_like(log_prob, dtype=torch.float32, memory_format=torch.contiguous_format)
     return grad, grad.new_empty((num_seqs, NUM_STATS.value))
