@@ -98,6 +98,10 @@ class PolicyLoss(torch.nn.Module):
         self.backend = backend
 
     def forward(self, log_prob, old_log_prob, advantages, response_mask=None, **kwargs):
+        fixed = sorted({"config", "backend"} & kwargs.keys())
+        if fixed:
+            raise ValueError(f"PolicyLoss fixes {', '.join(fixed)} at construction: PolicyLoss(config, backend=...), "
+                             "or call policy_loss(...) directly")
         return policy_loss(log_prob, old_log_prob, advantages, response_mask, config=self.config,
                            backend=self.backend, **kwargs)
 

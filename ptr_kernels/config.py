@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -39,7 +40,7 @@ def _check_number(field: str, value, *, low=None, high=None, low_open=False, hig
                   optional=False) -> None:
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
             or abs(value) > FLOAT32_MAX:
         _fail(field, value, "a finite number within float32's range (|x| <= 3.4e38)"
               + (" or None" if optional else ""))
@@ -50,6 +51,10 @@ def _check_number(field: str, value, *, low=None, high=None, low_open=False, hig
         hi = "" if high is None else f"{high}" + (")" if high_open else "]")
         rng = f"{lo or '(-inf'}, {hi or 'inf)'}"
         _fail(field, value, f"a number in {rng}" + (" or None" if optional else ""))
+
+
+FLOAT_FIELDS = ("delta", "delta_low", "delta_high", "w_min", "delta_b", "delta_b_quantile", "delta_b_max_mult",
+                "ratio_cap", "log_ratio_clamp", "clip_ratio_low", "clip_ratio_high", "clip_ratio_c", "loss_scale_factor")
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,10 @@ class PolicyLossConfig:
         _check_number("clip_ratio_c", self.clip_ratio_c, low=1, low_open=True, optional=True)
         _check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
         _check_number("loss_scale_factor", self.loss_scale_factor, low=0, low_open=True, optional=True)
+        for name in FLOAT_FIELDS:  # numbers as Python floats (an int of 2**64 or a numpy scalar would not do in torch)
+            value = getattr(self, name)
+            if value is not None and type(value) is not float:
+                object.__setattr__(self, name, float(value))
 
     def __hash__(self) -> int:  # cached: the kernels' plan is looked up by config on every call
         return self._hash

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from .api import policy_loss
 from .carried_state import STATE_WIDTH
 from .config import PolicyLossConfig, resolve_config
-from .layout import mask_as_bool
+from .layout import check_cu_seqlens, mask_as_bool
 from .reference import compute_dtype, divergence, position_weight, valid_values
 
 RADIX_BITS = 8  # the distributed quantile selects 8 bits of the key per collective
@@ -47,6 +47,7 @@ def global_counts(response_mask: Optional[torch.Tensor] = None, cu_seqlens: Opti
     """
     if response_mask is None and cu_seqlens is None:
         raise ValueError("global_counts needs response_mask or cu_seqlens")
+    _check_count_inputs(response_mask, cu_seqlens)
     if cu_seqlens is not None:
         seq_tokens = _segment_sums(mask_as_bool(response_mask, cu_seqlens.new_empty(0)) if response_mask is not None
                                    else None, cu_seqlens)
@@ -61,6 +62,28 @@ def global_counts(response_mask: Optional[torch.Tensor] = None, cu_seqlens: Opti
         dist.all_reduce(counts, group=group)
         size = dist.get_world_size(group)
     return counts[0], counts[1], torch.full((), size, dtype=torch.int64, device=counts.device)
+
+
+def _check_count_inputs(response_mask, cu_seqlens) -> None:
+    """The inputs of `global_counts`, as `policy_loss` checks them (ValueError naming the argument)."""
+    for name, value in (("response_mask", response_mask), ("cu_seqlens", cu_seqlens)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if response_mask is not None and response_mask.is_complex():
+        raise ValueError(f"response_mask must be bool, integer or float (nonzero = valid), got {response_mask.dtype}")
+    if cu_seqlens is None:
+        return
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be a 1-D int32 or int64 tensor [S + 1], got {cu_seqlens.dtype} of "
+                         f"shape {tuple(cu_seqlens.shape)}")
+    if response_mask is not None:
+        if response_mask.dim() != 1:
+            raise ValueError(f"response_mask has shape {tuple(response_mask.shape)}: with cu_seqlens it is packed [N]")
+        if response_mask.device != cu_seqlens.device:
+            raise ValueError(f"response_mask is on {response_mask.device} but cu_seqlens is on {cu_seqlens.device}")
+        check_cu_seqlens(cu_seqlens, response_mask.shape[0])
+    else:  # every packed token valid: N is the last offset
+        check_cu_seqlens(cu_seqlens, cu_seqlens[-1])
 
 
 def _segment_sums(valid: Optional[torch.Tensor], cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -13,6 +14,7 @@ from .config import LOGIT_DIVERGENCES, PolicyLossConfig, resolve_config
 from .layout import FLOAT_DTYPES, Layout, check_inputs
 
 INT_DTYPES = (torch.int32, torch.int64)
+FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
 def policy_loss_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, old_log_prob: torch.Tensor,
@@ -112,9 +114,10 @@ def check_logits_inputs(logits, input_ids, old_log_prob, advantages, response_ma
     if not isinstance(old_log_prob, torch.Tensor) or tuple(old_log_prob.shape) != token_shape:
         raise ValueError(f"old_log_prob has shape {tuple(getattr(old_log_prob, 'shape', ()))}, expected "
                          f"logits' {token_shape} (logits without the vocabulary dimension)")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature={temperature!r} is invalid: expected a finite number > 0")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not math.isfinite(temperature) or temperature < FLOAT32_TINY:
+        raise ValueError(f"temperature={temperature!r} is invalid: expected a finite number >= {FLOAT32_TINY:.3g} "
+                         "(float32's smallest normal number: logits / temperature is computed in float32)")
     # the token-level checks (mask, advantages, cu_seqlens, weights, normalizers) on old_log_prob's shape
     layout = check_inputs(old_log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
                           dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,

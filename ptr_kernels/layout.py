@@ -8,6 +8,7 @@ packed: `[N]` tensors with `cu_seqlens [S + 1]` (FlashAttention convention), opt
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -96,7 +97,7 @@ def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seql
     if advantages.shape not in ((N,), (S,)):
         raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected [N] = {(N,)} or [S] = {(S,)}")
     if not cu_seqlens_values_in_kernel or (cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling()):
-        _check_cu_seqlens(cu_seqlens, N)  # the token kernel checks them itself, without a launch or a sync
+        check_cu_seqlens(cu_seqlens, N)  # the token kernel checks them itself, without a launch or a sync
     # N == S is ambiguous; per-token is what a [N] tensor means everywhere else.
     return Layout(packed=True, num_seqs=S, width=None, adv_per_seq=advantages.shape == (S,) and N != S)
 
@@ -128,7 +129,7 @@ def _check_normalizer(name: str, value, device: torch.device, *, optional: bool 
             raise ValueError(f"{name} is on {value.device} but log_prob is on {device}")
         return
     bound = "> 0" if positive else ">= 0"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
             or value < 0 or (positive and value == 0) or value > FLOAT32_MAX:
         raise ValueError(f"{name}={value!r} is invalid: expected a finite number {bound} within float32's range"
                          + (", a one-element tensor or None" if optional else " or a one-element tensor"))
@@ -156,7 +157,9 @@ def _check_zero_counts(log_prob, response_mask, **counts) -> None:
         raise ValueError(message)
 
 
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, N: int) -> None:
+def check_cu_seqlens(cu_seqlens: torch.Tensor, N) -> None:
+    """cu_seqlens starts at 0, never decreases and ends at N: ValueError on the CPU, an asynchronous device assert
+    on an accelerator or under torch.compile (no host sync)."""
     if cu_seqlens.device.type != "cpu" or torch.compiler.is_compiling():  # no host sync, no graph break
         first_ok = cu_seqlens[0] == 0
         sorted_ok = (cu_seqlens[1:] >= cu_seqlens[:-1]).all()

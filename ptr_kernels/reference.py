@@ -68,14 +68,20 @@ def calibrated_delta_b(div: torch.Tensor, mask: torch.Tensor, config: PolicyLoss
     return q.clamp(min=config.delta_b, max=config.delta_b_max_mult * config.delta_b)
 
 
+def _finite_or_nan(t: torch.Tensor) -> torch.Tensor:
+    """+-inf as NaN (docs/math.md section 10)."""
+    return torch.where(t.isinf(), torch.nan, t)
+
+
 def valid_values(t: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`t` in `dtype` at valid positions, 0 at masked ones (whatever they hold: garbage never reaches the math).
 
     At a valid position +-inf becomes NaN: a non-finite input is not data, and it must show as a NaN loss
-    (docs/math.md); NaN stays NaN.
+    (docs/math.md section 10); NaN stays NaN. The NaN is added rather than selected, so that the token's
+    gradient is NaN too, as the kernel's.
     """
     t = t.to(dtype)
-    return torch.where(mask, torch.where(t.isinf(), torch.nan, t), 0.0)
+    return torch.where(mask, t + torch.where(t.isinf(), torch.nan, 0.0), 0.0)
 
 
 def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConfig, *,
@@ -102,8 +108,8 @@ def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConf
     m = mask.to(dt)
 
     x = lp - olp
-    if config.log_ratio_clamp is not None:
-        x = x.clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
+    if config.log_ratio_clamp is not None:  # NaN passes with its gradient: a diverged token's gradient shows too
+        x = torch.where(x.isnan(), x, x.clamp(-config.log_ratio_clamp, config.log_ratio_clamp))
     ratio = x.detach().exp()  # r_t of the decisions and the metrics
     # r_t of the loss, with gradient. A token with A = 0 contributes exactly 0 (loss and gradient) even without
     # the clamp, where exp(x) overflows and -0 * inf would be NaN: there the exponent is capped at 0 (NaN stays).
@@ -135,14 +141,14 @@ def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConf
             if sequence_delta_b is None:
                 delta_b = calibrated_delta_b(div, mask, config)
             else:
-                delta_b = sequence_delta_b.to(dt)
+                delta_b = _finite_or_nan(sequence_delta_b.detach().to(dt))
             step = weight * div
             # exclusive prefix sums S_{t-1}, W_{t-1}: the budget at t uses the prefix before t
             prefix_div = torch.cat([step.new_zeros(S, 1), torch.cumsum(step, dim=1)[:, :-1]], dim=1)
             prefix_weight = torch.cat([step.new_zeros(S, 1), torch.cumsum(weight, dim=1)[:, :-1]], dim=1)
             slack = delta_b[:, None] * prefix_weight - prefix_div  # delta_b_i W_{t-1} - S_{t-1}
             if initial_state is not None:  # the prefix of the earlier shards: its slack, S and W as carried
-                state = initial_state.detach().to(dt)
+                state = _finite_or_nan(initial_state.detach().to(dt))
                 slack = slack + state[:, STATE_SLACK, None]
                 prefix_div = prefix_div + state[:, STATE_S, None]
                 prefix_weight = prefix_weight + state[:, STATE_W, None]
@@ -158,6 +164,8 @@ def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConf
                 # min(1, 1/z) for z > 0; z >= 0 in exact arithmetic, but a rounded binary KL can be < 0,
                 # where 1/z would be a huge negative "gate": z <= 1 is inside, as for the hard gate
                 gate = torch.where(toward_mu | (z <= 1), ones, 1 / z)
+                gate = torch.where(z.isnan(), z, gate)
+            gate = torch.where(threshold.isnan(), threshold, gate)  # a NaN budget (state, delta_b, D) shows
         elif config.method == "dppo":
             weight = m
             # filled tensors of dtype dt: torch.where on two Python floats would round them to float32 first,
@@ -207,8 +215,8 @@ def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str, 
               batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None) -> torch.Tensor:
     """The aggregation of docs/math.md (verl's `agg_loss`) on rows `[S, T]`; an empty batch gives 0, never NaN."""
     m = mask.to(token_loss.dtype)
-    if isinstance(dp_size, torch.Tensor):  # a one-element tensor: keep the loss 0-dim
-        dp_size = dp_size.to(token_loss.dtype).reshape(())
+    if isinstance(dp_size, torch.Tensor):  # a one-element tensor: keep the loss 0-dim; a constant (no gradient)
+        dp_size = dp_size.detach().to(token_loss.dtype).reshape(())
     seq_loss = token_loss.sum(dim=1)  # L_i
     seq_tokens = m.sum(dim=1)  # n_i
     if loss_agg_mode == "token-sum":
@@ -233,7 +241,7 @@ def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str, 
 def _safe_div(num: torch.Tensor, den) -> torch.Tensor:
     """num / den, and 0 where den == 0 (num is then 0 too: nothing to average)."""
     # a number becomes a filled device tensor (as_tensor would copy it from the host, a sync on CUDA)
-    den = den.to(num.dtype).reshape(()) if isinstance(den, torch.Tensor) else num.new_full((), den)
+    den = den.detach().to(num.dtype).reshape(()) if isinstance(den, torch.Tensor) else num.new_full((), den)
     return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
 
 

@@ -201,7 +201,7 @@ def triton_policy_loss(log_prob, old_log_prob, advantages, response_mask=None, *
     layout = check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
                           dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
                           cu_seqlens_values_in_kernel=True)
-    if not _INTERPRETER_ACTIVE:
+    if not (log_prob.is_cuda or (log_prob.is_cpu and _INTERPRETER_ACTIVE)):
         check_device(log_prob.device)
     loss_scale_factor = resolve_loss_scale_factor(config.loss_agg_mode, config.loss_scale_factor, layout)
     shard = None
@@ -233,7 +233,11 @@ def finish(loss: torch.Tensor, aux: torch.Tensor, method: str, dtype: torch.dtyp
 
 
 def check_device(device: torch.device) -> None:
-    """CPU tensors need the Triton interpreter; raise a RuntimeError saying how to enable it."""
+    """The Triton kernels run on CUDA tensors, and on CPU tensors in the Triton interpreter only (a RuntimeError
+    says how to enable it); other devices (meta, mps, ...) are a ValueError."""
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"backend='triton' runs on CUDA tensors (or CPU tensors in the Triton interpreter), "
+                         f"got tensors on {device}: use backend='reference'")
     if not _INTERPRETER_ACTIVE and device.type == "cpu":
         raise RuntimeError(
             "backend='triton' got CPU tensors, but Triton kernels run on CPU only in the Triton interpreter: "

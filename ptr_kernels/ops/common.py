@@ -188,20 +188,23 @@ def trust_region_step(
             # w (delta_b - D): an exclusive scan = inclusive cumsum minus the element, plus the carry
             slack_step = weight * (delta_b[:, None] - d)
             slack_prev = carry_slack[:, None] + (tl.cumsum(slack_step, axis=1) - slack_step)
-            inside = step <= nan_min(delta, delta + slack_prev)  # a NaN prefix rejects, as in the reference
+            limit = nan_min(delta, delta + slack_prev)  # c_t
+            inside = step <= limit
             rej_token = valid & ~toward & (step > delta)
             rej_budget = valid & ~toward & ~inside & ~rej_token
             if GATE == GATE_SOFT:
                 s_prev = carry_s[:, None] + (tl.cumsum(step, axis=1) - step)
                 w_prev = carry_w[:, None] + (tl.cumsum(weight, axis=1) - weight)
-                z = tl.maximum(step / delta, (s_prev + step) / (delta + delta_b[:, None] * w_prev))
+                z = nan_max(step / delta, (s_prev + step) / (delta + delta_b[:, None] * w_prev))
                 # min(1, 1/z) for z >= 0; a rounded binary_kl D (and z) can be a hair below 0: still 1
                 keep = toward | (z <= 1.0)
                 gate = tl.where(keep, 1.0, 1.0 / tl.where(keep, 1.0, z))
+                gate = tl.where(z != z, z, gate)
                 carry_s += tl.sum(step, axis=1)
                 carry_w += tl.sum(weight, axis=1)
             else:
                 gate = (toward | inside).to(tl.float32)
+            gate = tl.where(limit != limit, limit, gate)  # a NaN budget (state, delta_b or a D before) shows
             carry_slack += tl.sum(slack_step, axis=1)
         else:  # dppo
             threshold = tl.where(adv > 0.0, delta_high, delta_low)

@@ -228,9 +228,9 @@ def token_kernel(
         inv_n = 1.0 / tl.maximum(n_valid, 1).to(tl.float32)
     if HAS_STATE:  # the prefix of the earlier shards
         state_row = state_ptr + seq.to(tl.int64) * STATE_WIDTH
-        carry_slack = tl.load(state_row + STATE_SLACK, mask=seq_ok, other=0.0).to(tl.float32)
-        carry_s = tl.load(state_row + STATE_S, mask=seq_ok, other=0.0).to(tl.float32)
-        carry_w = tl.load(state_row + STATE_W, mask=seq_ok, other=0.0).to(tl.float32)
+        carry_slack = finite_or_nan(tl.load(state_row + STATE_SLACK, mask=seq_ok, other=0.0).to(tl.float32))
+        carry_s = finite_or_nan(tl.load(state_row + STATE_S, mask=seq_ok, other=0.0).to(tl.float32))
+        carry_w = finite_or_nan(tl.load(state_row + STATE_W, mask=seq_ok, other=0.0).to(tl.float32))
     else:
         carry_slack = tl.zeros([ROWS], dtype=tl.float32)  # sum of w (delta_b_i - D) = delta_b_i W - S
         carry_s = tl.zeros([ROWS], dtype=tl.float32)  # S (soft gate, and the state)

@@ -1,0 +1,124 @@
+"""Unusual and bad inputs found by a sweep over both backends: each is a ValueError naming the argument, or the
+same result on both backends (the Triton kernel in the interpreter on CPU)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ptr_kernels import PolicyLoss, PolicyLossConfig, policy_loss, policy_loss_from_logits
+from ptr_kernels.distributed import global_counts
+
+BACKENDS = ("reference", "triton")
+
+
+def _padded():
+    g = torch.Generator().manual_seed(0)
+    olp = -torch.rand(3, 5, generator=g)
+    lp = (olp + 0.2 * torch.randn(3, 5, generator=g)).clamp(max=0)
+    return lp, olp, torch.randn(3, generator=g), torch.arange(5) < torch.tensor([[5], [3], [1]])
+
+
+@pytest.mark.parametrize("args, kwargs, match", [
+    ((torch.ones(4), torch.tensor([0, 3, 5])), {}, "cu_seqlens"),
+    ((torch.ones(2, 3), torch.tensor([0, 3, 6])), {}, "response_mask"),
+    (([[1, 0]],), {}, "response_mask"),
+    ((np.ones((2, 2)),), {}, "response_mask"),
+    ((), dict(cu_seqlens=[0, 3, 5]), "cu_seqlens"),
+    ((), dict(cu_seqlens=torch.tensor([0, 5, 3])), "cu_seqlens"),
+    ((torch.ones(5),), dict(cu_seqlens=torch.tensor([1, 3, 5])), "cu_seqlens"),
+    ((), dict(cu_seqlens=torch.zeros(2, 2, dtype=torch.int64)), "cu_seqlens"),
+    ((), dict(cu_seqlens=torch.tensor([0.0, 3.0])), "cu_seqlens"),
+    ((torch.ones(2, 2, dtype=torch.complex64),), {}, "response_mask"),
+])
+def test_global_counts_validates_its_inputs(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        global_counts(*args, **kwargs)
+
+
+def test_global_counts_without_a_process_group():
+    assert [int(c) for c in global_counts(torch.tensor([1, 0, 1, 1, 0]), torch.tensor([0, 2, 5]))] == [3, 2, 1]
+    assert [int(c) for c in global_counts(cu_seqlens=torch.tensor([0, 2, 2, 5]))] == [5, 2, 1]
+    assert [int(c) for c in global_counts(torch.tensor([[1, 0], [0, 0]]))] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("where", ["log_prob", "old_log_prob"])
+@pytest.mark.parametrize("method", ["cppo", "dppo", "ppo"])
+def test_a_non_finite_log_prob_gives_the_same_gradient_on_both_backends(value, where, method):
+    """NaN loss on both; the diverged token's gradient is NaN on both (not 0 on one and NaN on the other)."""
+    grads = []
+    for backend in BACKENDS:
+        lp, olp, adv, mask = _padded()
+        (lp if where == "log_prob" else olp)[0, 1] = value
+        lp.requires_grad_()
+        loss, _ = policy_loss(lp, olp, adv, mask, backend=backend, method=method)
+        loss.backward()
+        assert math.isnan(loss.item())
+        grads.append(lp.grad)
+    assert torch.isnan(grads[0][0, 1]) and torch.isnan(grads[1][0, 1])
+    assert torch.equal(grads[0].isnan(), grads[1].isnan())
+    torch.testing.assert_close(grads[1].nan_to_num(), grads[0].nan_to_num(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", ["state_nan", "state_inf", "delta_b_nan", "delta_b_inf"])
+@pytest.mark.parametrize("gate", ["hard", "soft"])
+def test_a_non_finite_carried_state_shows_in_the_loss(bad, gate):
+    state = torch.zeros(3, 3)
+    delta_b = torch.tensor([0.02, 0.03, 0.01])
+    value = math.nan if bad.endswith("nan") else math.inf
+    if bad.startswith("state"):
+        state[0] = value
+    else:
+        delta_b[0] = value
+    results = []
+    for backend in BACKENDS:
+        lp, olp, adv, mask = _padded()
+        loss, metrics = policy_loss(lp, olp, adv, mask, initial_state=state, sequence_delta_b=delta_b, gate=gate,
+                                    backend=backend)
+        assert math.isnan(loss.item())
+        results.append(metrics["mask_frac"])
+    torch.testing.assert_close(results[1], results[0])
+
+
+@pytest.mark.parametrize("name", ["dp_size", "global_batch_size", "batch_num_tokens"])
+def test_tensor_normalizers_get_no_gradient(name):
+    for backend in BACKENDS:
+        lp = (-torch.rand(3, 5)).requires_grad_()
+        count = torch.tensor(4.0, requires_grad=True)
+        loss, _ = policy_loss(lp, lp.detach() - 0.1, torch.ones(3), backend=backend,
+                              loss_agg_mode="seq-mean-token-sum" if name != "batch_num_tokens" else "token-mean",
+                              **{name: count})
+        loss.backward()
+        assert count.grad is None and lp.grad is not None
+
+
+def test_numbers_of_any_real_type_in_the_config():
+    """A large Python int or a numpy scalar is a number like any other: the same loss on both backends."""
+    lp = -torch.rand(3, 5)
+    assert PolicyLossConfig(delta=1).delta == 1.0 and type(PolicyLossConfig(delta=1).delta) is float
+    for overrides in (dict(delta=2 ** 64), dict(delta=np.float32(0.2), dp_size=np.int64(2)),
+                      dict(method="dppo", delta_high=2 ** 70, log_ratio_clamp=10 ** 30)):
+        losses = [policy_loss(lp, lp - 0.1, torch.ones(3), backend=b, **overrides)[0] for b in BACKENDS]
+        torch.testing.assert_close(losses[1], losses[0])
+
+
+def test_policy_loss_module_keeps_its_config_and_backend():
+    lp = -torch.rand(3, 5)
+    for kwargs in (dict(config=PolicyLossConfig()), dict(backend="triton")):
+        with pytest.raises(ValueError, match="PolicyLoss fixes"):
+            PolicyLoss()(lp, lp - 0.1, torch.ones(3), **kwargs)
+
+
+def test_meta_tensors_with_the_kernel_are_a_value_error():
+    lp = torch.empty(3, 5, device="meta")
+    with pytest.raises(ValueError, match="backend='triton'"):
+        policy_loss(lp, lp, torch.empty(3, device="meta"), backend="triton")
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-39])
+def test_subnormal_temperature_is_rejected(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        policy_loss_from_logits(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), -torch.rand(2, 3),
+                                torch.ones(2), temperature=temperature)
