@@ -189,6 +189,9 @@ def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConf
         if config.method != "ppo":  # a NaN divergence (e.g. given from logits) shows in the loss
             gate = torch.where(div.isnan(), div, gate)
 
+    # a zero advantage contributes exactly 0, a NaN gate from a NaN budget included, unless the token's own
+    # log-ratio or divergence is NaN (docs/math.md section 10)
+    gate_of_loss = torch.where((adv == 0) & ~x.isnan() & ~div.isnan(), 0.0, gate)
     if config.method == "ppo":
         unclipped = -adv * r
         clipped = -adv * r.clamp(1 - config.clip_ratio_low, 1 + config.clip_ratio_high)
@@ -199,9 +202,9 @@ def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConf
             bound = -adv * config.clip_ratio_c
             loss = torch.where((adv < 0) & (bound < loss), bound, loss)
     elif config.surrogate == "ratio":
-        loss = -adv * r * gate
+        loss = -adv * r * gate_of_loss
     else:  # "logp": the gradient -A r M with the ratio capped and held constant
-        loss = -adv * ratio.clamp(max=config.ratio_cap) * lp * gate
+        loss = -adv * ratio.clamp(max=config.ratio_cap) * lp * gate_of_loss
     if rollout_is_weights is not None:
         loss = loss * valid_values(rollout_is_weights.detach(), mask, dt)
     loss = torch.where(mask, loss, 0.0)

@@ -122,3 +122,21 @@ def test_subnormal_temperature_is_rejected(temperature):
     with pytest.raises(ValueError, match="temperature"):
         policy_loss_from_logits(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), -torch.rand(2, 3),
                                 torch.ones(2), temperature=temperature)
+
+
+@pytest.mark.parametrize("gate", ["hard", "soft"])
+def test_a_zero_advantage_contributes_zero_even_with_a_nan_budget(gate):
+    """The zero-advantage rule holds where only the budget is NaN (the token's own inputs are finite), on both
+    backends; a nonzero advantage in the same row shows the NaN."""
+    lp, olp, _, mask = _padded()
+    state = torch.zeros(3, 3)
+    state[1] = math.nan
+    for advantages, expect_nan in ((torch.zeros(3), False), (torch.tensor([0.0, 1.0, 0.0]), True)):
+        for backend in BACKENDS:
+            log_prob = lp.clone().requires_grad_()
+            loss, _ = policy_loss(log_prob, olp, advantages, mask, initial_state=state, gate=gate,
+                                  backend=backend, sequence_delta_b=torch.full((3,), 0.02))
+            assert math.isnan(loss.item()) == expect_nan, (backend, advantages)
+            if not expect_nan:
+                loss.backward()
+                assert loss.item() == 0.0 and torch.equal(log_prob.grad, torch.zeros_like(lp))

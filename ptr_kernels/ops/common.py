@@ -221,7 +221,8 @@ def trust_region_step(
     if METHOD != METHOD_PPO:  # a NaN divergence (given from logits) must show too, not read as "rejected"
         loss = tl.where(d != d, d, loss)
         grad = tl.where(d != d, d, grad)
-    # a zero advantage contributes exactly 0, even where exp overflowed (0 * inf), but a NaN shows
+    # a zero advantage contributes exactly 0, even where exp overflowed (0 * inf) or the budget is NaN, unless
+    # the token's own log-ratio or divergence is NaN
     counts = valid & ((adv != 0.0) | (x != x) | (d != d))
     loss = tl.where(counts, loss, 0.0)
     grad = tl.where(counts, grad, 0.0)
