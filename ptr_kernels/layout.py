@@ -8,12 +8,13 @@ packed: `[N]` tensors with `cu_seqlens [S + 1]` (FlashAttention convention), opt
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+NUMBER_TYPES = (int, float, np.integer, np.floating)  # what every backend computes with (numpy scalars included)
 FLOAT32_MAX = torch.finfo(torch.float32).max  # normalizers are float32 numbers in every backend
 
 
@@ -129,7 +130,7 @@ def _check_normalizer(name: str, value, device: torch.device, *, optional: bool 
             raise ValueError(f"{name} is on {value.device} but log_prob is on {device}")
         return
     bound = "> 0" if positive else ">= 0"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+    if isinstance(value, bool) or not isinstance(value, NUMBER_TYPES) or not math.isfinite(value) \
             or value < 0 or (positive and value == 0) or value > FLOAT32_MAX:
         raise ValueError(f"{name}={value!r} is invalid: expected a finite number {bound} within float32's range"
                          + (", a one-element tensor or None" if optional else " or a one-element tensor"))

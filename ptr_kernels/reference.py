@@ -113,7 +113,7 @@ def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConf
     ratio = x.detach().exp()  # r_t of the decisions and the metrics
     # r_t of the loss, with gradient. A token with A = 0 contributes exactly 0 (loss and gradient) even without
     # the clamp, where exp(x) overflows and -0 * inf would be NaN: there the exponent is capped at 0 (NaN stays).
-    r = torch.where(adv == 0, x.clamp(max=0), x).exp()
+    r = torch.where(adv == 0, torch.where(x.isnan(), x, x.clamp(max=0)), x).exp()
     with torch.no_grad():
         if divergence_values is None:
             div = divergence(lp, olp, config.divergence) * m
@@ -206,7 +206,9 @@ def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConf
     else:  # "logp": the gradient -A r M with the ratio capped and held constant
         loss = -adv * ratio.clamp(max=config.ratio_cap) * lp * gate_of_loss
     if rollout_is_weights is not None:
-        loss = loss * valid_values(rollout_is_weights.detach(), mask, dt)
+        weights = valid_values(rollout_is_weights.detach(), mask, dt)
+        # a NaN weight shows in the loss and in the token's gradient, whatever path (clip, gate) that takes
+        loss = torch.where(weights.isnan(), lp * weights, loss * weights)
     loss = torch.where(mask, loss, 0.0)
     return TokenTerms(loss=loss, gate=gate * m, log_ratio=x * m, ratio=ratio * m, divergence=div,
                       weight=weight, threshold=threshold, delta_b=delta_b, rejected_token=rejected_token,
@@ -321,7 +323,8 @@ def final_state(terms: TokenTerms, config: PolicyLossConfig, initial_state=None)
     totals (sum w (delta_b_i - D), sum w D, sum w); for dppo and ppo the state passes through."""
     dt = terms.loss.dtype
     S = terms.mask.shape[0]
-    state = terms.loss.new_zeros(S, STATE_WIDTH) if initial_state is None else initial_state.detach().to(dt)
+    state = terms.loss.new_zeros(S, STATE_WIDTH) if initial_state is None else \
+        _finite_or_nan(initial_state.detach().to(dt))
     if config.method != "cppo":
         return state.clone()
     with torch.no_grad():

@@ -140,3 +140,32 @@ def test_a_zero_advantage_contributes_zero_even_with_a_nan_budget(gate):
             if not expect_nan:
                 loss.backward()
                 assert loss.item() == 0.0 and torch.equal(log_prob.grad, torch.zeros_like(lp))
+
+
+@pytest.mark.parametrize("method", ["cppo", "dppo", "ppo"])
+def test_gradients_agree_around_nan_log_ratios_and_weights(method):
+    """A zero-advantage token with a NaN log-prob, and a token with a NaN rollout weight whatever its path (kept,
+    clipped or rejected, A = 0), have a NaN gradient on both backends; the loss is NaN in every case."""
+    cases = [dict(lp=[[-1.0, math.nan, -1.0]], adv=[[1.0, 0.0, 1.0]], rw=None),
+             dict(lp=[[-1.0, -0.2, -1.0]], adv=[[1.0, 1.0, 0.0]], rw=[[1.0, math.nan, math.nan]])]
+    for case in cases:
+        grads = []
+        for backend in BACKENDS:
+            lp = torch.tensor(case["lp"]).requires_grad_()
+            rw = None if case["rw"] is None else torch.tensor(case["rw"])
+            loss, _ = policy_loss(lp, torch.tensor([[-1.1, -1.0, -0.9]]), torch.tensor(case["adv"]), backend=backend,
+                                  method=method, rollout_is_weights=rw)
+            loss.backward()
+            assert math.isnan(loss.item())
+            grads.append(lp.grad)
+        assert torch.equal(grads[0].isnan(), grads[1].isnan()), (case, grads)
+        torch.testing.assert_close(grads[1].nan_to_num(), grads[0].nan_to_num(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["cppo", "dppo", "ppo"])
+def test_an_infinite_initial_state_reads_as_nan_on_both_backends(method):
+    lp = -torch.rand(1, 3)
+    finals = [policy_loss(lp, lp, torch.ones(1), backend=b, method=method, output_final_state=True,
+                          initial_state=torch.tensor([[math.inf, 0.0, 1.0]]),
+                          sequence_delta_b=torch.tensor([0.02]))[2] for b in BACKENDS]
+    assert torch.equal(finals[0].isnan(), finals[1].isnan()) and finals[0][0, 0].isnan()

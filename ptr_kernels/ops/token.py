@@ -276,7 +276,7 @@ def token_kernel(
         if HAS_RW:
             rw = load_zeroed(rw_ptr, offs, valid)
             loss = loss * rw
-            grad = grad * rw
+            grad = grad * rw  # a NaN weight: NaN loss and NaN gradient at the token
         if PER_SEQ_MEAN:
             grad = grad * inv_n[:, None]
         tl.store(grad_ptr + offs, grad, mask=inside)
