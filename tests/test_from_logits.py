@@ -265,7 +265,7 @@ def _aot_compile_logits_kernels():
     count = 0
     for topk in (0, 1, 2):
         for has_mask in (True, False):
-            types = dict(logits_ptr="*bf16", ids_ptr="*i64", mask_ptr="*u8", olp_ptr="*bf16", topk_ids_ptr="*i64",
+            types = dict(logits_ptr="*bf16", ids_ptr="*i64", mask_ptr="*i1", olp_ptr="*bf16", topk_ids_ptr="*i64",
                          topk_lp_ptr="*fp32", lp_ptr="*fp32", div_ptr="*fp32", entropy_ptr="*fp32", lse_ptr="*fp32",
                          stride_row="i64", stride_pos="i64", inv_temperature="fp32")
             constexprs = dict(TOPK=topk, HAS_MASK=has_mask, BLOCK_V=4096, BLOCK_K=32)
@@ -276,7 +276,7 @@ def _aot_compile_logits_kernels():
             compile_one(L.logits_forward_kernel, types, constexprs)
             count += 1
     for out in ("*bf16", "*fp32"):
-        types = dict(logits_ptr=out, ids_ptr="*i64", mask_ptr="*u8", lse_ptr="*fp32", grad_lp_ptr="*fp32",
+        types = dict(logits_ptr=out, ids_ptr="*i64", mask_ptr="*i1", lse_ptr="*fp32", grad_lp_ptr="*fp32",
                      upstream_ptr="*fp32", aux_ptr="*fp32", out_ptr=out, stride_row="i64", stride_pos="i64",
                      out_stride_row="i64", out_stride_pos="i64", inv_temperature="fp32")
         compile_one(L.logits_backward_kernel, types, dict(HAS_MASK=True, BLOCK_V=4096))

@@ -52,7 +52,7 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
         if has_state:
             final_state.copy_(initial_state)  # no token: the state passes through
     else:
-        mask = _contiguous(response_mask)  # bool, int or float: != 0 is valid
+        mask = contiguous(response_mask)  # bool, int or float: != 0 is valid
         flags = layout_constexprs(plan, packed, mask is not None, rollout_is_weights is not None, adv_per_seq,
                                   has_state, sequence_length is not None, delta_b is not None)
         if has_state and position_offset is None:
@@ -61,12 +61,12 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
         if flags["HORIZON"] == token.HORIZON_MAX_LEN.value:  # cppo, length_mode="padded", packed: on the device
             max_len = (cu_seqlens[1:] - cu_seqlens[:-1]).max()
         token.launch_token_kernel(
-            _contiguous(log_prob), _contiguous(old_log_prob), _contiguous(advantages), mask,
-            _contiguous(rollout_is_weights), _contiguous(divergence), _contiguous(cu_seqlens), max_len, grad, stats,
+            contiguous(log_prob), contiguous(old_log_prob), contiguous(advantages), mask,
+            contiguous(rollout_is_weights), contiguous(divergence), contiguous(cu_seqlens), max_len, grad, stats,
             plan=plan, constexprs=flags, horizon=horizon_argument(plan.config, None if packed else log_prob.shape[1]),
             block=block or token.block_size(log_prob.numel(), num_seqs),
-            initial_state=initial_state, position_offset=_contiguous(position_offset),
-            sequence_length=_contiguous(sequence_length), delta_b=_contiguous(delta_b), final_state=final_state)
+            initial_state=initial_state, position_offset=contiguous(position_offset),
+            sequence_length=contiguous(sequence_length), delta_b=contiguous(delta_b), final_state=final_state)
     loss, aux = reduce.launch_reduce(stats, agg_mode=plan.agg_mode, loss_scale_factor=loss_scale_factor,
                                      normalizers=normalizers)
     if output_final_state:
@@ -74,7 +74,7 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     return loss, aux, grad
 
 
-def _contiguous(t):
+def contiguous(t):
     """`t` as a contiguous tensor (None stays None); `is_contiguous` first: cheaper than a no-op `contiguous`."""
     return t if t is None or t.is_contiguous() else t.contiguous()
 

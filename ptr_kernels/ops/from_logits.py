@@ -16,7 +16,7 @@ from torch.autograd.function import once_differentiable
 from ..config import LOGIT_DIVERGENCES
 from ..layout import Layout, resolve_loss_scale_factor
 from . import logits as logits_ops
-from .autograd import check_device, finish, fused_forward
+from .autograd import check_device, contiguous, finish, fused_forward
 from .plan import kernel_plan
 
 
@@ -34,17 +34,13 @@ class FusedPolicyLossFromLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, input_ids, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
                 topk_ids, topk_log_probs, options: dict):
-        mask = response_mask
-        if mask is not None:
-            mask = mask.contiguous()
-            mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        mask = contiguous(response_mask)  # bool, int or float: != 0 is valid, in every kernel
         input_ids = input_ids.contiguous()
         old_log_prob = old_log_prob.contiguous()
         plan = options["plan"]
         per_token = logits_ops.logits_forward(
             logits, input_ids, mask, old_log_prob,
-            None if topk_ids is None else topk_ids.contiguous(),
-            None if topk_log_probs is None else topk_log_probs.contiguous(),
+            contiguous(topk_ids), contiguous(topk_log_probs),
             temperature=options["temperature"], topk=options["topk"])
         loss, aux, grad_log_prob, *final_state = fused_forward(
             per_token.log_prob, old_log_prob, advantages, mask, cu_seqlens, rollout_is_weights, per_token.divergence,

@@ -190,7 +190,7 @@ def logits_forward(logits, input_ids, mask, old_log_prob, topk_ids, topk_log_pro
                    topk: int) -> LogitsForward:
     """One launch of `logits_forward_kernel`.
 
-    logits `[B, T, V]` or `[N, V]` (any float dtype, last dim contiguous); input_ids, mask (uint8 or None),
+    logits `[B, T, V]` or `[N, V]` (any float dtype, last dim contiguous); input_ids, mask (any dtype, != 0 valid, or None),
     old_log_prob of shape logits.shape[:-1], contiguous; topk_ids / topk_log_probs `[..., K]` contiguous (or
     None when `topk` is TOPK_NONE); `topk` one of TOPK_NONE, TOPK_TV, TOPK_KL.
     """
