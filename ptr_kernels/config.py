@@ -137,6 +137,11 @@ class PolicyLossConfig:
         return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
 
     @property
+    def calibrates_delta_b(self) -> bool:
+        """cppo with a per-sequence delta_b_i calibrated on the sequence's divergences (docs/math.md section 3)."""
+        return self.method == "cppo" and self.delta_b_quantile is not None
+
+    @property
     def delta_low_value(self) -> float:
         return self.delta if self.delta_low is None else self.delta_low
 

@@ -70,7 +70,7 @@ def policy_loss_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, old_l
                                  rollout_is_weights, dp_size, batch_num_tokens, global_batch_size,
                                  values_in_kernel=backend != "reference")
     check_carried_state(layout.num_seqs, logits.device,
-                        calibrated=config.method == "cppo" and config.delta_b_quantile is not None,
+                        calibrated=config.calibrates_delta_b,
                         initial_state=initial_state, position_offset=position_offset,
                         sequence_length=sequence_length, sequence_delta_b=sequence_delta_b)
     if backend == "auto":

@@ -306,8 +306,7 @@ def policy_loss_reference(log_prob, old_log_prob, advantages, response_mask=None
         mask = packed_to_rows(mask, cu_seqlens, width, fill=False)
     shard = dict(initial_state=initial_state, position_offset=position_offset, sequence_length=sequence_length,
                  sequence_delta_b=sequence_delta_b)
-    check_carried_state(layout.num_seqs, mask.device,
-                        calibrated=config.method == "cppo" and config.delta_b_quantile is not None, **shard)
+    check_carried_state(layout.num_seqs, mask.device, calibrated=config.calibrates_delta_b, **shard)
     terms = token_terms(log_prob, old_log_prob, advantages, mask, config,
                         rollout_is_weights=rollout_is_weights, divergence_values=divergence_values, **shard)
     loss = aggregate(terms.loss, mask, config.loss_agg_mode, dp_size=dp_size,

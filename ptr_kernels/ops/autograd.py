@@ -24,7 +24,7 @@ from .plan import KernelPlan, decode_config, encode_config, horizon_argument, ke
 
 def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, divergence, *,
                   plan: KernelPlan, adv_per_seq: bool, loss_scale_factor: float, normalizers: tuple, block: int = 0,
-                  initial_state=None, position_offset=None, sequence_length=None, delta_b=None,
+                  initial_state=None, position_offset=None, sequence_length=None, sequence_delta_b=None,
                   output_final_state: bool = False):
     """Launch the token kernel and the reduction on validated inputs: two launches, no host sync.
 
@@ -33,7 +33,7 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     batch_num_tokens, global_batch_size), each None, a number or a 0-dim tensor; `block` positions per block
     (a power of two; 0 picks one from the shapes). A shard of a longer sequence (docs/math.md section 8, all
     optional, validated by the caller): `initial_state [S, 3]` (slack, S, W), `position_offset [S]` int,
-    `sequence_length [S]` (T_w), `delta_b [S]`, and `output_final_state`.
+    `sequence_length [S]` (T_w), `sequence_delta_b [S]`, and `output_final_state`.
     Returns: loss `[]` f32; aux `[NUM_AUX]` f32 (the backward scale, then the metrics); grad `[like log_prob]`
     f32: d loss / d log_prob_t up to the backward scale (0 at masked positions); with `output_final_state`
     also final_state `[S, 3]` f32, the state after the shard.
@@ -54,7 +54,7 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     else:
         mask = contiguous(response_mask)  # bool, int or float: != 0 is valid
         flags = layout_constexprs(plan, packed, mask is not None, rollout_is_weights is not None, adv_per_seq,
-                                  has_state, sequence_length is not None, delta_b is not None)
+                                  has_state, sequence_length is not None, sequence_delta_b is not None)
         if has_state and position_offset is None:
             position_offset = torch.zeros(num_seqs, dtype=torch.int64, device=log_prob.device)
         max_len = None
@@ -66,7 +66,8 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
             plan=plan, constexprs=flags, horizon=horizon_argument(plan.config, None if packed else log_prob.shape[1]),
             block=block or token.block_size(log_prob.numel(), num_seqs),
             initial_state=initial_state, position_offset=contiguous(position_offset),
-            sequence_length=contiguous(sequence_length), delta_b=contiguous(delta_b), final_state=final_state)
+            sequence_length=contiguous(sequence_length), sequence_delta_b=contiguous(sequence_delta_b),
+            final_state=final_state)
     loss, aux = reduce.launch_reduce(stats, agg_mode=plan.agg_mode, loss_scale_factor=loss_scale_factor,
                                      normalizers=normalizers)
     if output_final_state:
@@ -208,12 +209,12 @@ def triton_policy_loss(log_prob, old_log_prob, advantages, response_mask=None, *
     if output_final_state or initial_state is not None or position_offset is not None \
             or sequence_length is not None or sequence_delta_b is not None:
         check_carried_state(layout.num_seqs, log_prob.device,
-                            calibrated=config.method == "cppo" and config.delta_b_quantile is not None,
+                            calibrated=config.calibrates_delta_b,
                             initial_state=initial_state,
                             position_offset=position_offset, sequence_length=sequence_length,
                             sequence_delta_b=sequence_delta_b)
         shard = dict(initial_state=initial_state, position_offset=position_offset, sequence_length=sequence_length,
-                     delta_b=sequence_delta_b, output_final_state=output_final_state)
+                     sequence_delta_b=sequence_delta_b, output_final_state=output_final_state)
     loss, aux, *final_state = fused_policy_loss(
         log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, None, config=config,
         adv_per_seq=layout.adv_per_seq, loss_scale_factor=loss_scale_factor,

@@ -84,8 +84,6 @@ def triton_policy_loss_from_logits(logits, input_ids, old_log_prob, advantages, 
                                                           layout) or 0),
         normalizers=(dp_size, batch_num_tokens, global_batch_size),
         shard={name: value for name, value in shard.items() if value is not None and value is not False})
-    if "sequence_delta_b" in options["shard"]:  # fused_forward's name for it
-        options["shard"]["delta_b"] = options["shard"].pop("sequence_delta_b")
     loss, aux, entropy, *final_state = FusedPolicyLossFromLogits.apply(
         logits, input_ids, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
         rollout_topk_ids if topk else None, rollout_topk_log_probs if topk else None, options)

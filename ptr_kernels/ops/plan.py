@@ -41,12 +41,11 @@ class KernelPlan:
 def kernel_plan(config: PolicyLossConfig, given_divergence: bool = False) -> KernelPlan:
     """The plan of `config`; `given_divergence`: D is read from memory (the from-logits path)."""
     inf = float("inf")
-    cppo = config.method == "cppo"
     constexprs = dict(
         METHOD=METHOD_IDS[config.method],
         DIVERGENCE=common.DIV_GIVEN.value if given_divergence else DIVERGENCE_IDS[config.divergence],
         GATE=GATE_IDS[config.gate], SURROGATE=SURROGATE_IDS[config.surrogate],
-        QUANTILE=cppo and config.delta_b_quantile is not None,
+        QUANTILE=config.calibrates_delta_b,
         PER_SEQ_MEAN=config.loss_agg_mode == "seq-mean-token-mean",
     )
     scalars = (

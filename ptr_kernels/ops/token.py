@@ -321,21 +321,21 @@ def block_size(num_tokens: int, num_seqs: int) -> int:
 
 def launch_token_kernel(log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens,
                         max_len, grad, stats, *, plan, constexprs: dict, horizon: int, block: int,
-                        initial_state=None, position_offset=None, sequence_length=None, delta_b=None,
+                        initial_state=None, position_offset=None, sequence_length=None, sequence_delta_b=None,
                         final_state=None):
     """One launch of `token_kernel` on contiguous inputs (the mask of any dtype, or None) and preallocated outputs.
 
     `plan` is an `ops.plan.KernelPlan` (the config's scalars), `constexprs` every branch id
     (`plan.layout_constexprs`), `horizon` T_w for HORIZON_ARG. A shard of a longer
     sequence (the flags say which are read): `initial_state [S, 3]` and `position_offset [S]` in,
-    `final_state [S, 3]` f32 out (HAS_STATE), `sequence_length [S]` (HORIZON_GIVEN), `delta_b [S]`
+    `final_state [S, 3]` f32 out (HAS_STATE), `sequence_length [S]` (HORIZON_GIVEN), `sequence_delta_b [S]`
     (DELTA_B_GIVEN), all contiguous.
     """
     num_seqs = stats.shape[0]
     rows = max(TILE // block, 1)
     token_kernel[(-(-num_seqs // rows),)](
         log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens, max_len,
-        initial_state, position_offset, sequence_length, delta_b,
+        initial_state, position_offset, sequence_length, sequence_delta_b,
         grad, stats, final_state,
         num_seqs, 0 if cu_seqlens is not None else log_prob.shape[1], log_prob.numel(), horizon,
         *plan.token_scalars, **constexprs, ROWS=rows, BLOCK=block,
