@@ -27,6 +27,13 @@ class Layout(NamedTuple):
     adv_per_seq: bool  # advantages hold one value per sequence
 
 
+def _check_device(name: str, t, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but log_prob is on {device}")
+
+
 def _check_float(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -48,21 +55,18 @@ def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seql
     _check_float("old_log_prob", old_log_prob)
     _check_float("advantages", advantages)
     device = log_prob.device
-    _check_normalizer("dp_size", dp_size, device, optional=False, positive=True)
-    _check_normalizer("batch_num_tokens", batch_num_tokens, device)
-    _check_normalizer("global_batch_size", global_batch_size, device)
-    named = {"old_log_prob": old_log_prob, "advantages": advantages, "response_mask": response_mask,
-             "cu_seqlens": cu_seqlens, "rollout_is_weights": rollout_is_weights}
-    for name, t in named.items():
-        if t is not None:
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.device != device:
-                raise ValueError(f"{name} is on {t.device} but log_prob is on {device}")
+    if not (type(dp_size) is int and 0 < dp_size <= FLOAT32_MAX):  # the default 1 decided without a call
+        _check_normalizer("dp_size", dp_size, device, optional=False, positive=True)
+    if batch_num_tokens is not None or global_batch_size is not None:
+        _check_normalizer("batch_num_tokens", batch_num_tokens, device)
+        _check_normalizer("global_batch_size", global_batch_size, device)
+    _check_device("old_log_prob", old_log_prob, device)
+    _check_device("advantages", advantages, device)
     if old_log_prob.shape != log_prob.shape:
         raise ValueError(f"old_log_prob has shape {tuple(old_log_prob.shape)}, "
                          f"expected log_prob's {tuple(log_prob.shape)}")
     if response_mask is not None:
+        _check_device("response_mask", response_mask, device)
         if response_mask.shape != log_prob.shape:
             raise ValueError(f"response_mask has shape {tuple(response_mask.shape)}, "
                              f"expected log_prob's {tuple(log_prob.shape)}")
@@ -71,11 +75,13 @@ def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seql
                              f"got {response_mask.dtype}")
     if rollout_is_weights is not None:
         _check_float("rollout_is_weights", rollout_is_weights)
+        _check_device("rollout_is_weights", rollout_is_weights, device)
         if rollout_is_weights.shape != log_prob.shape:
             raise ValueError(f"rollout_is_weights has shape {tuple(rollout_is_weights.shape)}, "
                              f"expected log_prob's {tuple(log_prob.shape)}")
-    _check_zero_counts(log_prob, response_mask, batch_num_tokens=batch_num_tokens,
-                       global_batch_size=global_batch_size)
+    if batch_num_tokens is not None or global_batch_size is not None:
+        _check_zero_counts(log_prob, response_mask, batch_num_tokens=batch_num_tokens,
+                           global_batch_size=global_batch_size)
 
     if cu_seqlens is None:
         if log_prob.dim() != 2:
@@ -85,8 +91,9 @@ def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seql
         if advantages.shape not in ((B, T), (B,)):
             raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected [B, T] = {(B, T)} "
                              f"or [B] = {(B,)}")
-        return Layout(packed=False, num_seqs=B, width=T, adv_per_seq=advantages.dim() == 1)
+        return Layout(False, B, T, advantages.dim() == 1)  # (packed, num_seqs, width, adv_per_seq)
 
+    _check_device("cu_seqlens", cu_seqlens, device)
     if log_prob.dim() != 1:
         raise ValueError(f"log_prob has shape {tuple(log_prob.shape)}: with cu_seqlens the input is packed "
                          "[N]; padded [B, T] input takes response_mask instead of cu_seqlens")
@@ -100,7 +107,7 @@ def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seql
     if not cu_seqlens_values_in_kernel or (cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling()):
         check_cu_seqlens(cu_seqlens, N)  # the token kernel checks them itself, without a launch or a sync
     # N == S is ambiguous; per-token is what a [N] tensor means everywhere else.
-    return Layout(packed=True, num_seqs=S, width=None, adv_per_seq=advantages.shape == (S,) and N != S)
+    return Layout(True, S, None, advantages.shape == (S,) and N != S)
 
 
 def resolve_loss_scale_factor(loss_agg_mode: str, loss_scale_factor, layout: Layout):

@@ -92,16 +92,21 @@ class FusedPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_prob, inputs: tuple, options: dict, side: list):
         loss, aux, grad, *final_state = fused_forward(log_prob, *inputs, **options)
-        ctx.save_for_backward(grad, aux)
-        ctx.grad_dtype = log_prob.dtype
+        # intermediates, neither input nor output: plain attributes (save_for_backward's packing costs host time)
+        ctx.grad, ctx.aux, ctx.grad_dtype = grad, aux, log_prob.dtype
         side += [aux, *final_state]
         return loss
 
     @staticmethod
-    @once_differentiable  # the backward is a kernel: a double backward raises instead of silently returning 0
     def backward(ctx, grad_loss):
-        grad, aux = ctx.saved_tensors
-        return reduce.scale_grad(grad, grad_loss, aux, ctx.grad_dtype), None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: a double backward must raise, not silently return 0
+            return _backward_once(ctx, grad_loss)
+        return reduce.scale_grad(ctx.grad, grad_loss, ctx.aux, ctx.grad_dtype), None, None, None
+
+
+@once_differentiable  # only under create_graph: its no_grad context costs host time on every plain backward
+def _backward_once(ctx, grad_loss):
+    return reduce.scale_grad(ctx.grad, grad_loss, ctx.aux, ctx.grad_dtype), None, None, None
 
 
 # ---- the compiled path: custom ops with a short schema (config as one string, numbers as lists) ----
