@@ -13,6 +13,7 @@ BACKENDS = ("auto", "reference", "triton")
 
 
 _DEFAULT_CONFIG = PolicyLossConfig()
+_NO_STATE = {}  # the carried-state keywords when none is given (never mutated)
 
 
 def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -68,16 +69,16 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
         raise ValueError(f"backend={backend!r} is invalid: expected one of {', '.join(map(repr, BACKENDS))}")
     if backend == "auto":
         backend = "triton" if log_prob.is_cuda else "reference"
-    kwargs = dict(cu_seqlens=cu_seqlens, config=config, rollout_is_weights=rollout_is_weights, dp_size=dp_size,
-                  batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
+    state = _NO_STATE
     if output_final_state or initial_state is not None or position_offset is not None \
             or sequence_length is not None or sequence_delta_b is not None:
-        kwargs.update(initial_state=initial_state, output_final_state=output_final_state,
-                      position_offset=position_offset, sequence_length=sequence_length,
-                      sequence_delta_b=sequence_delta_b)
-    if backend == "reference":
-        return policy_loss_reference(log_prob, old_log_prob, advantages, response_mask, **kwargs)
-    return _triton_policy_loss(log_prob, old_log_prob, advantages, response_mask, **kwargs)
+        state = dict(initial_state=initial_state, output_final_state=output_final_state,
+                     position_offset=position_offset, sequence_length=sequence_length,
+                     sequence_delta_b=sequence_delta_b)
+    run = policy_loss_reference if backend == "reference" else _triton_policy_loss
+    return run(log_prob, old_log_prob, advantages, response_mask, cu_seqlens=cu_seqlens, config=config,
+               rollout_is_weights=rollout_is_weights, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
+               global_batch_size=global_batch_size, **state)
 
 
 def _triton_policy_loss(*args, **kwargs):

@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 from ..carried_state import check_carried_state
 from ..layout import check_inputs, resolve_loss_scale_factor
 from . import reduce, token
-from .plan import KernelPlan, decode_config, encode_config, horizon_argument, kernel_plan, layout_constexprs
+from .plan import KernelPlan, decode_config, encode_config, kernel_plan, layout_constexprs
 
 
 def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, divergence, *,
@@ -40,6 +40,7 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     """
     packed = cu_seqlens is not None
     num_seqs = cu_seqlens.shape[0] - 1 if packed else log_prob.shape[0]
+    numel = log_prob.numel()
     grad, stats = token.empty_outputs(log_prob, num_seqs)
     has_state = output_final_state or initial_state is not None or position_offset is not None
     final_state = None
@@ -47,28 +48,28 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
         width = token.STATE_WIDTH.value
         initial_state = stats.new_zeros((num_seqs, width)) if initial_state is None else initial_state.contiguous()
         final_state = stats.new_empty((num_seqs, width))
-    if num_seqs == 0 or log_prob.numel() == 0:
+        if position_offset is None:
+            position_offset = torch.zeros(num_seqs, dtype=torch.int64, device=log_prob.device)
+    if num_seqs == 0 or numel == 0:
         grad.zero_(), stats.zero_()
         if has_state:
             final_state.copy_(initial_state)  # no token: the state passes through
     else:
         mask = contiguous(response_mask)  # bool, int or float: != 0 is valid
-        flags = layout_constexprs(plan, packed, mask is not None, rollout_is_weights is not None, adv_per_seq,
-                                  has_state, sequence_length is not None, sequence_delta_b is not None)
-        if has_state and position_offset is None:
-            position_offset = torch.zeros(num_seqs, dtype=torch.int64, device=log_prob.device)
+        constexprs = layout_constexprs(plan, packed, mask is not None, rollout_is_weights is not None, adv_per_seq,
+                                       has_state, sequence_length is not None, sequence_delta_b is not None,
+                                       block or token.block_size(numel, num_seqs))
         max_len = None
-        if flags["HORIZON"] == token.HORIZON_MAX_LEN.value:  # cppo, length_mode="padded", packed: on the device
+        if constexprs["HORIZON"] == token.HORIZON_MAX_LEN.value:  # cppo, length_mode="padded", packed: on the device
             max_len = (cu_seqlens[1:] - cu_seqlens[:-1]).max()
         token.launch_token_kernel(
             contiguous(log_prob), contiguous(old_log_prob), contiguous(advantages), mask,
             contiguous(rollout_is_weights), contiguous(divergence), contiguous(cu_seqlens), max_len, grad, stats,
-            plan=plan, constexprs=flags, horizon=horizon_argument(plan.config, None if packed else log_prob.shape[1]),
-            block=block or token.block_size(log_prob.numel(), num_seqs),
-            initial_state=initial_state, position_offset=contiguous(position_offset),
-            sequence_length=contiguous(sequence_length), sequence_delta_b=contiguous(sequence_delta_b),
-            final_state=final_state)
-    loss, aux = reduce.launch_reduce(stats, agg_mode=plan.agg_mode, loss_scale_factor=loss_scale_factor,
+            num_seqs=num_seqs, width=0 if packed else log_prob.shape[1], plan=plan, constexprs=constexprs,
+            shard=(initial_state, contiguous(position_offset), contiguous(sequence_length),
+                   contiguous(sequence_delta_b), final_state) if has_state or sequence_length is not None
+            or sequence_delta_b is not None else token.NO_SHARD)
+    loss, aux = reduce.launch_reduce(stats, num_seqs, agg_mode=plan.agg_mode, loss_scale_factor=loss_scale_factor,
                                      normalizers=normalizers)
     if output_final_state:
         return loss, aux, grad, final_state
@@ -102,6 +103,19 @@ class FusedPolicyLoss(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a double backward must raise, not silently return 0
             return _backward_once(ctx, grad_loss)
         return reduce.scale_grad(ctx.grad, grad_loss, ctx.aux, ctx.grad_dtype), None, None, None
+
+
+# `Function.apply` without its Python wrapper, whose work (binding a setup_context's defaults, unwrapping
+# functorch's dead wrappers from every argument) this Function has no use for and costs host time per call;
+# under a functorch transform (vmap, grad, ...) the wrapper decides, as it must.
+_apply_without_wrapper = torch._C._FunctionBase.__dict__["apply"].__get__(None, FusedPolicyLoss)
+
+
+def apply_fused_policy_loss(log_prob, inputs: tuple, options: dict, side: list):
+    """`FusedPolicyLoss.apply(log_prob, inputs, options, side)`: the loss; `side` receives aux (and final_state)."""
+    if torch._C._are_functorch_transforms_active():
+        return FusedPolicyLoss.apply(log_prob, inputs, options, side)
+    return _apply_without_wrapper(log_prob, inputs, options, side)
 
 
 @once_differentiable  # only under create_graph: its no_grad context costs host time on every plain backward
@@ -184,7 +198,7 @@ def fused_policy_loss(log_prob, old_log_prob, advantages, response_mask, cu_seql
                        loss_scale_factor=loss_scale_factor, normalizers=normalizers, block=block, **(shard or {}))
         inputs = (old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, divergence)
         side = []
-        loss = FusedPolicyLoss.apply(log_prob, inputs, options, side)
+        loss = apply_fused_policy_loss(log_prob, inputs, options, side)
         return (loss, *side)
     tensors = [v if isinstance(v, torch.Tensor) else None for v in normalizers]
     numbers = [loss_scale_factor] + [math.nan if v is None or isinstance(v, torch.Tensor) else float(v)

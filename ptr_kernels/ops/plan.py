@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..config import LOSS_AGG_MODES, PolicyLossConfig
-from . import common
+from . import common, token
 
 METHOD_IDS = {"cppo": common.METHOD_CPPO.value, "dppo": common.METHOD_DPPO.value, "ppo": common.METHOD_PPO.value}
 DIVERGENCE_IDS = {"binary_tv": common.DIV_BINARY_TV.value, "binary_kl": common.DIV_BINARY_KL.value}
@@ -32,6 +32,7 @@ class KernelPlan:
     token_constexprs: dict  # METHOD, DIVERGENCE, GATE, SURROGATE, QUANTILE, PER_SEQ_MEAN
     token_scalars: tuple  # the token kernel's float arguments, in its order (delta ... clip_c)
     agg_mode: int  # index into LOSS_AGG_MODES (common.AGG_*)
+    horizon: Optional[int]  # T_w of HORIZON_ARG: an int length_mode, or None for the padded width
 
     def __hash__(self):  # the config decides everything else
         return hash(self.config)
@@ -56,14 +57,17 @@ def kernel_plan(config: PolicyLossConfig, given_divergence: bool = False) -> Ker
         1.0 - config.clip_ratio_low, 1.0 + config.clip_ratio_high,
         inf if config.clip_ratio_c is None else float(config.clip_ratio_c),
     )
-    return KernelPlan(config, constexprs, scalars, LOSS_AGG_MODES.index(config.loss_agg_mode))
+    horizon = config.length_mode if isinstance(config.length_mode, int) else None
+    return KernelPlan(config, constexprs, scalars, LOSS_AGG_MODES.index(config.loss_agg_mode), horizon)
 
 
 @functools.lru_cache(maxsize=1024)
 def layout_constexprs(plan: KernelPlan, packed: bool, has_mask: bool, has_rw: bool, adv_per_seq: bool,
-                      has_state: bool = False, given_horizon: bool = False, given_delta_b: bool = False) -> dict:
-    """Every branch id of the token kernel: the plan's, and those that depend on the layout (T_w's source,
-    whether pass A runs, the inputs present), merged once per combination.
+                      has_state: bool = False, given_horizon: bool = False, given_delta_b: bool = False,
+                      block: int = token.MAX_BLOCK) -> dict:
+    """Every keyword of the token kernel's launch: the plan's branch ids, those that depend on the layout (T_w's
+    source, whether pass A runs, the inputs present), and the tiling (BLOCK positions per block, ROWS sequences
+    per program, num_warps), merged once per combination.
 
     A shard of a longer sequence (docs/math.md section 8): `has_state` (carried state and position offset),
     `given_horizon` (T_w per sequence from `sequence_length`), `given_delta_b` (delta_b_i per sequence, which
@@ -84,7 +88,8 @@ def layout_constexprs(plan: KernelPlan, packed: bool, has_mask: bool, has_rw: bo
     scan_first = calibrate or (has_mask and needs_counts)
     return dict(plan.token_constexprs, QUANTILE=calibrate, HORIZON=horizon, SCAN_FIRST=scan_first, PACKED=packed,
                 HAS_MASK=has_mask, HAS_RW=has_rw, ADV_PER_SEQ=adv_per_seq, HAS_STATE=has_state,
-                DELTA_B_GIVEN=given_delta_b and cppo)
+                DELTA_B_GIVEN=given_delta_b and cppo, ROWS=max(token.TILE // block, 1), BLOCK=block,
+                num_warps=token.NUM_WARPS)
 
 
 @torch.compiler.assume_constant_result  # evaluated once while tracing, a constant of the graph
@@ -98,8 +103,3 @@ def decode_config(text: str) -> PolicyLossConfig:
     """Inverse of `encode_config`."""
     import ast
     return PolicyLossConfig(**{k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in text.split(";"))})
-
-
-def horizon_argument(config: PolicyLossConfig, width: Optional[int]) -> int:
-    """T_w for common.HORIZON_ARG: an int horizon, or the padded width."""
-    return config.length_mode if isinstance(config.length_mode, int) else int(width or 0)

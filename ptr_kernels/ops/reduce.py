@@ -140,9 +140,10 @@ def scale_grad_kernel(grad_ptr, upstream_ptr, scale_ptr, out_ptr, numel, BLOCK: 
     tl.store(out_ptr + offs, (grad * factor).to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def launch_reduce(stats: torch.Tensor, *, agg_mode: int, loss_scale_factor: float,
+def launch_reduce(stats: torch.Tensor, num_seqs: int, *, agg_mode: int, loss_scale_factor: float,
                   normalizers: tuple):
-    """loss `[]` f32 and aux `[NUM_AUX]` f32 from the token kernel's per-sequence sums, in one launch.
+    """loss `[]` f32 and aux `[NUM_AUX]` f32 from the token kernel's per-sequence sums (`stats`, a row of
+    NUM_STATS per sequence), in one launch.
 
     `normalizers`: (dp_size, batch_num_tokens, global_batch_size), each None, a number or a 0-dim tensor.
     """
@@ -151,7 +152,7 @@ def launch_reduce(stats: torch.Tensor, *, agg_mode: int, loss_scale_factor: floa
     tokens_kind, tokens_ptr, tokens = _normalizer_args(normalizers[1])
     seqs_kind, seqs_ptr, seqs = _normalizer_args(normalizers[2])
     reduce_kernel[(1,)](
-        stats, loss, aux, stats.shape[0], dp_ptr, dp, tokens_ptr, tokens, seqs_ptr, seqs, float(loss_scale_factor),
+        stats, loss, aux, num_seqs, dp_ptr, dp, tokens_ptr, tokens, seqs_ptr, seqs, float(loss_scale_factor),
         MODE=agg_mode, DP=dp_kind, TOKENS=tokens_kind, SEQS=seqs_kind, STATS_POW2=STATS_POW2, BLOCK=REDUCE_BLOCK,
     )
     return loss, aux
@@ -172,7 +173,7 @@ _ABSENT = (NORM_ABSENT.value, None, 0.0)
 def scale_grad(grad: torch.Tensor, upstream: torch.Tensor, aux: torch.Tensor, dtype: torch.dtype):
     """Backward in one launch: grad * upstream * aux[AUX_SCALE] in `dtype` (upstream: a 1-element tensor)."""
     out = torch.empty_like(grad, dtype=dtype, memory_format=torch.contiguous_format)
-    if grad.numel():
-        scale_grad_kernel[(-(-grad.numel() // SCALE_BLOCK),)](grad, upstream, aux, out, grad.numel(),
-                                                               BLOCK=SCALE_BLOCK)
+    numel = grad.numel()
+    if numel:
+        scale_grad_kernel[(-(-numel // SCALE_BLOCK),)](grad, upstream, aux, out, numel, BLOCK=SCALE_BLOCK)
     return out

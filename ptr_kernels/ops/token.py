@@ -319,33 +319,31 @@ def block_size(num_tokens: int, num_seqs: int) -> int:
     return min(max(1 << (mean - 1).bit_length(), MIN_BLOCK), MAX_BLOCK)  # plain Python: host time per call
 
 
+NO_SHARD = (None,) * 5  # initial_state, position_offset, sequence_length, sequence_delta_b, final_state
+
+
 def launch_token_kernel(log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens,
-                        max_len, grad, stats, *, plan, constexprs: dict, horizon: int, block: int,
-                        initial_state=None, position_offset=None, sequence_length=None, sequence_delta_b=None,
-                        final_state=None):
+                        max_len, grad, stats, *, num_seqs: int, width: int, plan, constexprs: dict,
+                        shard: tuple = NO_SHARD):
     """One launch of `token_kernel` on contiguous inputs (the mask of any dtype, or None) and preallocated outputs.
 
-    `plan` is an `ops.plan.KernelPlan` (the config's scalars), `constexprs` every branch id
-    (`plan.layout_constexprs`), `horizon` T_w for HORIZON_ARG. A shard of a longer
-    sequence (the flags say which are read): `initial_state [S, 3]` and `position_offset [S]` in,
-    `final_state [S, 3]` f32 out (HAS_STATE), `sequence_length [S]` (HORIZON_GIVEN), `sequence_delta_b [S]`
-    (DELTA_B_GIVEN), all contiguous.
+    `width` is T of padded input (0 when packed), `plan` an `ops.plan.KernelPlan` (the config's scalars),
+    `constexprs` every keyword of the launch (`plan.layout_constexprs`: branch ids, ROWS, BLOCK, num_warps).
+    `shard`, for a shard of a longer sequence (the branch ids say which are read): `initial_state [S, 3]` and
+    `position_offset [S]` in (HAS_STATE), `sequence_length [S]` (HORIZON_GIVEN), `sequence_delta_b [S]`
+    (DELTA_B_GIVEN), `final_state [S, 3]` f32 out (HAS_STATE), all contiguous.
     """
-    num_seqs = stats.shape[0]
-    rows = max(TILE // block, 1)
-    token_kernel[(-(-num_seqs // rows),)](
+    token_kernel[(-(-num_seqs // constexprs["ROWS"]),)](
         log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens, max_len,
-        initial_state, position_offset, sequence_length, sequence_delta_b,
-        grad, stats, final_state,
-        num_seqs, 0 if cu_seqlens is not None else log_prob.shape[1], log_prob.numel(), horizon,
-        *plan.token_scalars, **constexprs, ROWS=rows, BLOCK=block,
-        num_warps=NUM_WARPS,
+        *shard[:4], grad, stats, shard[4],
+        num_seqs, width, log_prob.numel(), plan.horizon if plan.horizon is not None else width,
+        *plan.token_scalars, **constexprs,
     )
 
 
 def empty_outputs(log_prob: torch.Tensor, num_seqs: int):
-    """grad `[like log_prob]` and stats `[S, NUM_STATS]` (float32). The kernel writes every element (each
-    position belongs to exactly one row or packed sequence), so `empty` is enough."""
+    """grad `[like log_prob]` and stats `[S * NUM_STATS]` (float32, a row per sequence). The kernel writes every
+    element (each position belongs to exactly one row or packed sequence), so `empty` is enough."""
     # empty_like: the cheapest allocation call; contiguous, as the kernel writes it (log_prob may be a view)
     grad = torch.empty_like(log_prob, dtype=torch.float32, memory_format=torch.contiguous_format)
-    return grad, grad.new_empty((num_seqs, NUM_STATS.value))
+    return grad, grad.new_empty(num_seqs * NUM_STATS.value)
