@@ -111,13 +111,6 @@ class FusedPolicyLoss(torch.autograd.Function):
 _apply_without_wrapper = torch._C._FunctionBase.__dict__["apply"].__get__(None, FusedPolicyLoss)
 
 
-def apply_fused_policy_loss(log_prob, inputs: tuple, options: dict, side: list):
-    """`FusedPolicyLoss.apply(log_prob, inputs, options, side)`: the loss; `side` receives aux (and final_state)."""
-    if torch._C._are_functorch_transforms_active():
-        return FusedPolicyLoss.apply(log_prob, inputs, options, side)
-    return _apply_without_wrapper(log_prob, inputs, options, side)
-
-
 @once_differentiable  # only under create_graph: its no_grad context costs host time on every plain backward
 def _backward_once(ctx, grad_loss):
     return reduce.scale_grad(ctx.grad, grad_loss, ctx.aux, ctx.grad_dtype), None, None, None
@@ -198,7 +191,8 @@ def fused_policy_loss(log_prob, old_log_prob, advantages, response_mask, cu_seql
                        loss_scale_factor=loss_scale_factor, normalizers=normalizers, block=block, **(shard or {}))
         inputs = (old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, divergence)
         side = []
-        loss = apply_fused_policy_loss(log_prob, inputs, options, side)
+        apply = FusedPolicyLoss.apply if torch._C._are_functorch_transforms_active() else _apply_without_wrapper
+        loss = apply(log_prob, inputs, options, side)
         return (loss, *side)
     tensors = [v if isinstance(v, torch.Tensor) else None for v in normalizers]
     numbers = [loss_scale_factor] + [math.nan if v is None or isinstance(v, torch.Tensor) else float(v)
