@@ -1,5 +1,6 @@
-"""Edges of the fused path that the fuzz does not reach: packed offsets checked inside the kernel, a carried state
-that did not come from `cp_shard_state`, a NaN divergence given from logits, double backward.
+"""Edges of the fused path that the fuzz does not reach: packed offsets checked inside the kernel, the reduction
+run by a one-program grid itself, a carried state that did not come from `cp_shard_state`, a NaN divergence
+given from logits, double backward.
 
 On CPU the kernels run in the Triton interpreter (conftest.py); each check compares both backends or states
 the exact expected values.
@@ -11,8 +12,10 @@ import pytest
 import torch
 
 from ptr_kernels import PolicyLossConfig, policy_loss, policy_loss_from_logits
+from ptr_kernels.benchmark.host import stubbed_triton_launches
+from ptr_kernels.config import LOSS_AGG_MODES
 from ptr_kernels.ops import reduce
-from ptr_kernels.ops.autograd import fused_forward
+from ptr_kernels.ops.autograd import fused_forward, triton_policy_loss
 from ptr_kernels.ops.plan import kernel_plan
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,19 +30,62 @@ def _packed(n=12, seed=0):
 
 @pytest.mark.parametrize("offsets", [[2, 5, 12], [0, 5, 3, 12], [0, 5, 13], [0, 13, 12], [-1, 5, 12]])
 @pytest.mark.parametrize("method", ["cppo", "dppo", "ppo"])
-def test_bad_offsets_checked_in_the_kernel_give_nan_everywhere(offsets, method):
+@pytest.mark.parametrize("block", [16, 1024])  # one program reducing its own sums; a program per sequence
+def test_bad_offsets_checked_in_the_kernel_give_nan_everywhere(offsets, method, block):
     """The path an accelerator takes (no host-side check): loss, every metric and the whole gradient are NaN,
     and no position outside the tensors is read (the interpreter would raise)."""
     lp, olp, adv = _packed()
     plan = kernel_plan(PolicyLossConfig(method=method))
     cu = torch.tensor(offsets, device=DEVICE)
     loss, aux, grad = fused_forward(lp, olp, adv, None, cu, None, None, plan=plan, adv_per_seq=False,
-                                    loss_scale_factor=0.0, normalizers=(1, None, None))
+                                    loss_scale_factor=0.0, normalizers=(1, None, None), block=block)
     assert math.isnan(loss.item())
     for name, index in reduce.METRIC_POSITIONS[method]:
         assert math.isnan(aux[index].item()), name
     out = reduce.scale_grad(grad, torch.ones((), device=DEVICE), aux, torch.float32)
     assert torch.isnan(out).all()
+
+
+@pytest.mark.parametrize("agg", LOSS_AGG_MODES)
+@pytest.mark.parametrize("normalizers", ["absent", "numbers", "tensors"])
+def test_one_program_reduces_its_own_sums(agg, normalizers):
+    """Block 16 puts all 5 sequences in one program, which runs the reduction itself (one launch forward);
+    block 1024 gives a program per sequence and a second launch for the reduction. Both give the reference's
+    loss, metrics and gradient, for every aggregation mode and every kind of global normalizer."""
+    g = torch.Generator().manual_seed(1)
+    lp = (-torch.rand(5, 40, generator=g)).to(DEVICE)
+    olp = lp + 0.2 * torch.randn(5, 40, generator=g).to(DEVICE)
+    adv = torch.randn(5, generator=g).to(DEVICE)
+    mask = (torch.rand(5, 40, generator=g) < 0.8).to(DEVICE)
+    mask[3] = False  # an empty sequence
+    counts = dict(dp_size=2, batch_num_tokens=300, global_batch_size=9)
+    if normalizers == "absent":
+        counts = {}
+    elif normalizers == "tensors":
+        counts = {k: torch.tensor(float(v), device=DEVICE) for k, v in counts.items()}
+    config = PolicyLossConfig(loss_agg_mode=agg, delta=0.1, delta_b_quantile=0.5)
+    results = []
+    for block in (None, 16, 1024):
+        x = lp.clone().requires_grad_(True)
+        if block is None:
+            loss, metrics = policy_loss(x, olp, adv, mask, config=config, backend="reference", **counts)
+        else:
+            loss, metrics = triton_policy_loss(x, olp, adv, mask, config=config, block=block, **counts)
+        loss.backward()
+        results.append((loss.detach(), metrics, x.grad))
+    expected_loss, expected_metrics, expected_grad = results[0]
+    for loss, metrics, grad in results[1:]:
+        torch.testing.assert_close(loss, expected_loss.float(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grad, expected_grad.float(), rtol=1e-5, atol=1e-7)
+        assert metrics.keys() == expected_metrics.keys()
+        for name, value in metrics.items():
+            torch.testing.assert_close(value, expected_metrics[name].float(), rtol=1e-5, atol=1e-7)
+    with stubbed_triton_launches() as launches:
+        for block, expected in ((16, 2), (1024, 3)):  # forward and backward
+            before = launches["launches"]
+            x = lp.clone().requires_grad_(True)
+            triton_policy_loss(x, olp, adv, mask, config=config, block=block, **counts)[0].backward()
+            assert launches["launches"] - before == expected
 
 
 def test_good_offsets_in_the_kernel_match_the_reference():

@@ -102,7 +102,7 @@ def test_compile_packed():
 
 # Kernel variants for the ahead-of-time compile check: every constexpr value at least once (METHOD: cppo 0,
 # dppo 1, ppo 2; DIVERGENCE: binary_tv 0, binary_kl 1, given 2; HORIZON: last 0, argument 1, max_len 2,
-# given 3; HAS_STATE, DELTA_B_GIVEN).
+# given 3; HAS_STATE, DELTA_B_GIVEN, REDUCE).
 AOT_VARIANTS = [
     dict(METHOD=0, DIVERGENCE=0, GATE=0, SURROGATE=0, QUANTILE=True, HORIZON=0, SCAN_FIRST=True, PACKED=True,
          HAS_MASK=True, HAS_RW=True, ADV_PER_SEQ=False, PER_SEQ_MEAN=True, ROWS=1, BLOCK=1024),
@@ -119,7 +119,12 @@ AOT_VARIANTS = [
          HAS_MASK=True, HAS_RW=False, ADV_PER_SEQ=True, PER_SEQ_MEAN=False, ROWS=4, BLOCK=256, HAS_STATE=True,
          DELTA_B_GIVEN=True),
 ]
-AOT_VARIANTS = [dict(dict(HAS_STATE=False, DELTA_B_GIVEN=False), **v) for v in AOT_VARIANTS]
+AOT_VARIANTS = [dict(dict(HAS_STATE=False, DELTA_B_GIVEN=False, REDUCE=False, MODE=0, DP=0, TOKENS=0, SEQS=0), **v)
+                for v in AOT_VARIANTS]
+# a grid of one program reduces its own sums (REDUCE): the widest tile (ROWS=64) and the narrowest (ROWS=1), with
+# normalizers as tensors (kind 2) and numbers (kind 1)
+AOT_VARIANTS[1].update(REDUCE=True, MODE=3, DP=2, TOKENS=2, SEQS=2)
+AOT_VARIANTS[3].update(REDUCE=True, MODE=4, DP=1, TOKENS=0, SEQS=1)
 
 
 def _resource_usage(cubin: bytes) -> str:
@@ -159,7 +164,9 @@ def _aot_compile_all():
                                   ("max_len_ptr", const["HORIZON"] == 2), ("state_ptr", const["HAS_STATE"]),
                                   ("offset_ptr", const["HAS_STATE"]), ("final_ptr", const["HAS_STATE"]),
                                   ("seq_len_ptr", const["HORIZON"] == 3),
-                                  ("delta_b_ptr", const["DELTA_B_GIVEN"])) if not on]
+                                  ("delta_b_ptr", const["DELTA_B_GIVEN"]), ("loss_ptr", const["REDUCE"]),
+                                  ("aux_ptr", const["REDUCE"]), ("dp_ptr", const["DP"] == 2),
+                                  ("tokens_ptr", const["TOKENS"] == 2), ("seqs_ptr", const["SEQS"] == 2)) if not on]
         ones = ["num_seqs", "width", "horizon_arg"] if i == len(AOT_VARIANTS) else []
         # masks of any dtype load as they are: bool (*i1), uint8, float
         mask_type = ("*i1", "*u8", "*fp32")[i % 3]
@@ -167,14 +174,15 @@ def _aot_compile_all():
                      div_ptr="*fp32", cu_ptr="*i32", max_len_ptr="*i32", grad_ptr="*fp32",
                      stats_ptr="*fp32", num_seqs="i32", width="i32", total="i64", horizon_arg="i32",
                      state_ptr="*fp32", offset_ptr="*i64", seq_len_ptr="*i64", delta_b_ptr="*fp32",
-                     final_ptr="*fp32")
+                     final_ptr="*fp32", loss_ptr="*fp32", aux_ptr="*fp32", dp_ptr="*i64", tokens_ptr="*fp32",
+                     seqs_ptr="*i32")
         constexprs = {**const, **{n: None for n in absent}, **{n: 1 for n in ones}}
         print("token", const, compile_one(token.token_kernel, types, constexprs, token.NUM_WARPS))
     # the reduction (every mode; normalizers absent, numbers, tensors) and the backward's scaling
     for mode, kind in [(0, 0), (0, 2), (1, 1), (2, 2), (3, 0), (3, 1), (4, 2)]:
         pointers = dict(stats_ptr="*fp32", loss_ptr="*fp32", aux_ptr="*fp32", num_seqs="i32",
                         dp_ptr="*i64", tokens_ptr="*fp32", seqs_ptr="*i32")
-        constexprs = dict(MODE=mode, DP=kind, TOKENS=kind, SEQS=kind, STATS_POW2=16, BLOCK=reduce.REDUCE_BLOCK)
+        constexprs = dict(MODE=mode, DP=kind, TOKENS=kind, SEQS=kind, BLOCK=reduce.REDUCE_BLOCK)
         if kind != 2:
             constexprs.update(dp_ptr=None, tokens_ptr=None, seqs_ptr=None)
         compile_one(reduce.reduce_kernel, pointers, constexprs, 4)

@@ -26,7 +26,8 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
                   plan: KernelPlan, adv_per_seq: bool, loss_scale_factor: float, normalizers: tuple, block: int = 0,
                   initial_state=None, position_offset=None, sequence_length=None, sequence_delta_b=None,
                   output_final_state: bool = False):
-    """Launch the token kernel and the reduction on validated inputs: two launches, no host sync.
+    """Launch the token kernel and the reduction on validated inputs: two launches, or one when a single
+    program holds every sequence (it reduces its own sums), no host sync.
 
     Args: the tensors of `policy_loss` (padded `[B, T]` or packed `[N]` + `cu_seqlens [S + 1]`), `divergence`
     (D per token, f32, like log_prob) or None to compute the binary D; `normalizers` = (dp_size,
@@ -42,6 +43,8 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     num_seqs = cu_seqlens.shape[0] - 1 if packed else log_prob.shape[0]
     numel = log_prob.numel()
     grad, stats = token.empty_outputs(log_prob, num_seqs)
+    loss, aux = stats.new_empty(()), stats.new_empty(reduce.NUM_AUX)
+    reduction = reduce.reduction_arguments(loss_scale_factor, normalizers)
     has_state = output_final_state or initial_state is not None or position_offset is not None
     final_state = None
     if has_state:
@@ -50,6 +53,7 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
         final_state = stats.new_empty((num_seqs, width))
         if position_offset is None:
             position_offset = torch.zeros(num_seqs, dtype=torch.int64, device=log_prob.device)
+    one_program = False
     if num_seqs == 0 or numel == 0:
         grad.zero_(), stats.zero_()
         if has_state:
@@ -59,6 +63,7 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
         constexprs = layout_constexprs(plan, packed, mask is not None, rollout_is_weights is not None, adv_per_seq,
                                        has_state, sequence_length is not None, sequence_delta_b is not None,
                                        block or token.block_size(numel, num_seqs))
+        one_program = num_seqs <= constexprs["ROWS"]  # it reduces its own sums: one launch, not two
         max_len = None
         if constexprs["HORIZON"] == token.HORIZON_MAX_LEN.value:  # cppo, length_mode="padded", packed: on the device
             max_len = (cu_seqlens[1:] - cu_seqlens[:-1]).max()
@@ -68,9 +73,10 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
             num_seqs=num_seqs, width=0 if packed else log_prob.shape[1], plan=plan, constexprs=constexprs,
             shard=(initial_state, contiguous(position_offset), contiguous(sequence_length),
                    contiguous(sequence_delta_b), final_state) if has_state or sequence_length is not None
-            or sequence_delta_b is not None else token.NO_SHARD)
-    loss, aux = reduce.launch_reduce(stats, num_seqs, agg_mode=plan.agg_mode, loss_scale_factor=loss_scale_factor,
-                                     normalizers=normalizers)
+            or sequence_delta_b is not None else token.NO_SHARD,
+            reduction=(loss, aux, reduction) if one_program else None)
+    if not one_program:
+        reduce.launch_reduce(stats, num_seqs, loss, aux, agg_mode=plan.agg_mode, reduction=reduction)
     if output_final_state:
         return loss, aux, grad, final_state
     return loss, aux, grad

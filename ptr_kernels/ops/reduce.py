@@ -41,7 +41,7 @@ METRIC_POSITIONS = {method: tuple((name, 1 + METRICS.index(name)) for name in na
                     for method, names in METHOD_METRICS.items()}
 REDUCE_BLOCK = 256  # sequences per step of the one-program reduction
 SCALE_BLOCK = 1024
-STATS_POW2 = 1 << (NUM_STATS.value - 1).bit_length()
+STATS_POW2 = tl.constexpr(1 << (NUM_STATS.value - 1).bit_length())
 
 
 @triton.jit
@@ -64,11 +64,21 @@ def _column(totals, cols, j):
 def reduce_kernel(
     stats_ptr, loss_ptr, aux_ptr,  # [S, NUM_STATS] -> [], [NUM_AUX]
     num_seqs, dp_ptr, dp_value, tokens_ptr, tokens_value, seqs_ptr, seqs_value, loss_scale_factor,
-    MODE: tl.constexpr, DP: tl.constexpr, TOKENS: tl.constexpr, SEQS: tl.constexpr,
-    STATS_POW2: tl.constexpr, BLOCK: tl.constexpr,
+    MODE: tl.constexpr, DP: tl.constexpr, TOKENS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One program: the loss of aggregation MODE (docs/math.md section 6) and the metrics (section 9) from
-    the per-sequence sums. aux = [d loss / d L_i (times n_i for seq-mean-token-mean), metrics...]."""
+    """One program: `reduce_stats` (a token kernel of one program runs it itself, without this launch)."""
+    reduce_stats(stats_ptr, loss_ptr, aux_ptr, num_seqs, dp_ptr, dp_value, tokens_ptr, tokens_value, seqs_ptr,
+                 seqs_value, loss_scale_factor, MODE, DP, TOKENS, SEQS, BLOCK)
+
+
+@triton.jit
+def reduce_stats(
+    stats_ptr, loss_ptr, aux_ptr,  # [S, NUM_STATS] -> [], [NUM_AUX]
+    num_seqs, dp_ptr, dp_value, tokens_ptr, tokens_value, seqs_ptr, seqs_value, loss_scale_factor,
+    MODE: tl.constexpr, DP: tl.constexpr, TOKENS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The loss of aggregation MODE (docs/math.md section 6) and the metrics (section 9) from the per-sequence
+    sums, BLOCK sequences at a time. aux = [d loss / d L_i (times n_i for seq-mean-token-mean), metrics...]."""
     cols = tl.arange(0, STATS_POW2)
     totals = tl.zeros([STATS_POW2], dtype=tl.float32)
     sum_loss = tl.zeros([BLOCK], dtype=tl.float32)
@@ -140,26 +150,29 @@ def scale_grad_kernel(grad_ptr, upstream_ptr, scale_ptr, out_ptr, numel, BLOCK: 
     tl.store(out_ptr + offs, (grad * factor).to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def launch_reduce(stats: torch.Tensor, num_seqs: int, *, agg_mode: int, loss_scale_factor: float,
-                  normalizers: tuple):
-    """loss `[]` f32 and aux `[NUM_AUX]` f32 from the token kernel's per-sequence sums (`stats`, a row of
-    NUM_STATS per sequence), in one launch.
+def reduction_arguments(loss_scale_factor: float, normalizers: tuple) -> tuple:
+    """`(arguments, kinds)` of `reduce_stats` after its first four: the run-time arguments (dp_ptr, dp_value,
+    tokens_ptr, tokens_value, seqs_ptr, seqs_value, loss_scale_factor) and the keywords DP, TOKENS, SEQS.
 
     `normalizers`: (dp_size, batch_num_tokens, global_batch_size), each None, a number or a 0-dim tensor.
     """
-    loss, aux = stats.new_empty(()), stats.new_empty(NUM_AUX)
     dp_kind, dp_ptr, dp = _normalizer_args(normalizers[0])
     tokens_kind, tokens_ptr, tokens = _normalizer_args(normalizers[1])
     seqs_kind, seqs_ptr, seqs = _normalizer_args(normalizers[2])
-    reduce_kernel[(1,)](
-        stats, loss, aux, num_seqs, dp_ptr, dp, tokens_ptr, tokens, seqs_ptr, seqs, float(loss_scale_factor),
-        MODE=agg_mode, DP=dp_kind, TOKENS=tokens_kind, SEQS=seqs_kind, STATS_POW2=STATS_POW2, BLOCK=REDUCE_BLOCK,
-    )
-    return loss, aux
+    return ((dp_ptr, dp, tokens_ptr, tokens, seqs_ptr, seqs, float(loss_scale_factor)),
+            _KIND_KEYWORDS[dp_kind, tokens_kind, seqs_kind])
+
+
+def launch_reduce(stats: torch.Tensor, num_seqs: int, loss: torch.Tensor, aux: torch.Tensor, *, agg_mode: int,
+                  reduction: tuple) -> None:
+    """loss `[]` f32 and aux `[NUM_AUX]` f32 from the token kernel's per-sequence sums (`stats`, a row of
+    NUM_STATS per sequence), in one launch; `reduction` from `reduction_arguments`."""
+    arguments, kinds = reduction
+    reduce_kernel[(1,)](stats, loss, aux, num_seqs, *arguments, MODE=agg_mode, **kinds, BLOCK=REDUCE_BLOCK)
 
 
 def _normalizer_args(value) -> tuple:
-    """(kind, pointer, number) of one global normalizer for `reduce_kernel`."""
+    """(kind, pointer, number) of one global normalizer for `reduce_stats`."""
     if value is None:
         return _ABSENT
     if isinstance(value, torch.Tensor):
@@ -168,6 +181,11 @@ def _normalizer_args(value) -> tuple:
 
 
 _ABSENT = (NORM_ABSENT.value, None, 0.0)
+_KINDS = (NORM_ABSENT.value, NORM_NUMBER.value, NORM_TENSOR.value)
+_KIND_KEYWORDS = {(dp, tokens, seqs): dict(DP=dp, TOKENS=tokens, SEQS=seqs)
+                  for dp in _KINDS for tokens in _KINDS for seqs in _KINDS}
+# the reduction's arguments of a token kernel that does not reduce (REDUCE=False): nothing read
+NO_REDUCTION = ((None, 0.0, None, 0.0, None, 0.0, 0.0), _KIND_KEYWORDS[(NORM_ABSENT.value,) * 3])
 
 
 def scale_grad(grad: torch.Tensor, upstream: torch.Tensor, aux: torch.Tensor, dtype: torch.dtype):

@@ -15,6 +15,8 @@ order or out of [0, N] is read as empty and poisons its loss and statistics with
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -23,6 +25,7 @@ from .common import (DIV_GIVEN, GATE_SOFT, HORIZON_ARG, HORIZON_GIVEN, HORIZON_M
                      METHOD_CPPO, NUM_STATS, STATE_S, STATE_SLACK, STATE_W, STATE_WIDTH, STAT_CLIP_DUAL, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL, STAT_LOSS,
                      STAT_REJ_BUDGET, STAT_REJ_TOKEN, STAT_TOKENS, binary_divergence, finite_or_nan, key_value,
                      load_zeroed, log_ratio, nan_min, order_key, position_weight, trust_region_step, valid_positions)
+from .reduce import NO_REDUCTION, reduce_stats
 
 MAX_BLOCK = 1024
 MIN_BLOCK = 16
@@ -127,17 +130,22 @@ def token_kernel(
     lp_ptr, olp_ptr, adv_ptr, mask_ptr, rw_ptr, div_ptr, cu_ptr, max_len_ptr,  # inputs
     state_ptr, offset_ptr, seq_len_ptr, delta_b_ptr,  # per-sequence shard inputs (HAS_STATE, HORIZON_GIVEN, ...)
     grad_ptr, stats_ptr, final_ptr,  # outputs: [like log_prob] f32, [S, NUM_STATS] f32, [S, 3] f32 (HAS_STATE)
+    loss_ptr, aux_ptr,  # outputs of the reduction when this program does it (REDUCE): [] f32, [NUM_AUX] f32
     num_seqs, width, total, horizon_arg,  # S; padded row width T; N; T_w when HORIZON == HORIZON_ARG
     delta, delta_low, delta_high, w_min, delta_b, quantile, delta_b_hi, ratio_cap, log_ratio_clamp,
     ratio_lo, ratio_hi, clip_c,
+    dp_ptr, dp_value, tokens_ptr, tokens_value, seqs_ptr, seqs_value, loss_scale_factor,  # reduce.reduce_stats
     METHOD: tl.constexpr, DIVERGENCE: tl.constexpr, GATE: tl.constexpr, SURROGATE: tl.constexpr,
     QUANTILE: tl.constexpr, HORIZON: tl.constexpr, SCAN_FIRST: tl.constexpr, PACKED: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_RW: tl.constexpr, ADV_PER_SEQ: tl.constexpr, PER_SEQ_MEAN: tl.constexpr,
     HAS_STATE: tl.constexpr, DELTA_B_GIVEN: tl.constexpr,
+    REDUCE: tl.constexpr, MODE: tl.constexpr, DP: tl.constexpr, TOKENS: tl.constexpr, SEQS: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """A tile of ROWS sequences per program, walked in blocks of BLOCK positions: pass A (T_w, quantile
-    counts) when needed, then pass B (mask, loss, gradient, per-sequence sums).
+    counts) when needed, then pass B (mask, loss, gradient, per-sequence sums). REDUCE: the grid is this one
+    program, which then turns the sums into the loss and the metrics itself (`reduce.reduce_stats`, the same
+    function the reduction's own launch runs), so a small batch takes one launch forward.
 
     A shard of a longer sequence (docs/math.md section 8): HAS_STATE reads the carried state `[S, 3]` (slack,
     S, W) and the global position of the shard's first token `[S]`, and writes the state after the shard;
@@ -311,6 +319,10 @@ def token_kernel(
         tl.store(final_row + STATE_SLACK, carry_slack + poison, mask=seq_ok)
         tl.store(final_row + STATE_S, carry_s + poison, mask=seq_ok)
         tl.store(final_row + STATE_W, carry_w + poison, mask=seq_ok)
+    if REDUCE:
+        tl.debug_barrier()  # every thread's stats stores are visible to the whole program
+        reduce_stats(stats_ptr, loss_ptr, aux_ptr, num_seqs, dp_ptr, dp_value, tokens_ptr, tokens_value, seqs_ptr,
+                     seqs_value, loss_scale_factor, MODE, DP, TOKENS, SEQS, ROWS)
 
 
 def block_size(num_tokens: int, num_seqs: int) -> int:
@@ -324,20 +336,28 @@ NO_SHARD = (None,) * 5  # initial_state, position_offset, sequence_length, seque
 
 def launch_token_kernel(log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens,
                         max_len, grad, stats, *, num_seqs: int, width: int, plan, constexprs: dict,
-                        shard: tuple = NO_SHARD):
+                        shard: tuple = NO_SHARD, reduction: Optional[tuple] = None):
     """One launch of `token_kernel` on contiguous inputs (the mask of any dtype, or None) and preallocated outputs.
 
     `width` is T of padded input (0 when packed), `plan` an `ops.plan.KernelPlan` (the config's scalars),
-    `constexprs` every keyword of the launch (`plan.layout_constexprs`: branch ids, ROWS, BLOCK, num_warps).
-    `shard`, for a shard of a longer sequence (the branch ids say which are read): `initial_state [S, 3]` and
-    `position_offset [S]` in (HAS_STATE), `sequence_length [S]` (HORIZON_GIVEN), `sequence_delta_b [S]`
-    (DELTA_B_GIVEN), `final_state [S, 3]` f32 out (HAS_STATE), all contiguous.
+    `constexprs` every keyword of the launch but the reduction's (`plan.layout_constexprs`: branch ids, ROWS,
+    BLOCK, num_warps). `shard`, for a shard of a longer sequence (the branch ids say which are read):
+    `initial_state [S, 3]` and `position_offset [S]` in (HAS_STATE), `sequence_length [S]` (HORIZON_GIVEN),
+    `sequence_delta_b [S]` (DELTA_B_GIVEN), `final_state [S, 3]` f32 out (HAS_STATE), all contiguous.
+    `reduction`: `(loss, aux, reduce.reduction_arguments(...))` when the grid is one program, which then writes
+    the loss and aux itself (REDUCE); None leaves that to `reduce.launch_reduce`.
     """
+    if reduction is None:
+        loss = aux = None
+        (arguments, kinds), reduce_here = NO_REDUCTION, False
+    else:
+        loss, aux, (arguments, kinds) = reduction
+        reduce_here = True
     token_kernel[(-(-num_seqs // constexprs["ROWS"]),)](
         log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens, max_len,
-        *shard[:4], grad, stats, shard[4],
+        *shard[:4], grad, stats, shard[4], loss, aux,
         num_seqs, width, log_prob.numel(), plan.horizon if plan.horizon is not None else width,
-        *plan.token_scalars, **constexprs,
+        *plan.token_scalars, *arguments, **constexprs, REDUCE=reduce_here, **kinds,
     )
 
 
