@@ -1,7 +1,7 @@
 """The fused loss as an autograd operation: a plain `torch.autograd.Function` for eager calls, `torch.library`
 custom ops for `torch.compile`.
 
-Both run `fused_forward` (token kernel + reduction: two launches) and a backward of one launch
+Both run `fused_forward` (token kernel + reduction: two launches, one for a small batch) and a backward of one launch
 (`reduce.scale_grad`: the per-token gradient the forward already computed, times the upstream gradient and
 the aggregation's scale, in log_prob's dtype). Eager calls skip the custom-op machinery, which costs more host
 time than everything else in a call; under `torch.compile` the custom ops (with fake implementations) let
