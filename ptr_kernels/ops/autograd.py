@@ -248,8 +248,8 @@ def finish(loss: torch.Tensor, aux: torch.Tensor, method: str, dtype: torch.dtyp
     """`(loss, metrics)` in the reference's dtype (float64 for float64 input), the metrics from one unbind."""
     if dtype == torch.float64:
         loss, aux = loss.to(dtype), aux.to(dtype)
-    values = aux.unbind()
-    return loss, {name: values[i] for name, i in reduce.METRIC_POSITIONS[method]}
+    names, pick = reduce.METRIC_PICKS[method]
+    return loss, dict(zip(names, pick(aux.unbind())))
 
 
 def check_device(device: torch.device) -> None:
