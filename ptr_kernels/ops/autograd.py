@@ -100,7 +100,7 @@ class FusedPolicyLoss(torch.autograd.Function):
     def forward(ctx, log_prob, inputs: tuple, options: dict, side: list):
         loss, aux, grad, *final_state = fused_forward(log_prob, *inputs, **options)
         # intermediates, neither input nor output: plain attributes (save_for_backward's packing costs host time)
-        ctx.grad, ctx.aux, ctx.grad_dtype = grad, aux, log_prob.dtype
+        ctx.token_grad, ctx.aux, ctx.grad_dtype = grad, aux, log_prob.dtype
         side += [aux, *final_state]
         return loss
 
@@ -108,7 +108,7 @@ class FusedPolicyLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if torch.is_grad_enabled():  # create_graph=True: a double backward must raise, not silently return 0
             return _backward_once(ctx, grad_loss)
-        return reduce.scale_grad(ctx.grad, grad_loss, ctx.aux, ctx.grad_dtype), None, None, None
+        return reduce.scale_grad(ctx.token_grad, grad_loss, ctx.aux, ctx.grad_dtype), None, None, None
 
 
 # `Function.apply` without its Python wrapper, whose work (binding a setup_context's defaults, unwrapping
@@ -119,7 +119,7 @@ _apply_without_wrapper = torch._C._FunctionBase.__dict__["apply"].__get__(None, 
 
 @once_differentiable  # only under create_graph: its no_grad context costs host time on every plain backward
 def _backward_once(ctx, grad_loss):
-    return reduce.scale_grad(ctx.grad, grad_loss, ctx.aux, ctx.grad_dtype), None, None, None
+    return reduce.scale_grad(ctx.token_grad, grad_loss, ctx.aux, ctx.grad_dtype), None, None, None
 
 
 # ---- the compiled path: custom ops with a short schema (config as one string, numbers as lists) ----
