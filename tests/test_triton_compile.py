@@ -93,6 +93,34 @@ def test_config_object_default():
     torch.testing.assert_close(torch.compile(step, fullgraph=True)(lp), step(lp), rtol=1e-6, atol=0)
 
 
+def test_config_built_inside_the_compiled_region():
+    """Overrides given inside the compiled function build the config during tracing: the kernel must run that
+    config (not the default one), exactly as eager does, and the loss must differ from the default's."""
+    g = torch.Generator().manual_seed(5)
+    lp = (-torch.rand(3, 16, generator=g)).to(DEVICE)
+    olp = (lp + 0.4 * torch.randn(3, 16, generator=g).to(DEVICE))
+    adv = torch.randn(3, generator=g).to(DEVICE)
+
+    def step(x, **overrides):
+        return policy_loss(x, olp, adv, backend="triton", **overrides)
+
+    overrides = dict(method="ppo", clip_ratio_low=0.05, clip_ratio_high=0.05, loss_agg_mode="seq-mean-token-sum")
+    compiled = torch.compile(lambda x: step(x, **overrides), fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (lambda x: step(x, **overrides), compiled, step):
+        x = lp.clone().requires_grad_(True)
+        loss, metrics = fn(x)
+        loss.backward()
+        results.append((loss.detach(), metrics, x.grad))
+    (loss_e, met_e, grad_e), (loss_c, met_c, grad_c), (loss_default, _, _) = results
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_c, grad_e, rtol=1e-6, atol=0)
+    assert met_c.keys() == met_e.keys() and "clip_frac_low" in met_c
+    for key in met_e:
+        torch.testing.assert_close(met_c[key], met_e[key], rtol=1e-6, atol=0)
+    assert not torch.allclose(loss_e, loss_default)
+
+
 def test_compile_packed():
     """Packed input (length_mode="padded": the longest sequence read on device, and the backward's
     per-sequence expansion) compiles with fullgraph=True (cu_seqlens is checked by an async assert under

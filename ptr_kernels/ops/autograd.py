@@ -130,7 +130,7 @@ def policy_loss_fused(
     response_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
     rollout_is_weights: Optional[torch.Tensor], divergence: Optional[torch.Tensor],
     dp_size_tensor: Optional[torch.Tensor], batch_num_tokens_tensor: Optional[torch.Tensor],
-    global_batch_size_tensor: Optional[torch.Tensor], config: str, numbers: list[float], ints: list[int],
+    global_batch_size_tensor: Optional[torch.Tensor], config: list[float], numbers: list[float], ints: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`fused_forward` with the config as `encode_config`, `numbers` = (loss_scale_factor, dp_size,
     batch_num_tokens, global_batch_size; NaN: absent or a tensor argument) and `ints` = (adv_per_seq, block)."""
@@ -248,8 +248,8 @@ def finish(loss: torch.Tensor, aux: torch.Tensor, method: str, dtype: torch.dtyp
     """`(loss, metrics)` in the reference's dtype (float64 for float64 input), the metrics from one unbind."""
     if dtype == torch.float64:
         loss, aux = loss.to(dtype), aux.to(dtype)
-    names, pick = reduce.METRIC_PICKS[method]
-    return loss, dict(zip(names, pick(aux.unbind())))
+    values = aux.unbind()
+    return loss, {name: values[i] for name, i in reduce.METRIC_POSITIONS[method]}
 
 
 def check_device(device: torch.device) -> None:

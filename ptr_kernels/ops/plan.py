@@ -1,21 +1,24 @@
-"""A `PolicyLossConfig` encoded for the kernels, once per config (cached), and its one string form.
+"""A `PolicyLossConfig` encoded for the kernels, once per config (cached), and its one list form.
 
 `kernel_plan(config)` gives the token kernel's branch ids and float scalars, the reduction's mode and the
 metric names; `layout_constexprs` adds what depends on the batch's layout. The custom op of the compiled path
-carries a config as `encode_config(config)` (a short string: torch's custom-op machinery costs time per
-argument) and `decode_config` reads it back, cached, so both paths launch from the same plan.
+carries a config as `encode_config(config)` (one list of floats: Dynamo traces its making, and torch's custom-op
+machinery costs time per argument) and `decode_config` reads it back, cached, so both paths launch from the
+same plan.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ..config import LOSS_AGG_MODES, PolicyLossConfig
+from ..config import (DIVERGENCES, GATES, LENGTH_MODES, LOGIT_DIVERGENCES, LOSS_AGG_MODES, METHODS, SURROGATES,
+                      PolicyLossConfig)
 from . import common, token
 
 METHOD_IDS = {"cppo": common.METHOD_CPPO.value, "dppo": common.METHOD_DPPO.value, "ppo": common.METHOD_PPO.value}
@@ -93,14 +96,44 @@ def layout_constexprs(plan: KernelPlan, packed: bool, has_mask: bool, has_rw: bo
                 BLOCK=block, num_warps=token.NUM_WARPS)
 
 
-@torch.compiler.assume_constant_result  # evaluated once while tracing, a constant of the graph
-def encode_config(config: PolicyLossConfig) -> str:
-    """`config` as one exact string (floats by repr): the custom op's config argument."""
-    return ";".join(f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config))
+# every field of PolicyLossConfig in order, with the choices of those that hold a string (length_mode: an int
+# horizon too)
+_CONFIG_CHOICES = {"method": METHODS, "divergence": DIVERGENCES + LOGIT_DIVERGENCES, "length_mode": LENGTH_MODES,
+                   "gate": GATES, "surrogate": SURROGATES, "loss_agg_mode": LOSS_AGG_MODES}
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig))
+
+
+def encode_config(config: PolicyLossConfig) -> list:
+    """`config` as one exact list of floats, the custom ops' config argument: a choice as minus one minus its
+    index, an int horizon as itself, a number as itself, None as NaN. Plain attribute reads and arithmetic, so
+    Dynamo traces it, including a config built inside the compiled region (the values it tracks)."""
+    numbers = []
+    for name in _CONFIG_FIELDS:
+        value = getattr(config, name)
+        if value is None:
+            numbers.append(math.nan)
+        elif isinstance(value, str):
+            numbers.append(-1.0 - _CONFIG_CHOICES[name].index(value))
+        else:
+            numbers.append(float(value))
+    return numbers
+
+
+def decode_config(numbers) -> PolicyLossConfig:
+    """Inverse of `encode_config`."""
+    return _decode_config(tuple(numbers))
 
 
 @functools.lru_cache(maxsize=256)
-def decode_config(text: str) -> PolicyLossConfig:
-    """Inverse of `encode_config`."""
-    import ast
-    return PolicyLossConfig(**{k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in text.split(";"))})
+def _decode_config(numbers: tuple) -> PolicyLossConfig:
+    fields = {}
+    for name, value in zip(_CONFIG_FIELDS, numbers):
+        if math.isnan(value):
+            fields[name] = None
+        elif value < 0 and name in _CONFIG_CHOICES:
+            fields[name] = _CONFIG_CHOICES[name][int(-1.0 - value)]
+        elif name == "length_mode":  # an int horizon
+            fields[name] = int(value)
+        else:
+            fields[name] = value
+    return PolicyLossConfig(**fields)

@@ -7,8 +7,6 @@ global normalizers are numbers or 0-dim device tensors read here). `scale_grad_k
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import triton
 import triton.language as tl
@@ -41,9 +39,6 @@ METHOD_METRICS = {
 # (name, index into aux) of each method's metrics
 METRIC_POSITIONS = {method: tuple((name, 1 + METRICS.index(name)) for name in names)
                     for method, names in METHOD_METRICS.items()}
-# (names, a picker of their entries from aux's unbind) per method: the metrics dict without a Python loop
-METRIC_PICKS = {method: (names, operator.itemgetter(*(i for _, i in METRIC_POSITIONS[method])))
-                for method, names in METHOD_METRICS.items()}
 REDUCE_BLOCK = 256  # sequences per step of the one-program reduction
 SCALE_BLOCK = 1024
 STATS_POW2 = tl.constexpr(1 << (NUM_STATS.value - 1).bit_length())
