@@ -88,7 +88,7 @@ def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seql
             raise ValueError(f"log_prob has shape {tuple(log_prob.shape)}: padded input is [B, T]; "
                              "1-D packed input [N] needs cu_seqlens")
         B, T = log_prob.shape
-        if advantages.shape not in ((B, T), (B,)):
+        if advantages.shape != (B, T) and advantages.shape != (B,):  # not `in`: Dynamo misreads it on symbolic sizes
             raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected [B, T] = {(B, T)} "
                              f"or [B] = {(B,)}")
         return Layout(False, B, T, advantages.dim() == 1)  # (packed, num_seqs, width, adv_per_seq)
@@ -102,7 +102,7 @@ def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seql
                          f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
     N = log_prob.shape[0]
     S = cu_seqlens.numel() - 1
-    if advantages.shape not in ((N,), (S,)):
+    if advantages.shape != (N,) and advantages.shape != (S,):
         raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected [N] = {(N,)} or [S] = {(S,)}")
     if not cu_seqlens_values_in_kernel or (cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling()):
         check_cu_seqlens(cu_seqlens, N)  # the token kernel checks them itself, without a launch or a sync

@@ -151,6 +151,51 @@ def test_same_as_token_path(divergence, layout):
     torch.testing.assert_close(grad, logits.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_compile_fullgraph_matches_eager():
+    """`policy_loss_from_logits` inside torch.compile(fullgraph=True) (the custom op and its registered
+    backward) gives the eager loss, metrics and logits gradient; the config built inside the compiled region
+    (overrides). The three cases run in this order in one process: the shapes change between compiles, so
+    Dynamo's automatic dynamic shapes trace the input checks with symbolic sizes from the second one on."""
+    for divergence, layout, normalizer in (("topk_tv", "padded", "number"), ("topk_kl", "packed", "tensor"),
+                                           ("binary_kl", "padded", "tensor")):
+        config = PolicyLossConfig(method="cppo", divergence=divergence, delta=0.1, delta_b_quantile=0.5)
+        case = cast(random_logits_case(7, layout=layout, vocab=50, k=4, temperature=0.9, config=config),
+                    torch.float32, DEVICE)
+        case.pop("config")
+        logits = case.pop("logits")
+        count = 40 if normalizer == "number" else torch.tensor(40.0, device=DEVICE)
+
+        def step(x):
+            return policy_loss_from_logits(x, **case, backend="triton", method="cppo", divergence=divergence,
+                                           delta=0.1, delta_b_quantile=0.5, dp_size=2, batch_num_tokens=count)
+
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        results = []
+        for fn in (step, compiled):
+            x = logits.clone().requires_grad_(True)
+            loss, metrics = fn(x)
+            loss.backward()
+            results.append((loss.detach(), metrics, x.grad))
+        (loss_e, met_e, grad_e), (loss_c, met_c, grad_c) = results
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad_c, grad_e, rtol=1e-6, atol=0)
+        assert met_c.keys() == met_e.keys()
+        for key in met_e:
+            torch.testing.assert_close(met_c[key], met_e[key], rtol=1e-6, atol=0)
+
+
+def test_compile_refuses_inplace_grad():
+    case = cast(random_logits_case(2, vocab=30), torch.float32, DEVICE)
+    logits = case.pop("logits").requires_grad_(True)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x):
+        return policy_loss_from_logits(x, **case, backend="triton", inplace_grad=True)[0]
+
+    with pytest.raises(Exception, match="inplace_grad"):
+        step(logits)
+
+
 def test_inplace_grad():
     """inplace_grad writes the same gradient into the logits buffer, bumps its version, and a graph that
     saved those logits for its own backward raises instead of using the overwritten values."""
