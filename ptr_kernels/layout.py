@@ -60,13 +60,14 @@ def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seql
     if batch_num_tokens is not None or global_batch_size is not None:
         _check_normalizer("batch_num_tokens", batch_num_tokens, device)
         _check_normalizer("global_batch_size", global_batch_size, device)
-    _check_device("old_log_prob", old_log_prob, device)
-    _check_device("advantages", advantages, device)
+    for name, t in (("old_log_prob", old_log_prob), ("advantages", advantages), ("response_mask", response_mask),
+                    ("cu_seqlens", cu_seqlens), ("rollout_is_weights", rollout_is_weights)):
+        if t is not None:
+            _check_device(name, t, device)
     if old_log_prob.shape != log_prob.shape:
         raise ValueError(f"old_log_prob has shape {tuple(old_log_prob.shape)}, "
                          f"expected log_prob's {tuple(log_prob.shape)}")
     if response_mask is not None:
-        _check_device("response_mask", response_mask, device)
         if response_mask.shape != log_prob.shape:
             raise ValueError(f"response_mask has shape {tuple(response_mask.shape)}, "
                              f"expected log_prob's {tuple(log_prob.shape)}")
@@ -75,7 +76,6 @@ def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seql
                              f"got {response_mask.dtype}")
     if rollout_is_weights is not None:
         _check_float("rollout_is_weights", rollout_is_weights)
-        _check_device("rollout_is_weights", rollout_is_weights, device)
         if rollout_is_weights.shape != log_prob.shape:
             raise ValueError(f"rollout_is_weights has shape {tuple(rollout_is_weights.shape)}, "
                              f"expected log_prob's {tuple(log_prob.shape)}")
@@ -93,7 +93,6 @@ def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seql
                              f"or [B] = {(B,)}")
         return Layout(False, B, T, advantages.dim() == 1)  # (packed, num_seqs, width, adv_per_seq)
 
-    _check_device("cu_seqlens", cu_seqlens, device)
     if log_prob.dim() != 1:
         raise ValueError(f"log_prob has shape {tuple(log_prob.shape)}: with cu_seqlens the input is packed "
                          "[N]; padded [B, T] input takes response_mask instead of cu_seqlens")

@@ -46,6 +46,18 @@ def test_bad_offsets_checked_in_the_kernel_give_nan_everywhere(offsets, method, 
     assert torch.isnan(out).all()
 
 
+@pytest.mark.parametrize("offsets,expected_nan", [([0, 3], True), ([1, 0], True), ([0, 0, 0], False), ([0], False)])
+def test_offsets_of_a_packed_batch_without_tokens_are_checked_too(offsets, expected_nan):
+    """N = 0: the kernel still runs over the sequences, so bad offsets give a NaN loss and metrics (good ones 0)."""
+    empty = torch.empty(0, device=DEVICE)
+    cu = torch.tensor(offsets, device=DEVICE)
+    loss, aux, _ = fused_forward(empty, empty, empty, None, cu, None, None, plan=kernel_plan(PolicyLossConfig()),
+                                 adv_per_seq=False, loss_scale_factor=0.0, normalizers=(1, None, None))
+    assert math.isnan(loss.item()) == expected_nan and math.isnan(aux[1].item()) == expected_nan
+    if not expected_nan:
+        assert loss.item() == 0.0
+
+
 @pytest.mark.parametrize("agg", LOSS_AGG_MODES)
 @pytest.mark.parametrize("normalizers", ["absent", "numbers", "tensors"])
 def test_one_program_reduces_its_own_sums(agg, normalizers):

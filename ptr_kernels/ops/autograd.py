@@ -44,7 +44,7 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     numel = log_prob.numel()
     grad, stats = token.empty_outputs(log_prob, num_seqs)
     loss, aux = stats.new_empty(()), stats.new_empty(reduce.NUM_AUX)
-    reduction = reduce.reduction_arguments(loss_scale_factor, normalizers)
+    reduction = reduce.reduction_arguments(plan.agg_mode, loss_scale_factor, normalizers)
     has_state = output_final_state or initial_state is not None or position_offset is not None
     final_state = None
     if has_state:
@@ -54,7 +54,8 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
         if position_offset is None:
             position_offset = torch.zeros(num_seqs, dtype=torch.int64, device=log_prob.device)
     one_program = False
-    if num_seqs == 0 or numel == 0:
+    # nothing to launch for; packed offsets with no token are still checked (by the kernel: bad ones give NaN)
+    if num_seqs == 0 or (numel == 0 and not packed):
         grad.zero_(), stats.zero_()
         if has_state:
             final_state.copy_(initial_state)  # no token: the state passes through
@@ -76,7 +77,7 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
             or sequence_delta_b is not None else token.NO_SHARD,
             reduction=(loss, aux, reduction) if one_program else None)
     if not one_program:
-        reduce.launch_reduce(stats, num_seqs, loss, aux, agg_mode=plan.agg_mode, reduction=reduction)
+        reduce.launch_reduce(stats, num_seqs, loss, aux, reduction)
     if output_final_state:
         return loss, aux, grad, final_state
     return loss, aux, grad
@@ -99,8 +100,9 @@ class FusedPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_prob, inputs: tuple, options: dict, side: list):
         loss, aux, grad, *final_state = fused_forward(log_prob, *inputs, **options)
-        # intermediates, neither input nor output: plain attributes (save_for_backward's packing costs host time)
-        ctx.token_grad, ctx.aux, ctx.grad_dtype = grad, aux, log_prob.dtype
+        # saved, not kept as attributes: freed after backward, and a second backward without retain_graph raises
+        ctx.save_for_backward(grad, aux)
+        ctx.grad_dtype = log_prob.dtype
         side += [aux, *final_state]
         return loss
 
@@ -108,7 +110,8 @@ class FusedPolicyLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if torch.is_grad_enabled():  # create_graph=True: a double backward must raise, not silently return 0
             return _backward_once(ctx, grad_loss)
-        return reduce.scale_grad(ctx.token_grad, grad_loss, ctx.aux, ctx.grad_dtype), None, None, None
+        grad, aux = ctx.saved_tensors
+        return reduce.scale_grad(grad, grad_loss, aux, ctx.grad_dtype), None, None, None
 
 
 # `Function.apply` without its Python wrapper, whose work (binding a setup_context's defaults, unwrapping
@@ -119,10 +122,11 @@ _apply_without_wrapper = torch._C._FunctionBase.__dict__["apply"].__get__(None, 
 
 @once_differentiable  # only under create_graph: its no_grad context costs host time on every plain backward
 def _backward_once(ctx, grad_loss):
-    return reduce.scale_grad(ctx.token_grad, grad_loss, ctx.aux, ctx.grad_dtype), None, None, None
+    grad, aux = ctx.saved_tensors
+    return reduce.scale_grad(grad, grad_loss, aux, ctx.grad_dtype), None, None, None
 
 
-# ---- the compiled path: custom ops with a short schema (config as one string, numbers as lists) ----
+# ---- the compiled path: custom ops with a short schema (the config and the numbers as float lists) ----
 
 @torch.library.custom_op("ptr_kernels::policy_loss_fused", mutates_args=())
 def policy_loss_fused(

@@ -66,12 +66,11 @@ def kernel_plan(config: PolicyLossConfig, given_divergence: bool = False) -> Ker
 
 @functools.lru_cache(maxsize=1024)
 def layout_constexprs(plan: KernelPlan, packed: bool, has_mask: bool, has_rw: bool, adv_per_seq: bool,
-                      has_state: bool = False, given_horizon: bool = False, given_delta_b: bool = False,
-                      block: int = token.MAX_BLOCK) -> dict:
-    """Every keyword of the token kernel's launch but the reduction's kinds (REDUCE, DP, TOKENS, SEQS): the
-    plan's branch ids and aggregation MODE, those that depend on the layout (T_w's source, whether pass A runs,
-    the inputs present), and the tiling (BLOCK positions per block, ROWS sequences per program, num_warps),
-    merged once per combination.
+                      has_state: bool, given_horizon: bool, given_delta_b: bool, block: int) -> dict:
+    """Every keyword of the token kernel's launch but the reduction's (REDUCE, MODE, DP, TOKENS, SEQS): the
+    plan's branch ids, those that depend on the layout (T_w's source, whether pass A runs, the inputs present),
+    and the tiling (BLOCK positions per block, ROWS sequences per program, num_warps), merged once per
+    combination.
 
     A shard of a longer sequence (docs/math.md section 8): `has_state` (carried state and position offset),
     `given_horizon` (T_w per sequence from `sequence_length`), `given_delta_b` (delta_b_i per sequence, which
@@ -92,8 +91,8 @@ def layout_constexprs(plan: KernelPlan, packed: bool, has_mask: bool, has_rw: bo
     scan_first = calibrate or (has_mask and needs_counts)
     return dict(plan.token_constexprs, QUANTILE=calibrate, HORIZON=horizon, SCAN_FIRST=scan_first, PACKED=packed,
                 HAS_MASK=has_mask, HAS_RW=has_rw, ADV_PER_SEQ=adv_per_seq, HAS_STATE=has_state,
-                DELTA_B_GIVEN=given_delta_b and cppo, MODE=plan.agg_mode, ROWS=max(token.TILE // block, 1),
-                BLOCK=block, num_warps=token.NUM_WARPS)
+                DELTA_B_GIVEN=given_delta_b and cppo, ROWS=max(token.TILE // block, 1), BLOCK=block,
+                num_warps=token.NUM_WARPS)
 
 
 # every field of PolicyLossConfig in order, with the choices of those that hold a string (length_mode: an int

@@ -1,11 +1,15 @@
-"""The one-program reduction (docs/math.md sections 6 and 9) and the backward's scaling.
+"""The reduction (docs/math.md sections 6 and 9) and the backward's scaling.
 
-The token kernel leaves per-sequence sums (L_i and `stats [S, NUM_STATS]`); `reduce_kernel` turns them into
-the loss of the aggregation mode, the backward scale d loss / d L_i and the metrics, with no host sync (the
-global normalizers are numbers or 0-dim device tensors read here). `scale_grad_kernel` is the whole backward.
+The token kernel leaves per-sequence sums (L_i and the rest, a row of NUM_STATS per sequence in one flat
+`stats` buffer); `reduce_stats`, one `@triton.jit` function, turns them into the loss of the aggregation mode,
+the backward scale d loss / d L_i and the metrics, with no host sync (the global normalizers are numbers or
+0-dim device tensors read here). A token kernel of one program runs it itself; otherwise `reduce_kernel`, one
+program, runs it in a launch of its own. `scale_grad_kernel` is the whole backward.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -150,25 +154,32 @@ def scale_grad_kernel(grad_ptr, upstream_ptr, scale_ptr, out_ptr, numel, BLOCK: 
     tl.store(out_ptr + offs, (grad * factor).to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def reduction_arguments(loss_scale_factor: float, normalizers: tuple) -> tuple:
-    """`(arguments, kinds)` of `reduce_stats` after its first four: the run-time arguments (dp_ptr, dp_value,
-    tokens_ptr, tokens_value, seqs_ptr, seqs_value, loss_scale_factor) and the keywords DP, TOKENS, SEQS.
+def reduction_arguments(agg_mode: int, loss_scale_factor: float, normalizers: tuple) -> tuple:
+    """`(arguments, keywords)` of `reduce_stats` after its first four: the run-time arguments (dp_ptr, dp_value,
+    tokens_ptr, tokens_value, seqs_ptr, seqs_value, loss_scale_factor) and the constexpr keywords MODE, DP,
+    TOKENS, SEQS.
 
-    `normalizers`: (dp_size, batch_num_tokens, global_batch_size), each None, a number or a 0-dim tensor.
+    `agg_mode` indexes LOSS_AGG_MODES (common.AGG_*); `normalizers`: (dp_size, batch_num_tokens,
+    global_batch_size), each None, a number or a 0-dim tensor.
     """
     dp_kind, dp_ptr, dp = _normalizer_args(normalizers[0])
     tokens_kind, tokens_ptr, tokens = _normalizer_args(normalizers[1])
     seqs_kind, seqs_ptr, seqs = _normalizer_args(normalizers[2])
     return ((dp_ptr, dp, tokens_ptr, tokens, seqs_ptr, seqs, float(loss_scale_factor)),
-            _KIND_KEYWORDS[dp_kind, tokens_kind, seqs_kind])
+            _reduction_keywords(agg_mode, dp_kind, tokens_kind, seqs_kind))
 
 
-def launch_reduce(stats: torch.Tensor, num_seqs: int, loss: torch.Tensor, aux: torch.Tensor, *, agg_mode: int,
+def launch_reduce(stats: torch.Tensor, num_seqs: int, loss: torch.Tensor, aux: torch.Tensor,
                   reduction: tuple) -> None:
     """loss `[]` f32 and aux `[NUM_AUX]` f32 from the token kernel's per-sequence sums (`stats`, a row of
     NUM_STATS per sequence), in one launch; `reduction` from `reduction_arguments`."""
-    arguments, kinds = reduction
-    reduce_kernel[(1,)](stats, loss, aux, num_seqs, *arguments, MODE=agg_mode, **kinds, BLOCK=REDUCE_BLOCK)
+    arguments, keywords = reduction
+    reduce_kernel[(1,)](stats, loss, aux, num_seqs, *arguments, **keywords, BLOCK=REDUCE_BLOCK)
+
+
+@functools.lru_cache(maxsize=None)  # at most 5 modes x 27 kinds
+def _reduction_keywords(mode: int, dp: int, tokens: int, seqs: int) -> dict:
+    return dict(MODE=mode, DP=dp, TOKENS=tokens, SEQS=seqs)
 
 
 def _normalizer_args(value) -> tuple:
@@ -181,11 +192,8 @@ def _normalizer_args(value) -> tuple:
 
 
 _ABSENT = (NORM_ABSENT.value, None, 0.0)
-_KINDS = (NORM_ABSENT.value, NORM_NUMBER.value, NORM_TENSOR.value)
-_KIND_KEYWORDS = {(dp, tokens, seqs): dict(DP=dp, TOKENS=tokens, SEQS=seqs)
-                  for dp in _KINDS for tokens in _KINDS for seqs in _KINDS}
-# the reduction's arguments of a token kernel that does not reduce (REDUCE=False): nothing read
-NO_REDUCTION = ((None, 0.0, None, 0.0, None, 0.0, 0.0), _KIND_KEYWORDS[(NORM_ABSENT.value,) * 3])
+# the reduction's arguments of a token kernel that does not reduce (REDUCE=False): nothing read, one variant
+NO_REDUCTION = ((None, 0.0, None, 0.0, None, 0.0, 0.0), _reduction_keywords(0, *(NORM_ABSENT.value,) * 3))
 
 
 def scale_grad(grad: torch.Tensor, upstream: torch.Tensor, aux: torch.Tensor, dtype: torch.dtype):

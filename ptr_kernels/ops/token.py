@@ -349,15 +349,15 @@ def launch_token_kernel(log_prob, old_log_prob, advantages, mask, rollout_is_wei
     """
     if reduction is None:
         loss = aux = None
-        (arguments, kinds), reduce_here = NO_REDUCTION, False
+        (arguments, keywords), reduce_here = NO_REDUCTION, False
     else:
-        loss, aux, (arguments, kinds) = reduction
+        loss, aux, (arguments, keywords) = reduction
         reduce_here = True
     token_kernel[(-(-num_seqs // constexprs["ROWS"]),)](
         log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens, max_len,
         *shard[:4], grad, stats, shard[4], loss, aux,
         num_seqs, width, log_prob.numel(), plan.horizon if plan.horizon is not None else width,
-        *plan.token_scalars, *arguments, **constexprs, REDUCE=reduce_here, **kinds,
+        *plan.token_scalars, *arguments, **constexprs, REDUCE=reduce_here, **keywords,
     )
 
 
