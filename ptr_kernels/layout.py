@@ -51,9 +51,9 @@ def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seql
     itself (bad offsets give a NaN loss), so validation never forces a host sync. A normalizer given
     as a tensor is checked for shape, dtype and device only, for the same reason.
     """
-    _check_float("log_prob", log_prob)
-    _check_float("old_log_prob", old_log_prob)
-    _check_float("advantages", advantages)
+    for name, t in (("log_prob", log_prob), ("old_log_prob", old_log_prob), ("advantages", advantages)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
+            _check_float(name, t)  # raises, naming it (no call per tensor that passes: host time)
     device = log_prob.device
     if not (type(dp_size) is int and 0 < dp_size <= FLOAT32_MAX):  # the default 1 decided without a call
         _check_normalizer("dp_size", dp_size, device, optional=False, positive=True)
@@ -62,8 +62,8 @@ def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seql
         _check_normalizer("global_batch_size", global_batch_size, device)
     for name, t in (("old_log_prob", old_log_prob), ("advantages", advantages), ("response_mask", response_mask),
                     ("cu_seqlens", cu_seqlens), ("rollout_is_weights", rollout_is_weights)):
-        if t is not None:
-            _check_device(name, t, device)
+        if t is not None and (not isinstance(t, torch.Tensor) or t.device != device):
+            _check_device(name, t, device)  # raises, naming it
     if old_log_prob.shape != log_prob.shape:
         raise ValueError(f"old_log_prob has shape {tuple(old_log_prob.shape)}, "
                          f"expected log_prob's {tuple(log_prob.shape)}")

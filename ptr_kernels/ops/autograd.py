@@ -42,8 +42,11 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     packed = cu_seqlens is not None
     num_seqs = cu_seqlens.shape[0] - 1 if packed else log_prob.shape[0]
     numel = log_prob.numel()
-    grad, stats = token.empty_outputs(log_prob, num_seqs)
-    loss, aux = stats.new_empty(()), stats.new_empty(reduce.NUM_AUX)
+    # outputs: grad like log_prob (contiguous, as the kernel writes it; log_prob may be a view), the per-sequence
+    # sums, loss and aux; the kernels write every element
+    grad = torch.empty_like(log_prob, dtype=torch.float32, memory_format=torch.contiguous_format)
+    stats = grad.new_empty(num_seqs * token.NUM_STATS.value)
+    loss, aux = grad.new_empty(()), grad.new_empty(reduce.NUM_AUX)
     reduction = reduce.reduction_arguments(plan.agg_mode, loss_scale_factor, normalizers)
     has_state = output_final_state or initial_state is not None or position_offset is not None
     final_state = None
@@ -60,22 +63,23 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
         if has_state:
             final_state.copy_(initial_state)  # no token: the state passes through
     else:
-        mask = contiguous(response_mask)  # bool, int or float: != 0 is valid
-        constexprs = layout_constexprs(plan, packed, mask is not None, rollout_is_weights is not None, adv_per_seq,
-                                       has_state, sequence_length is not None, sequence_delta_b is not None,
-                                       block or token.block_size(numel, num_seqs))
+        constexprs = layout_constexprs(plan, packed, response_mask is not None, rollout_is_weights is not None,
+                                       adv_per_seq, has_state, sequence_length is not None,
+                                       sequence_delta_b is not None, block or token.block_size(numel, num_seqs))
         one_program = num_seqs <= constexprs["ROWS"]  # it reduces its own sums: one launch, not two
         max_len = None
         if constexprs["HORIZON"] == token.HORIZON_MAX_LEN.value:  # cppo, length_mode="padded", packed: on the device
             max_len = (cu_seqlens[1:] - cu_seqlens[:-1]).max()
-        token.launch_token_kernel(
-            contiguous(log_prob), contiguous(old_log_prob), contiguous(advantages), mask,
-            contiguous(rollout_is_weights), contiguous(divergence), contiguous(cu_seqlens), max_len, grad, stats,
-            num_seqs=num_seqs, width=0 if packed else log_prob.shape[1], plan=plan, constexprs=constexprs,
-            shard=(initial_state, contiguous(position_offset), contiguous(sequence_length),
-                   contiguous(sequence_delta_b), final_state) if has_state or sequence_length is not None
-            or sequence_delta_b is not None else token.NO_SHARD,
-            reduction=(loss, aux, reduction) if one_program else None)
+        # contiguous (a mask of any dtype: != 0 is valid); one generator for all of them costs less host time
+        inputs = (t if t is None or t.is_contiguous() else t.contiguous() for t in (
+            log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, divergence, cu_seqlens))
+        shard = token.NO_SHARD
+        if has_state or sequence_length is not None or sequence_delta_b is not None:
+            shard = (initial_state, contiguous(position_offset), contiguous(sequence_length),
+                     contiguous(sequence_delta_b), final_state)
+        token.launch_token_kernel(*inputs, max_len, grad, stats, num_seqs=num_seqs,
+                                  width=0 if packed else log_prob.shape[1], plan=plan, constexprs=constexprs,
+                                  shard=shard, reduction=(loss, aux, reduction) if one_program else None)
     if not one_program:
         reduce.launch_reduce(stats, num_seqs, loss, aux, reduction)
     if output_final_state:

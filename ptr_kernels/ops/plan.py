@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 
 from ..config import (DIVERGENCES, GATES, LENGTH_MODES, LOGIT_DIVERGENCES, LOSS_AGG_MODES, METHODS, SURROGATES,
                       PolicyLossConfig)
@@ -104,13 +103,13 @@ _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig))
 
 def encode_config(config: PolicyLossConfig) -> list:
     """`config` as one exact list of floats, the custom ops' config argument: a choice as minus one minus its
-    index, an int horizon as itself, a number as itself, None as NaN. Plain attribute reads and arithmetic, so
+    index, an int horizon as itself, a number as itself, None as -inf (no field holds an infinite number). Plain attribute reads and arithmetic, so
     Dynamo traces it, including a config built inside the compiled region (the values it tracks)."""
     numbers = []
     for name in _CONFIG_FIELDS:
         value = getattr(config, name)
-        if value is None:
-            numbers.append(math.nan)
+        if value is None:  # -inf, not NaN: decode_config's cache needs keys equal to themselves
+            numbers.append(-math.inf)
         elif isinstance(value, str):
             numbers.append(-1.0 - _CONFIG_CHOICES[name].index(value))
         else:
@@ -127,7 +126,7 @@ def decode_config(numbers) -> PolicyLossConfig:
 def _decode_config(numbers: tuple) -> PolicyLossConfig:
     fields = {}
     for name, value in zip(_CONFIG_FIELDS, numbers):
-        if math.isnan(value):
+        if value == -math.inf:
             fields[name] = None
         elif value < 0 and name in _CONFIG_CHOICES:
             fields[name] = _CONFIG_CHOICES[name][int(-1.0 - value)]

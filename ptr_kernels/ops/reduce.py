@@ -162,11 +162,22 @@ def reduction_arguments(agg_mode: int, loss_scale_factor: float, normalizers: tu
     `agg_mode` indexes LOSS_AGG_MODES (common.AGG_*); `normalizers`: (dp_size, batch_num_tokens,
     global_batch_size), each None, a number or a 0-dim tensor.
     """
-    dp_kind, dp_ptr, dp = _normalizer_args(normalizers[0])
-    tokens_kind, tokens_ptr, tokens = _normalizer_args(normalizers[1])
-    seqs_kind, seqs_ptr, seqs = _normalizer_args(normalizers[2])
+    dp, tokens, seqs = normalizers
+    if isinstance(dp, torch.Tensor) or isinstance(tokens, torch.Tensor) or isinstance(seqs, torch.Tensor):
+        return _reduction_arguments(agg_mode, loss_scale_factor, dp, tokens, seqs)
+    return _number_reduction_arguments(agg_mode, loss_scale_factor, dp, tokens, seqs)  # the common case, cached
+
+
+def _reduction_arguments(agg_mode: int, loss_scale_factor: float, dp, tokens, seqs) -> tuple:
+    dp_kind, dp_ptr, dp = _normalizer_args(dp)
+    tokens_kind, tokens_ptr, tokens = _normalizer_args(tokens)
+    seqs_kind, seqs_ptr, seqs = _normalizer_args(seqs)
     return ((dp_ptr, dp, tokens_ptr, tokens, seqs_ptr, seqs, float(loss_scale_factor)),
             _reduction_keywords(agg_mode, dp_kind, tokens_kind, seqs_kind))
+
+
+# normalizers that are numbers or None: the arguments once per combination
+_number_reduction_arguments = functools.lru_cache(maxsize=1024)(_reduction_arguments)
 
 
 def launch_reduce(stats: torch.Tensor, num_seqs: int, loss: torch.Tensor, aux: torch.Tensor,

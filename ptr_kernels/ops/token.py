@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import triton
 import triton.language as tl
 
@@ -359,11 +358,3 @@ def launch_token_kernel(log_prob, old_log_prob, advantages, mask, rollout_is_wei
         num_seqs, width, log_prob.numel(), plan.horizon if plan.horizon is not None else width,
         *plan.token_scalars, *arguments, **constexprs, REDUCE=reduce_here, **keywords,
     )
-
-
-def empty_outputs(log_prob: torch.Tensor, num_seqs: int):
-    """grad `[like log_prob]` and stats `[S * NUM_STATS]` (float32, a row per sequence). The kernel writes every
-    element (each position belongs to exactly one row or packed sequence), so `empty` is enough."""
-    # empty_like: the cheapest allocation call; contiguous, as the kernel writes it (log_prob may be a view)
-    grad = torch.empty_like(log_prob, dtype=torch.float32, memory_format=torch.contiguous_format)
-    return grad, grad.new_empty(num_seqs * NUM_STATS.value)
