@@ -280,7 +280,13 @@ def test_host_measurement_on_cpu(host_dir):
                 ("fused", "host_us"), ("eager", "host_us"), ("fused", "host_ratio"), ("fused", "stubbed_launches")))
             assert fused > 0 and eager > 0 and ratio == pytest.approx(fused / eager, rel=1e-4)
             assert launches >= 2  # the stub really skipped the kernels: forward and backward launch at least one
-            assert "20 rounds of one call" in by_key[("fused", method, layout, "host_us")]["note"]
+            assert "20 rounds of 7 warm calls" in by_key[("fused", method, layout, "host_us")]["note"]
+            # the cold condition (after a stand-in model step) and the autograd floor, in the same run
+            cold_fused, cold_eager, cold_ratio = (float(by_key[(p, method, layout, m)]["p50"]) for p, m in (
+                ("fused", "host_us_cold"), ("eager", "host_us_cold"), ("fused", "host_ratio_cold")))
+            assert cold_ratio == pytest.approx(cold_fused / cold_eager, rel=1e-4)
+            assert "20 rounds of one cold call" in by_key[("fused", method, layout, "host_us_cold")]["note"]
+            assert float(by_key[("autograd_floor", method, layout, "host_us")]["p50"]) > 0
     md = (host_dir / "host.md").read_text()
     assert "stubbed launches per call" in md and md.count("<= 0.15") == 4
     host_targets = [t for t in targets(rows) if t.issue == "7"]

@@ -4,9 +4,12 @@ On CPU (the Triton interpreter) every Triton launch is stubbed out for the durat
 fused call is its host work: Python, validation, torch's dispatch and autograd, the launchers' argument
 handling. The outputs are `torch.empty`, so skipping the kernels is safe (the values are garbage, never read).
 That host time is compared with the eager reference's fwd+bwd on the same inputs (about 200 small ops, all
-host work at this size): the two alternate call by call in one run, so the machine's drift and bursts of
-load hit both alike, and the ratio of the medians is the figure of merit (issue 7: at most 0.15 at a tiny
-shape, padded and packed).
+host work at this size), in two conditions, each the same for both providers and both in one run:
+- warm (the figure of merit, issue 7: at most 0.15 at a tiny shape, padded and packed): each timed call right
+  after a call of its own provider, in batches of back-to-back calls that alternate between the providers;
+- cold: each timed call right after a stand-in for the model's forward and backward between two loss calls
+  (a small MLP step), which leaves the caches to neither provider.
+The ratio of the medians is reported for both.
 
 On CUDA nothing is stubbed: the figure is the wall-clock per call of back-to-back fwd+bwd calls, synchronized
 after each batch, fused and eager batches alternating (issue 13: at most 100 us at 8x512, below eager).
@@ -33,7 +36,9 @@ CUDA_SHAPES = (padded(8, 512), packed(8, 4096))
 TARGET_RATIO = 0.15
 WARMUP_CALLS = 5
 CUDA_CALLS_PER_BATCH = 20
+CPU_CALLS_PER_BATCH = 8  # warm: the first call of a batch follows the other provider and is not timed
 RATIO_METRICS = ("host_ratio", "wall_ratio")  # CPU, CUDA
+COLD = "_cold"  # suffix of the cold condition's metrics (CPU): host_us_cold, host_ratio_cold
 PROVIDERS = ("fused", "eager")
 # the floor of any loss written as a Python autograd.Function: apply + the engine's backward, nothing else
 FLOOR = "autograd_floor"
@@ -91,6 +96,7 @@ class _Case:
     inputs: object
     calls: dict
     times: dict = field(default_factory=lambda: {p: [] for p in PROVIDERS})
+    cold: dict = field(default_factory=lambda: {p: [] for p in PROVIDERS})  # CPU: after a stand-in model step
     launches: int = 0  # Triton launches stubbed in one fused call (CPU)
 
 
@@ -111,13 +117,16 @@ def _one_thread():
 def measure(device: torch.device, methods, layouts, dtype: str, reps: int, out: Path) -> list:
     """The host measurement of each (method, layout) into `out/host.csv`; returns the rows.
 
-    Each case in turn: `reps` rounds of one sample of fused and one of eager (which goes first alternates), so
-    the machine's drift and bursts of load fall on both providers alike. A sample is one call timed with
-    `perf_counter` (CPU: launches stubbed, torch on one thread, garbage collector paused), or the wall-clock
-    per call of a batch of back-to-back calls synchronized before and after (CUDA).
+    Each case in turn, `reps` rounds, the providers' order alternating per round so that the machine's drift
+    and bursts of load fall on all alike. CPU (launches stubbed, torch on one thread, garbage collector
+    paused), per round and provider: a batch of CPU_CALLS_PER_BATCH back-to-back calls, all but the first
+    timed one by one with `perf_counter` (warm), then a stand-in model step and one timed call (cold). CUDA:
+    per round and provider, the wall-clock per call of a batch of back-to-back calls, synchronized before and
+    after.
 
-    Rows (mode fwd_bwd), CPU: `host_us` of fused and eager, `host_ratio` (p20, p50 and p80 of fused over
-    the same quantile of eager) and `stubbed_launches` (per fused call); CUDA: `wall_us` and `wall_ratio`.
+    Rows (mode fwd_bwd), CPU: `host_us` of fused, eager and the autograd floor, `host_ratio` (p20, p50 and p80
+    of fused, or the floor, over the same quantile of eager), the same of the cold condition as `host_us_cold`
+    and `host_ratio_cold`, and `stubbed_launches` (per fused call); CUDA: `wall_us` and `wall_ratio`.
     """
     cuda = device.type == "cuda"
     sink = CsvSink(out / "host.csv", environment(device), dtype)
@@ -127,40 +136,79 @@ def measure(device: torch.device, methods, layouts, dtype: str, reps: int, out: 
         if shape.layout in layouts:
             inputs = make_inputs(shape, device, getattr(torch, dtype), seed=0, structure_seed=shape.tokens)
             cases += [_Case(shape, m, inputs, {p: make_call(p, m) for p in PROVIDERS}) for m in methods]
-    if not cuda:
-        for case in cases:
-            case.calls[FLOOR] = _floor_call
-            case.times[FLOOR] = []
     if cuda:
         for case in cases:
             _alternating(case, reps, lambda call, inp: timer.wall_batch(lambda _: _run(call, inp),
                                                                         CUDA_CALLS_PER_BATCH))
-        metric, note = "wall_us", f"{reps} rounds of a batch of {CUDA_CALLS_PER_BATCH} back-to-back calls"
+        notes = {"": f"{reps} rounds of a batch of {CUDA_CALLS_PER_BATCH} back-to-back calls"}
     else:
         with stubbed_triton_launches() as stub, _one_thread():
             for case in cases:
+                case.calls[FLOOR] = _floor_call
+                case.times[FLOOR], case.cold[FLOOR] = [], []
                 before = stub["launches"]  # one untimed call counts the launches skipped
                 _run(case.calls["fused"], case.inputs)
                 case.launches = stub["launches"] - before
-                _alternating(case, reps, _timed_call)
-        metric, note = "host_us", f"{reps} rounds of one call; fused with every Triton launch stubbed"
+                _warm_and_cold(case, reps)
+        stubbed = "; fused with every Triton launch stubbed"
+        notes = {"": f"{reps} rounds of {CPU_CALLS_PER_BATCH - 1} warm calls (after a call of their own)" + stubbed,
+                 COLD: f"{reps} rounds of one cold call (after a stand-in model step)" + stubbed}
+    metric, ratio = ("wall_us", "wall_ratio") if cuda else ("host_us", "host_ratio")
     for case in cases:
         key = (case.method, case.shape.layout, case.shape.name, case.shape.batch, case.shape.tokens, "fwd_bwd")
         if not cuda:
             sink.add("fused", *key, "stubbed_launches", (case.launches,) * 3,
                      note="Triton launches skipped per fused call")
-        fused, eager = (quantiles(case.times[p]) for p in PROVIDERS)
-        for provider, values in zip(PROVIDERS, (fused, eager)):
-            sink.add(provider, *key, metric, values, note=note)
-        sink.add("fused", *key, RATIO_METRICS[cuda], tuple(f / e for f, e in zip(fused, eager)),
-                 note="fused / eager, each quantile")
-        if FLOOR in case.times:
-            floor = quantiles(case.times[FLOOR])
-            sink.add(FLOOR, *key, metric, floor, note="a no-op autograd.Function: apply + backward, no work")
-            sink.add(FLOOR, *key, "host_ratio", tuple(f / e for f, e in zip(floor, eager)),
-                     note="autograd floor / eager, each quantile")
+        for suffix, note in notes.items():
+            times = case.cold if suffix else case.times
+            eager = quantiles(times["eager"])
+            for provider in times:
+                values = quantiles(times[provider])
+                sink.add(provider, *key, metric + suffix, values, note=note)
+                if provider != "eager":
+                    sink.add(provider, *key, ratio + suffix, tuple(f / e for f, e in zip(values, eager)),
+                             note=f"{provider} / eager, each quantile")
     sink.close()
     return sink.rows
+
+
+class _StandInModel:
+    """What runs between two loss calls in training, in small: a 4-layer MLP's forward and backward (about
+    40 ops), which leaves the caches to neither provider."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.layers = [torch.nn.Linear(128, 128) for _ in range(4)]
+        self.x = torch.randn(32, 128, generator=g)
+
+    def step(self) -> None:
+        h = self.x
+        for layer in self.layers:
+            layer.zero_grad(set_to_none=True)
+            h = torch.nn.functional.gelu(layer(h))
+        h.square().mean().backward()
+
+
+def _warm_and_cold(case: _Case, rounds: int) -> None:
+    """CPU samples (us) into `case.times` (warm) and `case.cold`: per round and provider (the order alternating),
+    CPU_CALLS_PER_BATCH back-to-back calls, all but the first timed, then a stand-in model step and one timed
+    call; after WARMUP_CALLS untimed calls each, the garbage collector paused."""
+    model = _StandInModel()
+    for call in case.calls.values():
+        for _ in range(WARMUP_CALLS):
+            _run(call, case.inputs)
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(rounds):
+            for provider in case.calls if i % 2 == 0 else reversed(case.calls):
+                call = case.calls[provider]
+                _run(call, case.inputs)  # follows the other provider: not kept
+                case.times[provider] += [_timed_call(call, case.inputs) for _ in range(CPU_CALLS_PER_BATCH - 1)]
+                model.step()
+                case.cold[provider].append(_timed_call(call, case.inputs))
+    finally:
+        gc.enable()
 
 
 def _run(call, inp) -> None:
@@ -176,11 +224,9 @@ def _timed_call(call, inp) -> float:
 
 
 def _alternating(case: _Case, rounds: int, sample) -> None:
-    """`sample(call, inputs)` -> us of fused and eager alternately, `rounds` each (which goes first alternating),
-    after WARMUP_CALLS untimed calls each, into `case.times`; the garbage collector paused so that no call pays
-    for another's garbage. One case at a time, as a training loop repeats one shape: interleaving the cases
-    made the eager reference's packed cppo call about 4x slower on a CPU than alone (cause not pinned down),
-    which flattered the ratio."""
+    """CUDA: `sample(call, inputs)` -> us of fused and eager alternately, `rounds` each (which goes first
+    alternating), after WARMUP_CALLS untimed calls each, into `case.times`; the garbage collector paused so
+    that no call pays for another's garbage. One case at a time, as a training loop repeats one shape."""
     for call in case.calls.values():
         for _ in range(WARMUP_CALLS):
             _run(call, case.inputs)
@@ -202,7 +248,8 @@ def table(rows) -> list:
     cpu = any(r["metric"] == "host_ratio" for r in ratios)
     metric = "host_us" if cpu else "wall_us"
     header = ("method", "layout", "shape", f"fused {metric} p50", f"eager {metric} p50", "fused / eager", "target",
-              "status") + (("stubbed launches per call", f"autograd floor {metric} p50") if cpu else ())
+              "status") + (("stubbed launches per call", f"autograd floor {metric} p50",
+                            "cold: fused / eager host_us p50", "cold: fused / eager") if cpu else ())
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in ratios:
         key = (r["method"], r["layout"], r["shape"])
@@ -217,6 +264,11 @@ def table(rows) -> list:
             cells.append(f"{float(by_key[('fused', *key, 'stubbed_launches')]['p50']):g}")
             floor = by_key.get((FLOOR, *key, metric))
             cells.append(f"{float(floor['p50']):.1f} us" if floor else "")
+            cold = [by_key.get((p, *key, m + COLD)) for p, m in (("fused", metric), ("eager", metric),
+                                                                  ("fused", "host_ratio"))]
+            if all(cold):
+                cells += [f"{float(cold[0]['p50']):.1f} / {float(cold[1]['p50']):.1f} us",
+                          f"{float(cold[2]['p50']):.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -224,7 +276,7 @@ def table(rows) -> list:
 def run(args, device: torch.device, out: Path) -> int:
     """`ptr-kernels bench --host`: measure, print the table, write host.csv and host.md under `out`."""
     cuda = device.type == "cuda"
-    reps = args.max_reps or (30 if cuda else 500)
+    reps = args.max_reps or (30 if cuda else 300)
     rows = measure(device, args.methods, args.layouts, args.dtype, reps, out)
     env = rows[0]
     if cuda:
@@ -232,7 +284,10 @@ def run(args, device: torch.device, out: Path) -> int:
                 f"{CUDA_CALLS_PER_BATCH}), fused and eager batches alternating; nothing stubbed.")
     else:
         what = ("Host time of one fwd+bwd call: the fused path with every Triton launch stubbed out, against the "
-                "eager reference on the same inputs, calls alternating in one run; ratio of the medians.")
+                "eager reference on the same inputs, in one run; ratio of the medians. Warm (the target's): each "
+                f"call right after a call of its own provider ({CPU_CALLS_PER_BATCH - 1} timed per batch, batches "
+                "alternating). Cold: each call right after a stand-in model step (a 4-layer MLP's forward and "
+                "backward).")
     lines = [f"Device: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, commit {env['commit']}, "
              f"inputs {env['dtype']}.", "", what, ""] + table(rows)
     (out / "host.md").write_text("\n".join(lines) + "\n")

@@ -104,9 +104,10 @@ class FusedPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_prob, inputs: tuple, options: dict, side: list):
         loss, aux, grad, *final_state = fused_forward(log_prob, *inputs, **options)
-        # saved, not kept as attributes: freed after backward, and a second backward without retain_graph raises
-        ctx.save_for_backward(grad, aux)
-        ctx.grad_dtype = log_prob.dtype
+        # the gradient saved, not kept as an attribute: freed after backward, and a second backward without
+        # retain_graph raises; aux (a few floats, which the metrics hold anyway) as an attribute costs less
+        ctx.save_for_backward(grad)
+        ctx.aux, ctx.grad_dtype = aux, log_prob.dtype
         side += [aux, *final_state]
         return loss
 
@@ -114,8 +115,8 @@ class FusedPolicyLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if torch.is_grad_enabled():  # create_graph=True: a double backward must raise, not silently return 0
             return _backward_once(ctx, grad_loss)
-        grad, aux = ctx.saved_tensors
-        return reduce.scale_grad(grad, grad_loss, aux, ctx.grad_dtype), None, None, None
+        (grad,) = ctx.saved_tensors
+        return reduce.scale_grad(grad, grad_loss, ctx.aux, ctx.grad_dtype), None, None, None
 
 
 # `Function.apply` without its Python wrapper, whose work (binding a setup_context's defaults, unwrapping
@@ -126,8 +127,8 @@ _apply_without_wrapper = torch._C._FunctionBase.__dict__["apply"].__get__(None, 
 
 @once_differentiable  # only under create_graph: its no_grad context costs host time on every plain backward
 def _backward_once(ctx, grad_loss):
-    grad, aux = ctx.saved_tensors
-    return reduce.scale_grad(grad, grad_loss, aux, ctx.grad_dtype), None, None, None
+    (grad,) = ctx.saved_tensors
+    return reduce.scale_grad(grad, grad_loss, ctx.aux, ctx.grad_dtype), None, None, None
 
 
 # ---- the compiled path: custom ops with a short schema (the config and the numbers as float lists) ----
