@@ -178,6 +178,22 @@ def test_double_backward_raises_instead_of_returning_zero():
         torch.autograd.grad(grad.sum(), lp)
 
 
+def test_second_backward_needs_retain_graph():
+    """As with torch's own ops: without retain_graph a second backward raises (the saved gradient is freed);
+    with it, the second backward adds the same gradient again."""
+    lp = (-torch.rand(3, 5, device=DEVICE)).requires_grad_()
+    loss, _ = policy_loss(lp, lp.detach() - 0.1, torch.randn(3, device=DEVICE), backend="triton")
+    loss.backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+    lp.grad = None
+    loss, _ = policy_loss(lp, lp.detach() - 0.1, torch.ones(3, device=DEVICE), backend="triton")
+    loss.backward(retain_graph=True)
+    first = lp.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(lp.grad, 2 * first)
+
+
 @pytest.mark.parametrize("divergence", ["binary_tv", "topk_kl"])
 def test_from_logits_takes_the_carried_state(divergence):
     """A shard through `policy_loss_from_logits`: both backends agree on loss, gradient and final state, and
