@@ -190,10 +190,26 @@ class _StandInModel:
 
 
 def _warm_and_cold(case: _Case, rounds: int) -> None:
-    """CPU samples (us) into `case.times` (warm) and `case.cold`: per round and provider (the order alternating),
-    CPU_CALLS_PER_BATCH back-to-back calls, all but the first timed, then a stand-in model step and one timed
-    call; after WARMUP_CALLS untimed calls each, the garbage collector paused."""
+    """CPU samples (us) into `case.times` (warm) and `case.cold`: per round and provider, CPU_CALLS_PER_BATCH
+    back-to-back calls, all but the first timed, then a stand-in model step and one timed call."""
     model = _StandInModel()
+    for provider, call in _interleaved(case, rounds):
+        _run(call, case.inputs)  # follows the other provider: not kept
+        case.times[provider] += [_timed_call(call, case.inputs) for _ in range(CPU_CALLS_PER_BATCH - 1)]
+        model.step()
+        case.cold[provider].append(_timed_call(call, case.inputs))
+
+
+def _alternating(case: _Case, rounds: int, sample) -> None:
+    """CUDA: `sample(call, inputs)` -> us of each provider in every round, into `case.times`."""
+    for provider, call in _interleaved(case, rounds):
+        case.times[provider].append(sample(call, case.inputs))
+
+
+def _interleaved(case: _Case, rounds: int):
+    """`(provider, call)` of every provider in each of `rounds` rounds, which goes first alternating, after
+    WARMUP_CALLS untimed calls each; the garbage collector paused meanwhile, so that no call pays for another's
+    garbage. One case at a time, as a training loop repeats one shape."""
     for call in case.calls.values():
         for _ in range(WARMUP_CALLS):
             _run(call, case.inputs)
@@ -202,11 +218,7 @@ def _warm_and_cold(case: _Case, rounds: int) -> None:
     try:
         for i in range(rounds):
             for provider in case.calls if i % 2 == 0 else reversed(case.calls):
-                call = case.calls[provider]
-                _run(call, case.inputs)  # follows the other provider: not kept
-                case.times[provider] += [_timed_call(call, case.inputs) for _ in range(CPU_CALLS_PER_BATCH - 1)]
-                model.step()
-                case.cold[provider].append(_timed_call(call, case.inputs))
+                yield provider, case.calls[provider]
     finally:
         gc.enable()
 
@@ -221,23 +233,6 @@ def _timed_call(call, inp) -> float:
     t0 = time.perf_counter()
     step(call, inp, "fwd_bwd")
     return (time.perf_counter() - t0) * 1e6
-
-
-def _alternating(case: _Case, rounds: int, sample) -> None:
-    """CUDA: `sample(call, inputs)` -> us of fused and eager alternately, `rounds` each (which goes first
-    alternating), after WARMUP_CALLS untimed calls each, into `case.times`; the garbage collector paused so
-    that no call pays for another's garbage. One case at a time, as a training loop repeats one shape."""
-    for call in case.calls.values():
-        for _ in range(WARMUP_CALLS):
-            _run(call, case.inputs)
-    gc.collect()
-    gc.disable()
-    try:
-        for i in range(rounds):
-            for provider in case.calls if i % 2 == 0 else reversed(case.calls):
-                case.times[provider].append(sample(case.calls[provider], case.inputs))
-    finally:
-        gc.enable()
 
 
 def table(rows) -> list:
