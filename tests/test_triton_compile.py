@@ -206,11 +206,11 @@ def _aot_compile_all():
                      seqs_ptr="*i32")
         constexprs = {**const, **{n: None for n in absent}, **{n: 1 for n in ones}}
         print("token", const, compile_one(token.token_kernel, types, constexprs, token.NUM_WARPS))
-    # the reduction (every mode; normalizers absent, numbers, tensors) and the backward's scaling
+    # the reduction (every mode and method; normalizers absent, numbers, tensors) and the backward's scaling
     for mode, kind in [(0, 0), (0, 2), (1, 1), (2, 2), (3, 0), (3, 1), (4, 2)]:
         pointers = dict(stats_ptr="*fp32", loss_ptr="*fp32", aux_ptr="*fp32", num_seqs="i32",
                         dp_ptr="*i64", tokens_ptr="*fp32", seqs_ptr="*i32")
-        constexprs = dict(MODE=mode, DP=kind, TOKENS=kind, SEQS=kind, BLOCK=reduce.REDUCE_BLOCK)
+        constexprs = dict(METHOD=mode % 3, MODE=mode, DP=kind, TOKENS=kind, SEQS=kind, BLOCK=reduce.REDUCE_BLOCK)
         if kind != 2:
             constexprs.update(dp_ptr=None, tokens_ptr=None, seqs_ptr=None)
         compile_one(reduce.reduce_kernel, pointers, constexprs, 4)

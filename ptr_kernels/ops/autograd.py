@@ -35,7 +35,7 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     (a power of two; 0 picks one from the shapes). A shard of a longer sequence (docs/math.md section 8, all
     optional, validated by the caller): `initial_state [S, 3]` (slack, S, W), `position_offset [S]` int,
     `sequence_length [S]` (T_w), `sequence_delta_b [S]`, and `output_final_state`.
-    Returns: loss `[]` f32; aux `[NUM_AUX]` f32 (the backward scale, then the metrics); grad `[like log_prob]`
+    Returns: loss `[]` f32; aux `[plan.aux_size]` f32 (the backward scale, then the metrics); grad `[like log_prob]`
     f32: d loss / d log_prob_t up to the backward scale (0 at masked positions); with `output_final_state`
     also final_state `[S, 3]` f32, the state after the shard.
     """
@@ -46,7 +46,7 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     # sums, loss and aux; the kernels write every element
     grad = torch.empty_like(log_prob, dtype=torch.float32, memory_format=torch.contiguous_format)
     stats = grad.new_empty(num_seqs * token.NUM_STATS.value)
-    loss, aux = grad.new_empty(()), grad.new_empty(reduce.NUM_AUX)
+    loss, aux = grad.new_empty(()), grad.new_empty(plan.aux_size)
     reduction = reduce.reduction_arguments(plan.agg_mode, loss_scale_factor, normalizers)
     has_state = output_final_state or initial_state is not None or position_offset is not None
     final_state = None
@@ -81,7 +81,7 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
                                   width=0 if packed else log_prob.shape[1], plan=plan, constexprs=constexprs,
                                   shard=shard, reduction=(loss, aux, reduction) if one_program else None)
     if not one_program:
-        reduce.launch_reduce(stats, num_seqs, loss, aux, reduction)
+        reduce.launch_reduce(stats, num_seqs, loss, aux, reduction, method=plan.token_constexprs["METHOD"])
     if output_final_state:
         return loss, aux, grad, final_state
     return loss, aux, grad
@@ -152,9 +152,10 @@ def policy_loss_fused(
 
 
 @policy_loss_fused.register_fake
-def _(log_prob, *args):
+def _(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, divergence, dp_size_tensor,
+      batch_num_tokens_tensor, global_batch_size_tensor, config, numbers, ints):
     return (log_prob.new_empty((), dtype=torch.float32),
-            log_prob.new_empty((reduce.NUM_AUX,), dtype=torch.float32),
+            log_prob.new_empty((reduce.aux_size(decode_config(config).method),), dtype=torch.float32),
             torch.empty_like(log_prob, dtype=torch.float32, memory_format=torch.contiguous_format))
 
 

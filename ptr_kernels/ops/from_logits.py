@@ -107,11 +107,13 @@ def policy_loss_from_logits_fused(
 
 
 @policy_loss_from_logits_fused.register_fake
-def _(logits, input_ids, *args):
+def _(logits, input_ids, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, topk_ids,
+      topk_log_probs, dp_size_tensor, batch_num_tokens_tensor, global_batch_size_tensor, config, numbers,
+      adv_per_seq):
     scalar = logits.new_empty((), dtype=torch.float32)
     per_token = logits.new_empty(logits.shape[:-1], dtype=torch.float32)
-    return (scalar, logits.new_empty((reduce.NUM_AUX,), dtype=torch.float32), torch.empty_like(scalar),
-            per_token, torch.empty_like(per_token))
+    aux = logits.new_empty((reduce.aux_size(decode_config(config).method),), dtype=torch.float32)
+    return scalar, aux, torch.empty_like(scalar), per_token, torch.empty_like(per_token)
 
 
 @torch.library.custom_op("ptr_kernels::logits_backward", mutates_args=())

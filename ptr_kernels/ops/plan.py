@@ -18,7 +18,7 @@ from typing import Optional
 
 from ..config import (DIVERGENCES, GATES, LENGTH_MODES, LOGIT_DIVERGENCES, LOSS_AGG_MODES, METHODS, SURROGATES,
                       PolicyLossConfig)
-from . import common, token
+from . import common, reduce, token
 
 METHOD_IDS = {"cppo": common.METHOD_CPPO.value, "dppo": common.METHOD_DPPO.value, "ppo": common.METHOD_PPO.value}
 DIVERGENCE_IDS = {"binary_tv": common.DIV_BINARY_TV.value, "binary_kl": common.DIV_BINARY_KL.value}
@@ -35,6 +35,7 @@ class KernelPlan:
     token_scalars: tuple  # the token kernel's float arguments, in its order (delta ... clip_c)
     agg_mode: int  # index into LOSS_AGG_MODES (common.AGG_*)
     horizon: Optional[int]  # T_w of HORIZON_ARG: an int length_mode, or None for the padded width
+    aux_size: int  # entries of aux: the backward scale and the method's metrics (ops/reduce.py)
 
     def __hash__(self):  # the config decides everything else
         return hash(self.config)
@@ -60,7 +61,8 @@ def kernel_plan(config: PolicyLossConfig, given_divergence: bool = False) -> Ker
         inf if config.clip_ratio_c is None else float(config.clip_ratio_c),
     )
     horizon = config.length_mode if isinstance(config.length_mode, int) else None
-    return KernelPlan(config, constexprs, scalars, LOSS_AGG_MODES.index(config.loss_agg_mode), horizon)
+    return KernelPlan(config, constexprs, scalars, LOSS_AGG_MODES.index(config.loss_agg_mode), horizon,
+                      reduce.aux_size(config.method))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -15,34 +15,35 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM, AGG_TOKEN_MEAN, AGG_TOKEN_SUM, NORM_ABSENT,
-                     NORM_NUMBER,
-                     NORM_TENSOR, NUM_STATS, STAT_CLIP_DUAL, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV,
+from .common import (AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM, AGG_TOKEN_MEAN, AGG_TOKEN_SUM, METHOD_CPPO,
+                     METHOD_PPO, NORM_ABSENT, NORM_NUMBER, NORM_TENSOR, NUM_STATS, STAT_CLIP_DUAL, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV,
                      STAT_KL, STAT_LOSS, STAT_REJ_BUDGET, STAT_REJ_TOKEN, STAT_TOKENS)
 
-# `aux [NUM_AUX]` written by the reduction: the backward scale, then the metrics in METRICS order.
-METRICS = ("mask_frac", "ppo_kl", "divergence_mean", "mask_frac_token", "mask_frac_budget", "delta_b_mean",
-           "clip_frac_low", "clip_frac_high", "clip_frac_dual")
-AUX_SCALE = tl.constexpr(0)
-AUX_MASK_FRAC = tl.constexpr(1)
-AUX_PPO_KL = tl.constexpr(2)
-AUX_DIVERGENCE_MEAN = tl.constexpr(3)
-AUX_MASK_FRAC_TOKEN = tl.constexpr(4)
-AUX_MASK_FRAC_BUDGET = tl.constexpr(5)
-AUX_DELTA_B_MEAN = tl.constexpr(6)
-AUX_CLIP_FRAC_LOW = tl.constexpr(7)
-AUX_CLIP_FRAC_HIGH = tl.constexpr(8)
-AUX_CLIP_FRAC_DUAL = tl.constexpr(9)
-NUM_AUX = 1 + len(METRICS)
-# the metrics each method reports (docs/math.md section 9)
+# `aux` written by the reduction: the backward scale, then the method's metrics in METHOD_METRICS order (docs/
+# math.md section 9): the three every method reports, then cppo's or ppo's own three in the same slots, so that
+# the metrics dict is one unbind of `aux [aux_size(method)]` with no entry to spare
 METHOD_METRICS = {
     "cppo": ("mask_frac", "ppo_kl", "divergence_mean", "mask_frac_token", "mask_frac_budget", "delta_b_mean"),
     "dppo": ("mask_frac", "ppo_kl", "divergence_mean"),
     "ppo": ("mask_frac", "ppo_kl", "divergence_mean", "clip_frac_low", "clip_frac_high", "clip_frac_dual"),
 }
+AUX_SCALE = tl.constexpr(0)
+AUX_MASK_FRAC = tl.constexpr(1)
+AUX_PPO_KL = tl.constexpr(2)
+AUX_DIVERGENCE_MEAN = tl.constexpr(3)
+AUX_MASK_FRAC_TOKEN = AUX_CLIP_FRAC_LOW = tl.constexpr(4)  # cppo's / ppo's own metrics share slots 4-6
+AUX_MASK_FRAC_BUDGET = AUX_CLIP_FRAC_HIGH = tl.constexpr(5)
+AUX_DELTA_B_MEAN = AUX_CLIP_FRAC_DUAL = tl.constexpr(6)
 # (name, index into aux) of each method's metrics
-METRIC_POSITIONS = {method: tuple((name, 1 + METRICS.index(name)) for name in names)
+METRIC_POSITIONS = {method: tuple((name, 1 + i) for i, name in enumerate(names))
                     for method, names in METHOD_METRICS.items()}
+
+
+def aux_size(method: str) -> int:
+    """Entries of `aux` for `method`: the backward scale and the method's metrics."""
+    return 1 + len(METHOD_METRICS[method])
+
+
 REDUCE_BLOCK = 256  # sequences per step of the one-program reduction
 SCALE_BLOCK = 1024
 STATS_POW2 = tl.constexpr(1 << (NUM_STATS.value - 1).bit_length())
@@ -66,20 +67,22 @@ def _column(totals, cols, j):
 
 @triton.jit
 def reduce_kernel(
-    stats_ptr, loss_ptr, aux_ptr,  # [S, NUM_STATS] -> [], [NUM_AUX]
+    stats_ptr, loss_ptr, aux_ptr,  # [S * NUM_STATS] -> [], [aux_size]
     num_seqs, dp_ptr, dp_value, tokens_ptr, tokens_value, seqs_ptr, seqs_value, loss_scale_factor,
-    MODE: tl.constexpr, DP: tl.constexpr, TOKENS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
+    METHOD: tl.constexpr, MODE: tl.constexpr, DP: tl.constexpr, TOKENS: tl.constexpr, SEQS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """One program: `reduce_stats` (a token kernel of one program runs it itself, without this launch)."""
     reduce_stats(stats_ptr, loss_ptr, aux_ptr, num_seqs, dp_ptr, dp_value, tokens_ptr, tokens_value, seqs_ptr,
-                 seqs_value, loss_scale_factor, MODE, DP, TOKENS, SEQS, BLOCK)
+                 seqs_value, loss_scale_factor, METHOD, MODE, DP, TOKENS, SEQS, BLOCK)
 
 
 @triton.jit
 def reduce_stats(
-    stats_ptr, loss_ptr, aux_ptr,  # [S, NUM_STATS] -> [], [NUM_AUX]
+    stats_ptr, loss_ptr, aux_ptr,  # [S * NUM_STATS] -> [], [aux_size]
     num_seqs, dp_ptr, dp_value, tokens_ptr, tokens_value, seqs_ptr, seqs_value, loss_scale_factor,
-    MODE: tl.constexpr, DP: tl.constexpr, TOKENS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
+    METHOD: tl.constexpr, MODE: tl.constexpr, DP: tl.constexpr, TOKENS: tl.constexpr, SEQS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """The loss of aggregation MODE (docs/math.md section 6) and the metrics (section 9) from the per-sequence
     sums, BLOCK sequences at a time. aux = [d loss / d L_i (times n_i for seq-mean-token-mean), metrics...]."""
@@ -135,13 +138,16 @@ def reduce_stats(
     tl.store(aux_ptr + AUX_MASK_FRAC, rej_token + rej_budget)  # disjoint flags
     tl.store(aux_ptr + AUX_PPO_KL, _column(per_token, cols, STAT_KL))
     tl.store(aux_ptr + AUX_DIVERGENCE_MEAN, _column(per_token, cols, STAT_DIV))
-    tl.store(aux_ptr + AUX_MASK_FRAC_TOKEN, rej_token)
-    tl.store(aux_ptr + AUX_MASK_FRAC_BUDGET, rej_budget)
-    delta_b_sum = _column(totals, cols, STAT_DELTA_B)
-    tl.store(aux_ptr + AUX_DELTA_B_MEAN, tl.where(n_seq > 0, delta_b_sum / tl.maximum(n_seq, 1.0), delta_b_sum * 0.0))
-    tl.store(aux_ptr + AUX_CLIP_FRAC_LOW, _column(per_token, cols, STAT_CLIP_LOW))
-    tl.store(aux_ptr + AUX_CLIP_FRAC_HIGH, _column(per_token, cols, STAT_CLIP_HIGH))
-    tl.store(aux_ptr + AUX_CLIP_FRAC_DUAL, _column(per_token, cols, STAT_CLIP_DUAL))
+    if METHOD == METHOD_CPPO:
+        tl.store(aux_ptr + AUX_MASK_FRAC_TOKEN, rej_token)
+        tl.store(aux_ptr + AUX_MASK_FRAC_BUDGET, rej_budget)
+        delta_b_sum = _column(totals, cols, STAT_DELTA_B)
+        tl.store(aux_ptr + AUX_DELTA_B_MEAN,
+                 tl.where(n_seq > 0, delta_b_sum / tl.maximum(n_seq, 1.0), delta_b_sum * 0.0))
+    elif METHOD == METHOD_PPO:
+        tl.store(aux_ptr + AUX_CLIP_FRAC_LOW, _column(per_token, cols, STAT_CLIP_LOW))
+        tl.store(aux_ptr + AUX_CLIP_FRAC_HIGH, _column(per_token, cols, STAT_CLIP_HIGH))
+        tl.store(aux_ptr + AUX_CLIP_FRAC_DUAL, _column(per_token, cols, STAT_CLIP_DUAL))
 
 
 @triton.jit
@@ -180,12 +186,12 @@ def _reduction_arguments(agg_mode: int, loss_scale_factor: float, dp, tokens, se
 _number_reduction_arguments = functools.lru_cache(maxsize=1024)(_reduction_arguments)
 
 
-def launch_reduce(stats: torch.Tensor, num_seqs: int, loss: torch.Tensor, aux: torch.Tensor,
-                  reduction: tuple) -> None:
-    """loss `[]` f32 and aux `[NUM_AUX]` f32 from the token kernel's per-sequence sums (`stats`, a row of
-    NUM_STATS per sequence), in one launch; `reduction` from `reduction_arguments`."""
+def launch_reduce(stats: torch.Tensor, num_seqs: int, loss: torch.Tensor, aux: torch.Tensor, reduction: tuple, *,
+                  method: int) -> None:
+    """loss `[]` f32 and aux `[aux_size]` f32 from the token kernel's per-sequence sums (`stats`, a row of
+    NUM_STATS per sequence), in one launch; `reduction` from `reduction_arguments`, `method` a METHOD_* id."""
     arguments, keywords = reduction
-    reduce_kernel[(1,)](stats, loss, aux, num_seqs, *arguments, **keywords, BLOCK=REDUCE_BLOCK)
+    reduce_kernel[(1,)](stats, loss, aux, num_seqs, *arguments, METHOD=method, **keywords, BLOCK=REDUCE_BLOCK)
 
 
 @functools.lru_cache(maxsize=None)  # at most 5 modes x 27 kinds

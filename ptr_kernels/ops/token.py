@@ -129,7 +129,7 @@ def token_kernel(
     lp_ptr, olp_ptr, adv_ptr, mask_ptr, rw_ptr, div_ptr, cu_ptr, max_len_ptr,  # inputs
     state_ptr, offset_ptr, seq_len_ptr, delta_b_ptr,  # per-sequence shard inputs (HAS_STATE, HORIZON_GIVEN, ...)
     grad_ptr, stats_ptr, final_ptr,  # outputs: [like log_prob] f32, [S, NUM_STATS] f32, [S, 3] f32 (HAS_STATE)
-    loss_ptr, aux_ptr,  # outputs of the reduction when this program does it (REDUCE): [] f32, [NUM_AUX] f32
+    loss_ptr, aux_ptr,  # outputs of the reduction when this program does it (REDUCE): [] f32, [aux_size] f32
     num_seqs, width, total, horizon_arg,  # S; padded row width T; N; T_w when HORIZON == HORIZON_ARG
     delta, delta_low, delta_high, w_min, delta_b, quantile, delta_b_hi, ratio_cap, log_ratio_clamp,
     ratio_lo, ratio_hi, clip_c,
@@ -321,7 +321,7 @@ def token_kernel(
     if REDUCE:
         tl.debug_barrier()  # every thread's stats stores are visible to the whole program
         reduce_stats(stats_ptr, loss_ptr, aux_ptr, num_seqs, dp_ptr, dp_value, tokens_ptr, tokens_value, seqs_ptr,
-                     seqs_value, loss_scale_factor, MODE, DP, TOKENS, SEQS, ROWS)
+                     seqs_value, loss_scale_factor, METHOD, MODE, DP, TOKENS, SEQS, ROWS)
 
 
 def block_size(num_tokens: int, num_seqs: int) -> int:
