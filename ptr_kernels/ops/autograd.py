@@ -35,9 +35,9 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     (a power of two; 0 picks one from the shapes). A shard of a longer sequence (docs/math.md section 8, all
     optional, validated by the caller): `initial_state [S, 3]` (slack, S, W), `position_offset [S]` int,
     `sequence_length [S]` (T_w), `sequence_delta_b [S]`, and `output_final_state`.
-    Returns: loss `[]` f32; aux `[plan.aux_size]` f32 (the backward scale, then the metrics); grad `[like log_prob]`
-    f32: d loss / d log_prob_t up to the backward scale (0 at masked positions); with `output_final_state`
-    also final_state `[S, 3]` f32, the state after the shard.
+    Returns: loss `[]` f32; aux `[plan.aux_size]` f32 (the backward scale, then the metrics); grad
+    `[like log_prob]` f32: d loss / d log_prob_t up to the backward scale (0 at masked positions); with
+    `output_final_state` also final_state `[S, 3]` f32, the state after the shard.
     """
     packed = cu_seqlens is not None
     num_seqs = cu_seqlens.shape[0] - 1 if packed else log_prob.shape[0]

@@ -80,7 +80,7 @@ class FusedPolicyLossFromLogits(torch.autograd.Function):
         return (out,) + (None,) * 10
 
 
-# ---- the compiled path: custom ops with a short schema (the config and the numbers as float lists), as ops/autograd ----
+# ---- the compiled path: custom ops with a short schema (config and numbers as float lists), as ops/autograd ----
 
 @torch.library.custom_op("ptr_kernels::policy_loss_from_logits_fused", mutates_args=())
 def policy_loss_from_logits_fused(

@@ -105,8 +105,9 @@ _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig))
 
 def encode_config(config: PolicyLossConfig) -> list:
     """`config` as one exact list of floats, the custom ops' config argument: a choice as minus one minus its
-    index, an int horizon as itself, a number as itself, None as -inf (no field holds an infinite number). Plain attribute reads and arithmetic, so
-    Dynamo traces it, including a config built inside the compiled region (the values it tracks)."""
+    index, an int horizon as itself, a number as itself, None as -inf (no field holds an infinite number).
+    Plain attribute reads and arithmetic, so Dynamo traces it, including a config built inside the compiled
+    region (the values it tracks)."""
     numbers = []
     for name in _CONFIG_FIELDS:
         value = getattr(config, name)

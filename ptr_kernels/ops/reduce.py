@@ -16,8 +16,9 @@ import triton
 import triton.language as tl
 
 from .common import (AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM, AGG_TOKEN_MEAN, AGG_TOKEN_SUM, METHOD_CPPO,
-                     METHOD_PPO, NORM_ABSENT, NORM_NUMBER, NORM_TENSOR, NUM_STATS, STAT_CLIP_DUAL, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV,
-                     STAT_KL, STAT_LOSS, STAT_REJ_BUDGET, STAT_REJ_TOKEN, STAT_TOKENS)
+                     METHOD_PPO, NORM_ABSENT, NORM_NUMBER, NORM_TENSOR, NUM_STATS, STAT_CLIP_DUAL, STAT_CLIP_HIGH,
+                     STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL, STAT_LOSS, STAT_REJ_BUDGET, STAT_REJ_TOKEN,
+                     STAT_TOKENS)
 
 # `aux` written by the reduction: the backward scale, then the method's metrics in METHOD_METRICS order (docs/
 # math.md section 9): the three every method reports, then cppo's or ppo's own three in the same slots, so that

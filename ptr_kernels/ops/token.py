@@ -21,9 +21,10 @@ import triton
 import triton.language as tl
 
 from .common import (DIV_GIVEN, GATE_SOFT, HORIZON_ARG, HORIZON_GIVEN, HORIZON_MAX_LEN, INT32_MAX, INT32_MIN,
-                     METHOD_CPPO, NUM_STATS, STATE_S, STATE_SLACK, STATE_W, STATE_WIDTH, STAT_CLIP_DUAL, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL, STAT_LOSS,
-                     STAT_REJ_BUDGET, STAT_REJ_TOKEN, STAT_TOKENS, binary_divergence, finite_or_nan, key_value,
-                     load_zeroed, log_ratio, nan_min, order_key, position_weight, trust_region_step, valid_positions)
+                     METHOD_CPPO, NUM_STATS, STATE_S, STATE_SLACK, STATE_W, STATE_WIDTH, STAT_CLIP_DUAL,
+                     STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL, STAT_LOSS, STAT_REJ_BUDGET,
+                     STAT_REJ_TOKEN, STAT_TOKENS, binary_divergence, finite_or_nan, key_value, load_zeroed, log_ratio,
+                     nan_min, order_key, position_weight, trust_region_step, valid_positions)
 from .reduce import NO_REDUCTION, reduce_stats
 
 MAX_BLOCK = 1024
