@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-
 from ..config import (DIVERGENCES, GATES, LENGTH_MODES, LOGIT_DIVERGENCES, LOSS_AGG_MODES, METHODS, SURROGATES,
                       PolicyLossConfig)
 from . import common, reduce, token
