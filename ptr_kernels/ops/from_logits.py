@@ -39,7 +39,8 @@ def from_logits_forward(logits, input_ids, old_log_prob, advantages, response_ma
                         topk_ids, topk_log_probs, *, plan, topk: int, temperature: float, adv_per_seq: bool,
                         loss_scale_factor: float, normalizers: tuple, shard: dict):
     """The forward's launches on validated inputs: `(loss, aux, entropy_mean, grad_log_prob, log_normalizer,
-    mask)` (+ `final_state` when `shard` asks for it); the last three and the contiguous ids feed the backward."""
+    input_ids, mask)` (+ `final_state` when `shard` asks for it); the last four (ids and mask made contiguous)
+    feed the backward."""
     mask = contiguous(response_mask)  # bool, int or float: != 0 is valid, in every kernel
     input_ids = input_ids.contiguous()
     old_log_prob = old_log_prob.contiguous()
