@@ -51,19 +51,17 @@ def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seql
     itself (bad offsets give a NaN loss), so validation never forces a host sync. A normalizer given
     as a tensor is checked for shape, dtype and device only, for the same reason.
     """
-    for name, t in (("log_prob", log_prob), ("old_log_prob", old_log_prob), ("advantages", advantages)):
-        if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
-            _check_float(name, t)  # raises, naming it (no call per tensor that passes: host time)
+    _check_float("log_prob", log_prob)
+    _check_float("old_log_prob", old_log_prob)
+    _check_float("advantages", advantages)
     device = log_prob.device
-    if not (type(dp_size) is int and 0 < dp_size <= FLOAT32_MAX):  # the default 1 decided without a call
-        _check_normalizer("dp_size", dp_size, device, optional=False, positive=True)
-    if batch_num_tokens is not None or global_batch_size is not None:
-        _check_normalizer("batch_num_tokens", batch_num_tokens, device)
-        _check_normalizer("global_batch_size", global_batch_size, device)
+    _check_normalizer("dp_size", dp_size, device, optional=False, positive=True)
+    _check_normalizer("batch_num_tokens", batch_num_tokens, device)
+    _check_normalizer("global_batch_size", global_batch_size, device)
     for name, t in (("old_log_prob", old_log_prob), ("advantages", advantages), ("response_mask", response_mask),
                     ("cu_seqlens", cu_seqlens), ("rollout_is_weights", rollout_is_weights)):
-        if t is not None and (not isinstance(t, torch.Tensor) or t.device != device):
-            _check_device(name, t, device)  # raises, naming it
+        if t is not None:
+            _check_device(name, t, device)
     if old_log_prob.shape != log_prob.shape:
         raise ValueError(f"old_log_prob has shape {tuple(old_log_prob.shape)}, "
                          f"expected log_prob's {tuple(log_prob.shape)}")
@@ -79,9 +77,8 @@ def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seql
         if rollout_is_weights.shape != log_prob.shape:
             raise ValueError(f"rollout_is_weights has shape {tuple(rollout_is_weights.shape)}, "
                              f"expected log_prob's {tuple(log_prob.shape)}")
-    if batch_num_tokens is not None or global_batch_size is not None:
-        _check_zero_counts(log_prob, response_mask, batch_num_tokens=batch_num_tokens,
-                           global_batch_size=global_batch_size)
+    _check_zero_counts(log_prob, response_mask, batch_num_tokens=batch_num_tokens,
+                       global_batch_size=global_batch_size)
 
     if cu_seqlens is None:
         if log_prob.dim() != 2:

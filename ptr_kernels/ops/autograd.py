@@ -70,9 +70,9 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
         max_len = None
         if constexprs["HORIZON"] == token.HORIZON_MAX_LEN.value:  # cppo, length_mode="padded", packed: on the device
             max_len = (cu_seqlens[1:] - cu_seqlens[:-1]).max()
-        # contiguous (a mask of any dtype: != 0 is valid); one generator for all of them costs less host time
-        inputs = (t if t is None or t.is_contiguous() else t.contiguous() for t in (
-            log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, divergence, cu_seqlens))
+        # contiguous inputs (a mask of any dtype: != 0 is valid)
+        inputs = map(contiguous, (log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, divergence,
+                                  cu_seqlens))
         shard = token.NO_SHARD
         if has_state or sequence_length is not None or sequence_delta_b is not None:
             shard = (initial_state, contiguous(position_offset), contiguous(sequence_length),
@@ -115,8 +115,13 @@ class FusedPolicyLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if torch.is_grad_enabled():  # create_graph=True: a double backward must raise, not silently return 0
             return _backward_once(ctx, grad_loss)
-        (grad,) = ctx.saved_tensors
-        return reduce.scale_grad(grad, grad_loss, ctx.aux, ctx.grad_dtype), None, None, None
+        return _scaled_grad(ctx, grad_loss)
+
+
+def _scaled_grad(ctx, grad_loss):
+    """FusedPolicyLoss's gradients: d loss / d log_prob in one launch, None for the other arguments."""
+    (grad,) = ctx.saved_tensors
+    return reduce.scale_grad(grad, grad_loss, ctx.aux, ctx.grad_dtype), None, None, None
 
 
 # `Function.apply` without its Python wrapper, whose work (binding a setup_context's defaults, unwrapping
@@ -125,10 +130,8 @@ class FusedPolicyLoss(torch.autograd.Function):
 _apply_without_wrapper = torch._C._FunctionBase.__dict__["apply"].__get__(None, FusedPolicyLoss)
 
 
-@once_differentiable  # only under create_graph: its no_grad context costs host time on every plain backward
-def _backward_once(ctx, grad_loss):
-    (grad,) = ctx.saved_tensors
-    return reduce.scale_grad(grad, grad_loss, ctx.aux, ctx.grad_dtype), None, None, None
+# only under create_graph: once_differentiable's no_grad context costs host time on every plain backward
+_backward_once = once_differentiable(_scaled_grad)
 
 
 # ---- the compiled path: custom ops with a short schema (the config and the numbers as float lists) ----

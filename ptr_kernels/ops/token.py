@@ -129,7 +129,7 @@ def _sequences(cu_ptr, seq, seq_ok, num_seqs, width, total, PACKED: tl.constexpr
 def token_kernel(
     lp_ptr, olp_ptr, adv_ptr, mask_ptr, rw_ptr, div_ptr, cu_ptr, max_len_ptr,  # inputs
     state_ptr, offset_ptr, seq_len_ptr, delta_b_ptr,  # per-sequence shard inputs (HAS_STATE, HORIZON_GIVEN, ...)
-    grad_ptr, stats_ptr, final_ptr,  # outputs: [like log_prob] f32, [S, NUM_STATS] f32, [S, 3] f32 (HAS_STATE)
+    grad_ptr, stats_ptr, final_ptr,  # outputs: [like log_prob] f32, [S * NUM_STATS] f32, [S, 3] f32 (HAS_STATE)
     loss_ptr, aux_ptr,  # outputs of the reduction when this program does it (REDUCE): [] f32, [aux_size] f32
     num_seqs, width, total, horizon_arg,  # S; padded row width T; N; T_w when HORIZON == HORIZON_ARG
     delta, delta_low, delta_high, w_min, delta_b, quantile, delta_b_hi, ratio_cap, log_ratio_clamp,
