@@ -13,6 +13,14 @@ from ptr_kernels.cli import main
 TIMING_METRICS = ("time_us", "bandwidth_gbs", "copy_fraction")
 
 
+def _read_rows(path) -> list:
+    """The rows of a CSV the benchmark wrote, after checking its columns."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == CSV_FIELDS
+        return list(reader)
+
+
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
@@ -21,10 +29,7 @@ def sweep_dir(tmp_path_factory):
 
 
 def test_cpu_sweep_writes_csv_plots_and_report(sweep_dir):
-    with open(sweep_dir / "results.csv", newline="") as f:
-        reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == CSV_FIELDS
-        rows = list(reader)
+    rows = _read_rows(sweep_dir / "results.csv")
     assert rows[0]["provider"] == "copy" and float(rows[0]["p50"]) > 0
     measured = {(r["provider"], r["method"], r["layout"]) for r in rows if r["metric"] == "time_us"}
     assert ("eager", "cppo", "packed") in measured and ("loop", "cppo", "padded") in measured
@@ -268,10 +273,7 @@ def host_dir(tmp_path_factory):
 
 
 def test_host_measurement_on_cpu(host_dir):
-    with open(host_dir / "host.csv", newline="") as f:
-        reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == CSV_FIELDS
-        rows = list(reader)
+    rows = _read_rows(host_dir / "host.csv")
     by_key = {(r["provider"], r["method"], r["layout"], r["metric"]): r for r in rows}
     assert {r["shape"] for r in rows} == {"4x41", "4seq/164tok"}  # about 150 tokens, padded and packed
     for method in ("cppo", "dppo"):
