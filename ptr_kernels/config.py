@@ -167,3 +167,41 @@ def resolve_config(config: Optional[PolicyLossConfig], overrides: dict) -> Polic
     if unknown:
         raise ValueError(f"unknown policy loss option(s) {unknown}; valid options: {', '.join(FIELDS)}")
     return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def _applies(config: PolicyLossConfig) -> dict:
+    """{field: whether `config` reads it}: the one table of which option applies to which method."""
+    cppo, dppo, ppo = (config.method == m for m in METHODS)
+    return {
+        "method": True,
+        "divergence": True,  # every method reports divergence_mean
+        "delta": cppo or (dppo and None in (config.delta_low, config.delta_high)),
+        "delta_low": dppo,
+        "delta_high": dppo,
+        "w_min": cppo,
+        "delta_b": cppo,
+        "delta_b_quantile": cppo,
+        "delta_b_quantile_scale": config.calibrates_delta_b,
+        "delta_b_max_mult": config.calibrates_delta_b,
+        "length_mode": cppo,
+        "gate": cppo,
+        "surrogate": not ppo,
+        "ratio_cap": not ppo and config.surrogate == "logp",
+        "log_ratio_clamp": True,
+        "clip_ratio_low": ppo,
+        "clip_ratio_high": ppo,
+        "clip_ratio_c": ppo,
+        "loss_agg_mode": True,
+        "loss_scale_factor": config.loss_agg_mode == "seq-mean-token-sum-norm",
+    }
+
+
+def unused_fields(config: PolicyLossConfig) -> tuple:
+    """The fields of `config` set away from their default that it never reads (`w_min` with dppo, `ratio_cap`
+    without the logp surrogate, ...), in field order: a caller warns about them."""
+    applies = _applies(config)
+    return tuple(name for name in FIELDS
+                 if not applies[name] and getattr(config, name) != getattr(_DEFAULTS, name))
+
+
+_DEFAULTS = PolicyLossConfig()

@@ -8,8 +8,9 @@
 PPO clip with `epsilon` / `epsilon_high`, no log-ratio clamp, no dual clip) and logs TRL's clip metrics.
 A `PolicyLossConfig` (CPPO, DPPO, PPO) replaces the per-token loss; its `loss_agg_mode` and
 `loss_scale_factor` are set from `loss_type` (table in docs/integrations.md) and its metrics are logged
-as `ptr/<name>`. Configurations this path does not cover fall back to TRL's own `_compute_loss` with a
-one-time warning (`fallback_reason`). Importing this module imports TRL.
+as `ptr/<name>` (and `mask_frac` also as TRL's `clip_ratio/region_mean`). A GRPOConfig option the fused
+loss cannot compute is a ValueError at construction when a `PolicyLossConfig` is given; without one, TRL's own
+`_compute_loss` runs instead with a one-time warning (`fallback_reason`). Importing this module imports TRL.
 """
 
 from __future__ import annotations
@@ -21,10 +22,28 @@ import torch
 import trl
 from trl.trainer.utils import nanmax, nanmin
 
-from ..api import policy_loss
-from ..config import PolicyLossConfig
+from ..api import BACKENDS, policy_loss
+from ..config import PolicyLossConfig, unused_fields
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
+
+def unsupported_options(args: trl.GRPOConfig, aux_loss_enabled: bool = False) -> list:
+    """The options of `args` the fused loss cannot compute, each named as the user sets it."""
+    options = {
+        f"loss_type={args.loss_type!r} (supported: {', '.join(SUPPORTED_LOSS_TYPES)})":
+            args.loss_type not in SUPPORTED_LOSS_TYPES,
+        f"beta={args.beta} (KL to a reference model)": args.beta != 0.0,
+        f"importance_sampling_level={args.importance_sampling_level!r}": args.importance_sampling_level != "token",
+        f"top_entropy_quantile={args.top_entropy_quantile} (entropy masking)": args.top_entropy_quantile < 1.0,
+        f"off_policy_mask_threshold={args.off_policy_mask_threshold} (off-policy sequence masking)":
+            args.off_policy_mask_threshold is not None,
+        f"delta={args.delta} (two-sided clipping)": args.delta is not None,
+        f"entropy_coef={args.entropy_coef} / use_adaptive_entropy={args.use_adaptive_entropy} (an entropy bonus)":
+            args.entropy_coef != 0.0 or args.use_adaptive_entropy,
+        "router_aux_loss_coef (a MoE router auxiliary loss)": aux_loss_enabled,
+    }
+    return [option for option, applies in options.items() if applies]
 
 
 class GRPOTrainer(trl.GRPOTrainer):
@@ -36,27 +55,44 @@ class GRPOTrainer(trl.GRPOTrainer):
         if policy_loss_config is not None and not isinstance(policy_loss_config, PolicyLossConfig):
             raise ValueError(f"policy_loss_config must be a PolicyLossConfig or None, "
                              f"got {type(policy_loss_config).__name__}")
+        if policy_loss_backend not in BACKENDS:
+            raise ValueError(f"policy_loss_backend={policy_loss_backend!r} is invalid: expected one of "
+                             f"{', '.join(map(repr, BACKENDS))}")
+        grpo_config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if policy_loss_config is not None:
+            # before TRL builds anything (beta != 0 would load a reference model); the router loss needs the model
+            if grpo_config is not None:
+                self._refuse(unsupported_options(grpo_config), policy_loss_config)
+            self._warn_unused(policy_loss_config)
         super().__init__(*args, **kwargs)
+        if policy_loss_config is not None:
+            self._refuse(unsupported_options(self.args, self.aux_loss_enabled), policy_loss_config)
         self.policy_loss_config = policy_loss_config
         self.policy_loss_backend = policy_loss_backend
         self._fallback_warned = False
 
+    @staticmethod
+    def _refuse(options: list, config: PolicyLossConfig) -> None:
+        if options:
+            raise ValueError(f"ptr_kernels GRPOTrainer: policy_loss_config=PolicyLossConfig(method={config.method!r}, "
+                             f"...) cannot be computed together with GRPOConfig option(s) {'; '.join(options)}: "
+                             "unset them, or pass policy_loss_config=None for TRL's own loss")
+
+    @staticmethod
+    def _warn_unused(config: PolicyLossConfig) -> None:
+        """One warning naming the fields of `config` that this trainer ignores."""
+        from_loss_type = ("loss_agg_mode", "loss_scale_factor")  # set from loss_type below, whatever they hold
+        ignored = [f"{name}={getattr(config, name)!r}" for name in unused_fields(config)
+                   if name not in from_loss_type]
+        ignored += [f"{name}={getattr(config, name)!r} (set from GRPOConfig.loss_type)" for name in from_loss_type
+                    if getattr(config, name) != getattr(PolicyLossConfig(), name)]
+        if ignored:
+            warnings.warn(f"ptr_kernels GRPOTrainer: PolicyLossConfig(method={config.method!r}) ignores "
+                          f"{', '.join(ignored)}", stacklevel=3)
+
     def fallback_reason(self) -> Optional[str]:
         """Why this trainer's configuration needs TRL's own loss, or None when ours computes it."""
-        args = self.args
-        reasons = {
-            f"loss_type={self.loss_type!r} (supported: {', '.join(SUPPORTED_LOSS_TYPES)})":
-                self.loss_type not in SUPPORTED_LOSS_TYPES,
-            "beta != 0 (KL to a reference model)": self.beta != 0.0,
-            "importance_sampling_level='sequence'": self.importance_sampling_level != "token",
-            "top_entropy_quantile < 1 (entropy masking)": self.top_entropy_quantile < 1.0,
-            "off_policy_mask_threshold (off-policy sequence masking)": self.off_policy_mask_threshold is not None,
-            "delta (two-sided clipping)": args.delta is not None,
-            "an entropy bonus": self._entropy_bonus_enabled,
-            "a router auxiliary loss": self.aux_loss_enabled,
-        }
-        found = [reason for reason, applies in reasons.items() if applies]
-        return "; ".join(found) or None
+        return "; ".join(unsupported_options(self.args, self.aux_loss_enabled)) or None
 
     def _compute_loss(self, model, inputs):
         reason = self.fallback_reason()
@@ -157,6 +193,8 @@ class GRPOTrainer(trl.GRPOTrainer):
                 weight = sequences if name == "delta_b_mean" else count
                 totals = self.accelerator.reduce(torch.stack([value.float() * weight, weight]), reduction="sum")
                 store[f"ptr/{name}"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+            # TRL's key for the fraction of valid tokens the trust region cuts, for existing dashboards
+            store["clip_ratio/region_mean"].append(store["ptr/mask_frac"][-1])
             return
         # TRL's own clip metrics, computed as TRL does
         if advantages.dim() == 1:

@@ -61,17 +61,21 @@ class GradientRecorder(TrainerCallback):
                            if p.grad is not None})
 
 
-def train(trainer_cls, tmp_path, loss_type, options=None, **kwargs):
-    """Two optimizer steps (`options`: more GRPOConfig fields); returns (per-step logs, per-step gradients)."""
+def make_trainer(trainer_cls, tmp_path, loss_type, options=None, model=None, **kwargs):
+    """A trainer for two optimizer steps (`options`: more GRPOConfig fields) on `model` (default: tiny_model())."""
     args = trl.GRPOConfig(
         output_dir=str(tmp_path / loss_type), loss_type=loss_type, per_device_train_batch_size=4,
         num_generations=4, gradient_accumulation_steps=2, num_iterations=2, max_completion_length=6,
         max_steps=2, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none", seed=1,
         use_cpu=True, bf16=False, temperature=1.0, epsilon_high=0.28, dataloader_num_workers=0, **(options or {}))
     dataset = Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10"] * 4})
-    model = tiny_model()
-    trainer = trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
-                          processing_class=tiny_tokenizer(), **kwargs)
+    return trainer_cls(model=model or tiny_model(), reward_funcs=reward, args=args, train_dataset=dataset,
+                       processing_class=tiny_tokenizer(), **kwargs)
+
+
+def train(trainer_cls, tmp_path, loss_type, options=None, **kwargs):
+    """Two optimizer steps (`options`: more GRPOConfig fields); returns (per-step logs, per-step gradients)."""
+    trainer = make_trainer(trainer_cls, tmp_path, loss_type, options, **kwargs)
     recorder = GradientRecorder(trainer.model)
     trainer.add_callback(recorder)
     torch.manual_seed(1)
@@ -106,6 +110,9 @@ def test_cppo_run_trains_and_logs_our_metrics(tmp_path):
     for key in ("ptr/mask_frac", "ptr/ppo_kl", "ptr/mask_frac_budget", "ptr/delta_b_mean"):
         assert all(key in entry for entry in logs), key
     assert logs[0]["ptr/ppo_kl"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the rollout policy
+    # TRL's own key for the fraction the trust region cuts, beside ours, for existing dashboards
+    assert [entry["clip_ratio/region_mean"] for entry in logs] == [entry["ptr/mask_frac"] for entry in logs]
+    assert logs[0]["clip_ratio/region_mean"] == 0.0  # ratios of 1 are inside every trust region
 
 
 def test_unsupported_configuration_falls_back_with_one_warning(tmp_path):
@@ -120,3 +127,69 @@ def test_unsupported_configuration_falls_back_with_one_warning(tmp_path):
     for theirs, ours in zip(trl_grads, our_grads):
         for name in theirs:
             torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=0)
+
+
+UNSUPPORTED_OPTIONS = [
+    ({"loss_type": "cispo"}, "loss_type='cispo'"),
+    ({"loss_type": "sapo"}, "loss_type='sapo'"),
+    ({"loss_type": "vespo"}, "loss_type='vespo'"),
+    ({"beta": 0.04}, "beta=0.04"),
+    ({"importance_sampling_level": "sequence"}, "importance_sampling_level='sequence'"),
+    ({"top_entropy_quantile": 0.5}, "top_entropy_quantile=0.5"),
+    ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold=0.5"),
+    ({"delta": 1.5}, "delta=1.5"),
+    ({"entropy_coef": 0.01}, "entropy_coef=0.01"),
+    ({"use_adaptive_entropy": True}, "use_adaptive_entropy=True"),
+]
+
+
+@pytest.mark.parametrize("options, named", UNSUPPORTED_OPTIONS, ids=[n for _, n in UNSUPPORTED_OPTIONS])
+def test_explicit_config_refuses_an_option_it_cannot_compute(tmp_path, options, named):
+    options = dict(options)
+    with pytest.raises(ValueError, match="GRPOConfig option") as refused:
+        make_trainer(GRPOTrainer, tmp_path, options.pop("loss_type", "grpo"), options,
+                     policy_loss_config=PolicyLossConfig(method="cppo"))
+    assert named in str(refused.value)
+
+
+def test_explicit_config_refuses_a_router_auxiliary_loss(tmp_path):
+    """The router loss depends on the model (a MoE that returns router logits), so it is refused once TRL has it."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
+                           max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    assert config.router_aux_loss_coef > 0
+    with pytest.raises(ValueError, match="router_aux_loss_coef"):
+        make_trainer(GRPOTrainer, tmp_path, "grpo", model=MixtralForCausalLM(config),
+                     policy_loss_config=PolicyLossConfig(method="dppo"))
+    # without a PolicyLossConfig TRL's own loss computes it: the documented fallback
+    trainer = make_trainer(GRPOTrainer, tmp_path, "grpo", model=MixtralForCausalLM(config))
+    assert "router_aux_loss_coef" in trainer.fallback_reason()
+
+
+def test_bad_backend_is_refused_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="policy_loss_backend='trition' is invalid"):
+        make_trainer(GRPOTrainer, tmp_path, "grpo", policy_loss_backend="trition")
+
+
+def test_a_field_the_method_ignores_warns_once(tmp_path):
+    config = PolicyLossConfig(method="dppo", w_min=0.7, delta=0.2)  # w_min is cppo's; delta is dppo's
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logs, _ = train(GRPOTrainer, tmp_path, "dapo", policy_loss_config=config)
+    ours = [str(w.message) for w in caught if "ptr_kernels GRPOTrainer" in str(w.message)]
+    assert len(ours) == 1 and "w_min=0.7" in ours[0] and "delta=" not in ours[0]
+    assert len(logs) == 2
+
+
+def test_loss_type_decides_the_aggregation_and_a_config_setting_it_warns(tmp_path):
+    with pytest.warns(UserWarning, match="ignores loss_agg_mode='seq-mean-token-sum'"):
+        make_trainer(GRPOTrainer, tmp_path, "dapo",
+                     policy_loss_config=PolicyLossConfig(loss_agg_mode="seq-mean-token-sum"))
+
+
+def test_default_config_warns_nothing(tmp_path):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="ptr_kernels GRPOTrainer")
+        make_trainer(GRPOTrainer, tmp_path, "grpo", policy_loss_config=PolicyLossConfig())
