@@ -10,6 +10,14 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 METHODS = ("cppo", "dppo", "ppo")
+# the metrics each method reports (docs/math.md section 9), in this order on every backend: the three every method
+# reports first, then the method's own
+METHOD_METRICS = {
+    "cppo": ("mask_frac", "ppo_kl", "divergence_mean", "ratio_cap_frac", "mask_frac_token", "mask_frac_budget",
+             "delta_b_mean"),
+    "dppo": ("mask_frac", "ppo_kl", "divergence_mean", "ratio_cap_frac"),
+    "ppo": ("mask_frac", "ppo_kl", "divergence_mean", "clip_frac_low", "clip_frac_high", "clip_frac_dual"),
+}
 DIVERGENCES = ("binary_tv", "binary_kl")
 LOGIT_DIVERGENCES = ("topk_tv", "topk_kl")  # need full distributions (logits), see docs/math.md
 LENGTH_MODES = ("sequence", "padded")
@@ -53,7 +61,8 @@ def _check_number(field: str, value, *, low=None, high=None, low_open=False, hig
         _fail(field, value, f"a number in {rng}" + (" or None" if optional else ""))
 
 
-FLOAT_FIELDS = ("delta", "delta_low", "delta_high", "w_min", "delta_b", "delta_b_quantile", "delta_b_max_mult",
+FLOAT_FIELDS = ("delta", "delta_low", "delta_high", "w_min", "delta_b", "delta_b_quantile", "delta_b_quantile_scale",
+                "delta_b_max_mult",
                 "ratio_cap", "log_ratio_clamp", "clip_ratio_low", "clip_ratio_high", "clip_ratio_c", "loss_scale_factor")
 
 
@@ -68,8 +77,9 @@ class PolicyLossConfig:
     delta: token threshold (cppo, and dppo's default for both sides); delta_low / delta_high: dppo's
         thresholds for A < 0 / A > 0 (None: delta).
     w_min: position weight at the last position (cppo); 1 disables the position weight.
-    delta_b, delta_b_quantile, delta_b_max_mult: prefix budget per unit weight; with a quantile q the
-        per-sequence budget is min(max_mult * delta_b, max(delta_b, Quantile_q(D))); None keeps delta_b fixed.
+    delta_b, delta_b_quantile, delta_b_quantile_scale, delta_b_max_mult: prefix budget per unit weight; with a
+        quantile q and scale k the per-sequence budget is clamp(k * Quantile_q(D), delta_b, max_mult * delta_b);
+        a quantile of None keeps delta_b fixed.
     length_mode: T_w of the position weight: "sequence" (last valid position), "padded" (row width, or the
         longest packed sequence) or an int horizon.
     gate: "hard" (0/1 mask) or "soft" (min(1, 1/z), paper App. C).
@@ -88,6 +98,7 @@ class PolicyLossConfig:
     w_min: float = 0.8
     delta_b: float = 0.02
     delta_b_quantile: Optional[float] = 0.9
+    delta_b_quantile_scale: float = 1.0
     delta_b_max_mult: float = 2.0
     length_mode: Union[str, int] = "sequence"
     gate: str = "hard"
@@ -109,6 +120,7 @@ class PolicyLossConfig:
         _check_number("w_min", self.w_min, low=0, high=1, low_open=True)
         _check_number("delta_b", self.delta_b, low=0)
         _check_number("delta_b_quantile", self.delta_b_quantile, low=0, high=1, optional=True)
+        _check_number("delta_b_quantile_scale", self.delta_b_quantile_scale, low=0, low_open=True)
         _check_number("delta_b_max_mult", self.delta_b_max_mult, low=1)
         if isinstance(self.length_mode, str):
             _check_choice("length_mode", self.length_mode, LENGTH_MODES)

@@ -24,7 +24,7 @@ from .api import policy_loss
 from .carried_state import STATE_WIDTH
 from .config import PolicyLossConfig, resolve_config
 from .layout import check_cu_seqlens, mask_as_bool
-from .reference import compute_dtype, divergence, position_weight, valid_values
+from .reference import SEQ_MEAN_EPS, compute_dtype, divergence, position_weight, valid_values
 
 RADIX_BITS = 8  # the distributed quantile selects 8 bits of the key per collective
 RADIX = 1 << RADIX_BITS
@@ -190,8 +190,8 @@ def cp_shard_state(log_prob: torch.Tensor, old_log_prob: torch.Tensor, response_
         if config.delta_b_quantile is not None:
             quantile, n = distributed_quantile(div, tokens.valid & ~div.isnan(), tokens.seq, S,
                                                config.delta_b_quantile, group=group)
-            delta_b = torch.where(n > 0, quantile, delta_b).clamp(min=config.delta_b,
-                                                                    max=config.delta_b_max_mult * config.delta_b)
+            scaled = torch.where(n > 0, config.delta_b_quantile_scale * quantile, delta_b)
+            delta_b = scaled.clamp(min=config.delta_b, max=config.delta_b_max_mult * config.delta_b)
 
         # 3. the carried state: an exclusive scan of the shard totals (they depend only on the shard's inputs)
         weight = position_weight((tokens.pos + position_offset[tokens.seq] + 1).to(dt),
@@ -305,7 +305,7 @@ def cp_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage
     mode = config.loss_agg_mode
     if mode == "seq-mean-token-mean":  # sum_i (L_i / n_i) / N_seq = token-sum of l_t / n_i, scaled by 1 / N_seq
         tokens = _flat_tokens(log_prob, response_mask, cu_seqlens)
-        inverse = (1.0 / sequence_tokens.clamp(min=1).to(torch.float64))[tokens.seq].reshape(log_prob.shape)
+        inverse = (1.0 / (sequence_tokens.to(torch.float64) + SEQ_MEAN_EPS))[tokens.seq].reshape(log_prob.shape)
         inverse = inverse.to(compute_dtype(log_prob.dtype))
         rollout_is_weights = inverse if rollout_is_weights is None else rollout_is_weights * inverse
         dp_size = _ratio(dp_size, global_batch_size, log_prob.device)

@@ -36,6 +36,10 @@ class TokenTerms(NamedTuple):
     mask: torch.Tensor  # bool m_t
 
 
+# verl's agg_loss divides a sequence's sum by n_i + 1e-8 in seq-mean-token-mean (docs/math.md section 6)
+SEQ_MEAN_EPS = 1e-8
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -57,13 +61,14 @@ def position_weight(positions: torch.Tensor, horizon: torch.Tensor, w_min: float
 
 
 def calibrated_delta_b(div: torch.Tensor, mask: torch.Tensor, config: PolicyLossConfig) -> torch.Tensor:
-    """delta_b_i per row `[S]`: fixed, or min(mult * delta_b, max(delta_b, Quantile_q(D over the row)))."""
+    """delta_b_i per row `[S]`: fixed, or clamp(k * Quantile_q(D over the row), delta_b, mult * delta_b)."""
     S = div.shape[0]
     if config.delta_b_quantile is None:
         return div.new_full((S,), config.delta_b)
     if div.numel() == 0:  # no rows or no positions: every row is empty (and quantile rejects empty input)
         return div.new_full((S,), config.delta_b)
-    q = torch.nanquantile(torch.where(mask, div, torch.nan), config.delta_b_quantile, dim=1)
+    q = config.delta_b_quantile_scale * torch.nanquantile(torch.where(mask, div, torch.nan), config.delta_b_quantile,
+                                                          dim=1)
     q = torch.nan_to_num(q, nan=config.delta_b)  # empty rows: the value is never used
     return q.clamp(min=config.delta_b, max=config.delta_b_max_mult * config.delta_b)
 
@@ -231,8 +236,8 @@ def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str, 
         return _safe_div(seq_loss.sum(), n_tok) * dp_size
     non_empty = seq_tokens > 0
     n_seq = non_empty.sum() if global_batch_size is None else global_batch_size
-    if loss_agg_mode == "seq-mean-token-mean":
-        per_seq = torch.where(non_empty, seq_loss / seq_tokens.clamp(min=1), 0.0)
+    if loss_agg_mode == "seq-mean-token-mean":  # verl's n_i + 1e-8 (exactly n_i in float32)
+        per_seq = torch.where(non_empty, seq_loss / (seq_tokens + SEQ_MEAN_EPS), 0.0)
         return _safe_div(per_seq.sum(), n_seq) * dp_size
     seq_mean = _safe_div(seq_loss.sum(), n_seq) * dp_size
     if loss_agg_mode == "seq-mean-token-sum":
@@ -250,23 +255,24 @@ def _safe_div(num: torch.Tensor, den) -> torch.Tensor:
     return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
 
 
-def metrics(terms: TokenTerms, log_prob, old_log_prob, config: PolicyLossConfig) -> dict:
-    """The metrics of docs/math.md as 0-dim tensors (no host sync); means over valid tokens, 0 for an empty batch."""
+def metrics(terms: TokenTerms, config: PolicyLossConfig) -> dict:
+    """The metrics of docs/math.md section 9 as 0-dim tensors (no host sync), in the order of `METHOD_METRICS`;
+    means over valid tokens, 0 for an empty batch."""
     m = terms.mask
     dt = terms.loss.dtype
     n_tok = m.sum().to(dt)
     with torch.no_grad():
-        lp = valid_values(log_prob, m, dt)
-        olp = valid_values(old_log_prob, m, dt)
-
         def frac(flags):
             return _safe_div(flags.to(dt).sum(), n_tok)
 
+        rejected = terms.rejected_token | terms.rejected_budget
         out = {
-            "mask_frac": frac(terms.rejected_token | terms.rejected_budget),
-            "ppo_kl": _safe_div((olp - lp).sum(), n_tok),
+            "mask_frac": frac(rejected),
+            "ppo_kl": _safe_div(-terms.log_ratio.detach().sum(), n_tok),
             "divergence_mean": _safe_div(terms.divergence.sum(), n_tok),
         }
+        if config.method != "ppo":
+            out["ratio_cap_frac"] = frac(m & ~rejected & (terms.ratio > config.ratio_cap))
         if config.method == "cppo":
             non_empty = m.any(dim=1)
             out["mask_frac_token"] = frac(terms.rejected_token)
@@ -313,8 +319,8 @@ def policy_loss_reference(log_prob, old_log_prob, advantages, response_mask=None
                      batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
                      loss_scale_factor=loss_scale_factor)
     if output_final_state:
-        return loss, metrics(terms, log_prob, old_log_prob, config), final_state(terms, config, initial_state)
-    return loss, metrics(terms, log_prob, old_log_prob, config)
+        return loss, metrics(terms, config), final_state(terms, config, initial_state)
+    return loss, metrics(terms, config)
 
 
 def final_state(terms: TokenTerms, config: PolicyLossConfig, initial_state=None) -> torch.Tensor:

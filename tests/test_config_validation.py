@@ -18,6 +18,7 @@ INVALID_FIELDS = [
     ("w_min", 0.0), ("w_min", 1.5),
     ("delta_b", -0.01),
     ("delta_b_quantile", -0.1), ("delta_b_quantile", 1.1),
+    ("delta_b_quantile_scale", 0.0), ("delta_b_quantile_scale", -1.0), ("delta_b_quantile_scale", float("nan")),
     ("delta_b_max_mult", 0.5),
     ("length_mode", "full"), ("length_mode", 0), ("length_mode", True), ("length_mode", 1.5),
     ("gate", "sigmoid"),

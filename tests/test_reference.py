@@ -156,8 +156,9 @@ def test_each_aggregation_mode_against_its_formula():
         ("token-sum", dict(dp_size=2), 30.0),
         ("seq-mean-token-sum", {}, 15 / 2),  # the empty row does not count
         ("seq-mean-token-sum", dict(dp_size=2, global_batch_size=5), 15 / 5 * 2),
-        ("seq-mean-token-mean", {}, (6 / 3 + 9 / 2) / 2),
-        ("seq-mean-token-mean", dict(dp_size=4, global_batch_size=8), (6 / 3 + 9 / 2) / 8 * 4),
+        # verl's n_i + 1e-8 (docs/math.md section 6)
+        ("seq-mean-token-mean", {}, (6 / (3 + 1e-8) + 9 / (2 + 1e-8)) / 2),
+        ("seq-mean-token-mean", dict(dp_size=4, global_batch_size=8), (6 / (3 + 1e-8) + 9 / (2 + 1e-8)) / 8 * 4),
         ("seq-mean-token-sum-norm", {}, 15 / 2 / 4),  # default loss_scale_factor: the width T = 4
         ("seq-mean-token-sum-norm", dict(loss_scale_factor=10.0, dp_size=2), 15 / 2 * 2 / 10),
     ]

@@ -7,9 +7,11 @@ Each function has the signature of a verl 0.9.1 policy loss (note: old_log_prob 
 
 with padded `[B, T]` tensors, a bool or 0/1 float `response_mask`, and verl's actor config (an `ActorConfig`,
 a `DictConfig` or a dict). They read the fields verl's own losses read: `clip_ratio`, `clip_ratio_low` /
-`clip_ratio_high` (falling back to `clip_ratio`), `clip_ratio_c` (3.0 when absent, the ActorConfig default)
-and `global_batch_info` (`dp_size`, `batch_num_tokens`, `global_batch_size`, `loss_scale_factor`).
-The metrics carry verl's keys and definitions (docs/integrations.md), as 0-dim tensors.
+`clip_ratio_high` (falling back to `clip_ratio`), `clip_ratio_c` (when absent: 3.0, the ActorConfig default; 20
+for `ptr_cppo`, as the authors' CPPO) and `global_batch_info` (`dp_size`, `batch_num_tokens`, `global_batch_size`,
+`loss_scale_factor`); `ptr_cppo` also reads the `cppo_*` keys of `CPPO_KEYS` (`verl_config.CPPOPolicyLossConfig`
+carries them through verl's strict config classes). The metrics carry verl's keys and definitions
+(docs/integrations.md), as 0-dim tensors.
 
 This module never imports verl; `register()` does, to add the losses to verl's `POLICY_LOSS_REGISTRY`
 (the `verl.plugins` entry point calls it through `ptr_kernels.integrations.verl_plugin`).
@@ -17,6 +19,9 @@ This module never imports verl; `register()` does, to add the losses to verl's `
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import fields as dataclass_fields
+from dataclasses import is_dataclass
 from typing import Optional
 
 import torch
@@ -26,16 +31,24 @@ from ..config import PolicyLossConfig
 
 # verl's ActorConfig default; verl's DPPO losses fall back to 20 only for a config without the field
 CLIP_RATIO_C_DEFAULT = 3.0
-# verl config key -> PolicyLossConfig field for the CPPO options that have no verl counterpart
+# verl config key -> PolicyLossConfig field of `ptr_cppo`: the authors' four keys, then this package's options
 CPPO_KEYS = {
     "cppo_w_min": "w_min",
     "cppo_delta_b": "delta_b",
-    "cppo_delta_b_quantile": "delta_b_quantile",
+    "cppo_delta_b_q": "delta_b_quantile",
+    "cppo_delta_b_k": "delta_b_quantile_scale",
     "cppo_delta_b_max_mult": "delta_b_max_mult",
     "cppo_length_mode": "length_mode",
     "cppo_gate": "gate",
     "cppo_divergence": "divergence",
+    "cppo_surrogate": "surrogate",
 }
+# `ptr_cppo` without keys is the authors' verl CPPO (docs/math.md section 11): Binary-TV, positions over the padded
+# width, the detached capped ratio times log_prob; the other fields keep PolicyLossConfig's defaults (w_min 0.8,
+# delta_b 0.02, q 0.9, k 1, max multiple 2, hard gate, log-ratio clamp 20)
+CPPO_DEFAULTS = {"length_mode": "padded", "surrogate": "logp"}
+# the authors' CPPO caps the ratio at 20 for a config without clip_ratio_c (verl's ActorConfig has 3.0)
+CPPO_CLIP_RATIO_C_DEFAULT = 20.0
 
 
 def _config_get(config, key: str, default=None):
@@ -160,34 +173,72 @@ def compute_policy_loss_dppo_kl(old_log_prob, log_prob, advantages, response_mas
                  rollout_is_weights)
 
 
+def _cppo_sections(config) -> list:
+    """Where `cppo_*` keys may be: `config.policy_loss` (the authors' place, and `CPPOPolicyLossConfig`'s), then the
+    actor config itself (a dict or DictConfig)."""
+    sections = []
+    policy_loss = config.get("policy_loss", None)
+    if isinstance(policy_loss, Mapping) or is_dataclass(policy_loss) or hasattr(policy_loss, "keys"):
+        sections.append(("policy_loss.", policy_loss))
+    sections.append(("", config))
+    return sections
+
+
 def cppo_fields(config) -> dict:
-    """PolicyLossConfig fields of `ptr_cppo` from verl's config: delta = `clip_ratio`, the rest from the
-    `cppo_*` keys (docs/integrations.md), ptr_kernels' defaults where absent (a key set to None is None:
-    `cppo_delta_b_quantile: null` keeps delta_b fixed)."""
+    """PolicyLossConfig fields of `ptr_cppo` from verl's actor config: delta = `clip_ratio`, ratio_cap =
+    `clip_ratio_c` (20 where absent), the authors' defaults (`CPPO_DEFAULTS`), and the `cppo_*` keys of `CPPO_KEYS`
+    from `config.policy_loss` or the actor config. An unknown `cppo_*` key, or one given in both places with two
+    values, is a ValueError naming it; a key set to None is None (`cppo_delta_b_q: null` keeps delta_b fixed)."""
     delta, _, _ = _clip_range(config)
-    fields = {"method": "cppo", "delta": delta}
-    absent = object()
-    for key, field in CPPO_KEYS.items():
-        value = config.get(key, absent)
-        if value is not absent:
-            fields[field] = value
-    # verl-style spelling of the divergence ("tv", "kl") is accepted too
-    if fields.get("divergence") in ("tv", "kl"):
-        fields["divergence"] = "binary_" + fields["divergence"]
+    fields = dict(CPPO_DEFAULTS, method="cppo", delta=delta,
+                  ratio_cap=float(_config_get(config, "clip_ratio_c", CPPO_CLIP_RATIO_C_DEFAULT)))
+    given = {}
+    for prefix, section in _cppo_sections(config):
+        for key in _keys(section):
+            if not (isinstance(key, str) and key.startswith("cppo_")):
+                continue
+            if key not in CPPO_KEYS:
+                raise ValueError(f"unknown ptr_cppo option {prefix}{key}; valid options: {', '.join(CPPO_KEYS)}")
+            value = section.get(key)
+            if key in given and given[key] != value:
+                raise ValueError(f"{key} is given twice, as {given[key]!r} in policy_loss and as {value!r} in the "
+                                 "actor config: set it in one place")
+            given[key] = value
+    for key, value in given.items():
+        fields[CPPO_KEYS[key]] = cppo_value(key, value)
     return fields
+
+
+def _keys(section) -> list:
+    """The keys of a dict, DictConfig or verl config dataclass (a Mapping of its fields)."""
+    if is_dataclass(section):
+        return [f.name for f in dataclass_fields(section)]
+    return list(section.keys())
+
+
+def cppo_value(key: str, value):
+    """A `cppo_*` value as the PolicyLossConfig field takes it: verl-style "tv" / "kl" divergences, an int horizon
+    given as a string (a command-line override)."""
+    if key == "cppo_divergence" and value in ("tv", "kl"):
+        return "binary_" + value
+    if key == "cppo_length_mode" and isinstance(value, str) and value.isdigit():
+        return int(value)
+    return value
 
 
 def compute_policy_loss_cppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
                              config=None, rollout_is_weights=None):
-    """CPPO (docs/math.md) as a verl policy loss.
+    """The authors' verl CPPO (docs/math.md section 11) on the fused kernel, with this package's options as further
+    `cppo_*` keys (docs/integrations.md).
 
-    Metrics: `actor/pg_clipfrac` (fraction of valid tokens whose update is cut), `actor/ppo_kl`, and
-    CPPO's own `actor/cppo/mask_frac_token`, `actor/cppo/mask_frac_budget`, `actor/cppo/delta_b_mean`,
-    `actor/cppo/divergence_mean`.
+    Metrics: verl's `actor/pg_clipfrac` (rejected fraction of the valid tokens), `actor/ppo_kl`,
+    `actor/pg_clipfrac_lower` (kept tokens whose ratio exceeds `clip_ratio_c`), and CPPO's own
+    `actor/cppo/mask_frac_token`, `.../mask_frac_budget`, `.../delta_b_mean`, `.../divergence_mean`.
     """
     loss, metrics = _run(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                          rollout_is_weights, **cppo_fields(config))
-    out = {"actor/pg_clipfrac": metrics["mask_frac"], "actor/ppo_kl": metrics["ppo_kl"]}
+    out = {"actor/pg_clipfrac": metrics["mask_frac"], "actor/ppo_kl": metrics["ppo_kl"],
+           "actor/pg_clipfrac_lower": metrics["ratio_cap_frac"]}
     for name in ("mask_frac_token", "mask_frac_budget", "delta_b_mean", "divergence_mean"):
         out[f"actor/cppo/{name}"] = metrics[name]
     return loss, out

@@ -49,10 +49,11 @@ STAT_REJ_BUDGET = tl.constexpr(3)  # rejected by the prefix budget only
 STAT_CLIP_LOW = tl.constexpr(4)
 STAT_CLIP_HIGH = tl.constexpr(5)
 STAT_CLIP_DUAL = tl.constexpr(6)
-STAT_KL = tl.constexpr(7)  # sum of old_log_prob - log_prob
+STAT_KL = tl.constexpr(7)  # sum of -x_t (the clamped log-ratio)
 STAT_DIV = tl.constexpr(8)  # sum of D
 STAT_DELTA_B = tl.constexpr(9)  # delta_b_i (0 for an empty sequence)
-NUM_STATS = tl.constexpr(10)
+STAT_RATIO_CAPPED = tl.constexpr(10)  # kept with r_t > ratio_cap (cppo, dppo)
+NUM_STATS = tl.constexpr(11)
 
 # ---- the carried state `[S, STATE_WIDTH]` of a shard of a longer sequence (layout: carried_state.py) ----
 STATE_SLACK = tl.constexpr(carried_state.STATE_SLACK)  # sum w (delta_b_i - D) = delta_b_i W - S

@@ -53,7 +53,7 @@ def kernel_plan(config: PolicyLossConfig, given_divergence: bool = False) -> Ker
     )
     scalars = (
         float(config.delta), float(config.delta_low_value), float(config.delta_high_value), float(config.w_min),
-        float(config.delta_b), float(config.delta_b_quantile or 0.0),
+        float(config.delta_b), float(config.delta_b_quantile or 0.0), float(config.delta_b_quantile_scale),
         float(config.delta_b_max_mult * config.delta_b), float(config.ratio_cap),
         inf if config.log_ratio_clamp is None else float(config.log_ratio_clamp),
         1.0 - config.clip_ratio_low, 1.0 + config.clip_ratio_high,

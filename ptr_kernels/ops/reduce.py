@@ -15,26 +15,23 @@ import torch
 import triton
 import triton.language as tl
 
+from ..config import METHOD_METRICS
 from .common import (AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM, AGG_TOKEN_MEAN, AGG_TOKEN_SUM, METHOD_CPPO,
                      METHOD_PPO, NORM_ABSENT, NORM_NUMBER, NORM_TENSOR, NUM_STATS, STAT_CLIP_DUAL, STAT_CLIP_HIGH,
-                     STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL, STAT_LOSS, STAT_REJ_BUDGET, STAT_REJ_TOKEN,
-                     STAT_TOKENS)
+                     STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL, STAT_LOSS, STAT_RATIO_CAPPED, STAT_REJ_BUDGET,
+                     STAT_REJ_TOKEN, STAT_TOKENS)
 
-# `aux` written by the reduction: the backward scale, then the method's metrics in METHOD_METRICS order (docs/
-# math.md section 9): the three every method reports, then cppo's or ppo's own three in the same slots, so that
-# the metrics dict is one unbind of `aux [aux_size(method)]` with no entry to spare
-METHOD_METRICS = {
-    "cppo": ("mask_frac", "ppo_kl", "divergence_mean", "mask_frac_token", "mask_frac_budget", "delta_b_mean"),
-    "dppo": ("mask_frac", "ppo_kl", "divergence_mean"),
-    "ppo": ("mask_frac", "ppo_kl", "divergence_mean", "clip_frac_low", "clip_frac_high", "clip_frac_dual"),
-}
+# `aux` written by the reduction: the backward scale, then the method's metrics in config.METHOD_METRICS order
+# (docs/math.md section 9): the three every method reports, then cppo's / dppo's or ppo's own in the same slots, so
+# that the metrics dict is one unbind of `aux [aux_size(method)]` with no entry to spare
 AUX_SCALE = tl.constexpr(0)
 AUX_MASK_FRAC = tl.constexpr(1)
 AUX_PPO_KL = tl.constexpr(2)
 AUX_DIVERGENCE_MEAN = tl.constexpr(3)
-AUX_MASK_FRAC_TOKEN = AUX_CLIP_FRAC_LOW = tl.constexpr(4)  # cppo's / ppo's own metrics share slots 4-6
-AUX_MASK_FRAC_BUDGET = AUX_CLIP_FRAC_HIGH = tl.constexpr(5)
-AUX_DELTA_B_MEAN = AUX_CLIP_FRAC_DUAL = tl.constexpr(6)
+AUX_RATIO_CAP_FRAC = AUX_CLIP_FRAC_LOW = tl.constexpr(4)  # cppo and dppo / ppo
+AUX_MASK_FRAC_TOKEN = AUX_CLIP_FRAC_HIGH = tl.constexpr(5)  # cppo / ppo
+AUX_MASK_FRAC_BUDGET = AUX_CLIP_FRAC_DUAL = tl.constexpr(6)  # cppo / ppo
+AUX_DELTA_B_MEAN = tl.constexpr(7)  # cppo
 # (name, index into aux) of each method's metrics
 METRIC_POSITIONS = {method: tuple((name, 1 + i) for i, name in enumerate(names))
                     for method, names in METHOD_METRICS.items()}
@@ -139,6 +136,8 @@ def reduce_stats(
     tl.store(aux_ptr + AUX_MASK_FRAC, rej_token + rej_budget)  # disjoint flags
     tl.store(aux_ptr + AUX_PPO_KL, _column(per_token, cols, STAT_KL))
     tl.store(aux_ptr + AUX_DIVERGENCE_MEAN, _column(per_token, cols, STAT_DIV))
+    if METHOD != METHOD_PPO:
+        tl.store(aux_ptr + AUX_RATIO_CAP_FRAC, _column(per_token, cols, STAT_RATIO_CAPPED))
     if METHOD == METHOD_CPPO:
         tl.store(aux_ptr + AUX_MASK_FRAC_TOKEN, rej_token)
         tl.store(aux_ptr + AUX_MASK_FRAC_BUDGET, rej_budget)

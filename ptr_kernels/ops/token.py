@@ -21,9 +21,9 @@ import triton
 import triton.language as tl
 
 from .common import (DIV_GIVEN, GATE_SOFT, HORIZON_ARG, HORIZON_GIVEN, HORIZON_MAX_LEN, INT32_MAX, INT32_MIN,
-                     METHOD_CPPO, NUM_STATS, STATE_S, STATE_SLACK, STATE_W, STATE_WIDTH, STAT_CLIP_DUAL,
-                     STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL, STAT_LOSS, STAT_REJ_BUDGET,
-                     STAT_REJ_TOKEN, STAT_TOKENS, binary_divergence, finite_or_nan, key_value, load_zeroed, log_ratio,
+                     METHOD_CPPO, METHOD_PPO, NUM_STATS, STATE_S, STATE_SLACK, STATE_W, STATE_WIDTH, STAT_CLIP_DUAL,
+                     STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL, STAT_LOSS, STAT_RATIO_CAPPED,
+                     STAT_REJ_BUDGET, STAT_REJ_TOKEN, STAT_TOKENS, binary_divergence, finite_or_nan, key_value, load_zeroed, log_ratio,
                      nan_min, order_key, position_weight, trust_region_step, valid_positions)
 from .reduce import NO_REDUCTION, reduce_stats
 
@@ -132,7 +132,7 @@ def token_kernel(
     grad_ptr, stats_ptr, final_ptr,  # outputs: [like log_prob] f32, [S * NUM_STATS] f32, [S, 3] f32 (HAS_STATE)
     loss_ptr, aux_ptr,  # outputs of the reduction when this program does it (REDUCE): [] f32, [aux_size] f32
     num_seqs, width, total, horizon_arg,  # S; padded row width T; N; T_w when HORIZON == HORIZON_ARG
-    delta, delta_low, delta_high, w_min, delta_b, quantile, delta_b_hi, ratio_cap, log_ratio_clamp,
+    delta, delta_low, delta_high, w_min, delta_b, quantile, quantile_scale, delta_b_hi, ratio_cap, log_ratio_clamp,
     ratio_lo, ratio_hi, clip_c,
     dp_ptr, dp_value, tokens_ptr, tokens_value, seqs_ptr, seqs_value, loss_scale_factor,  # reduce.reduce_stats
     METHOD: tl.constexpr, DIVERGENCE: tl.constexpr, GATE: tl.constexpr, SURROGATE: tl.constexpr,
@@ -161,6 +161,7 @@ def token_kernel(
     delta_high = tl.cast(delta_high, tl.float32)
     delta_b = tl.cast(delta_b, tl.float32)
     delta_b_hi = tl.cast(delta_b_hi, tl.float32)
+    quantile_scale = tl.cast(quantile_scale, tl.float32)
     w_min = tl.cast(w_min, tl.float32)
     log_ratio_clamp = tl.cast(log_ratio_clamp, tl.float32)
     ratio_lo = tl.cast(ratio_lo, tl.float32)
@@ -186,8 +187,9 @@ def token_kernel(
             if QUANTILE:
                 d = _divergence_tile(lp_ptr, olp_ptr, div_ptr, offs, valid, DIVERGENCE)
                 key = order_key(d)
-                lo_acc += (valid & (d <= delta_b)).to(tl.int32)
-                hi_acc += (valid & (d < delta_b_hi)).to(tl.int32)
+                # the clamp applies to k * Quantile_q(D): compare k * D with its bounds (monotone in D)
+                lo_acc += (valid & (d * quantile_scale <= delta_b)).to(tl.int32)
+                hi_acc += (valid & (d * quantile_scale < delta_b_hi)).to(tl.int32)
                 kmin_acc = tl.minimum(kmin_acc, tl.where(valid, key, INT32_MAX))
                 kmax_acc = tl.maximum(kmax_acc, tl.where(valid, key, INT32_MIN))
         n_valid = tl.sum(n_acc, axis=1)
@@ -219,7 +221,7 @@ def token_kernel(
         kb = tl.floor(rank).to(tl.int32)
         frac = rank - kb.to(tl.float32)
         ka = kb + (frac > 0).to(tl.int32)
-        # d_(ka) <= lo: the quantile clamps to lo; d_(kb) >= hi: to hi (an empty row keeps lo, unused)
+        # k d_(ka) <= lo: k * quantile clamps to lo; k d_(kb) >= hi: to hi (an empty row keeps lo, unused)
         at_lo = (n == 0) | (n_lo >= ka + 1)
         db = tl.where(at_lo, delta_b, delta_b_hi)
         need = seq_ok & ~at_lo & (n_hi > kb)
@@ -227,7 +229,7 @@ def token_kernel(
             value = _select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, need, kb, ka,
                                      frac, tl.min(kmin_acc, axis=1), tl.max(kmax_acc, axis=1),
                                      DIVERGENCE, HAS_MASK, ROWS, BLOCK)
-            db = tl.where(need, tl.minimum(tl.maximum(value, delta_b), delta_b_hi), db)
+            db = tl.where(need, tl.minimum(tl.maximum(quantile_scale * value, delta_b), delta_b_hi), db)
 
     # ---- pass B: per-token mask, loss and gradient; per-sequence sums ----
     if ADV_PER_SEQ:
@@ -252,6 +254,7 @@ def token_kernel(
     clip_hi_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     clip_du_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     kl_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    capped_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     div_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     for off in range(0, tile_len, BLOCK):
         pos, inside, offs = _tile(start, length, off, BLOCK)
@@ -296,7 +299,9 @@ def token_kernel(
         clip_lo_acc += clip_lo.to(tl.float32)
         clip_hi_acc += clip_hi.to(tl.float32)
         clip_du_acc += clip_du.to(tl.float32)
-        kl_acc += olp - lp
+        kl_acc -= x  # masked positions: x = 0
+        if METHOD != METHOD_PPO:  # kept, with the ratio over the logp surrogate's cap (r of A = 0 uncapped here)
+            capped_acc += (valid & ~(rej_tok | rej_bud) & (tl.exp(x) > ratio_cap)).to(tl.float32)
         div_acc += d
 
     n_tokens = tl.sum(tok_acc, axis=1)
@@ -313,6 +318,7 @@ def token_kernel(
     tl.store(row + STAT_CLIP_DUAL, tl.sum(clip_du_acc, axis=1) + poison, mask=seq_ok)
     tl.store(row + STAT_KL, tl.sum(kl_acc, axis=1) + poison, mask=seq_ok)
     tl.store(row + STAT_DIV, tl.sum(div_acc, axis=1) + poison, mask=seq_ok)
+    tl.store(row + STAT_RATIO_CAPPED, tl.sum(capped_acc, axis=1) + poison, mask=seq_ok)
     tl.store(row + STAT_DELTA_B, tl.where(n_tokens > 0, db, 0.0) + poison, mask=seq_ok)
     if HAS_STATE:
         final_row = final_ptr + seq.to(tl.int64) * STATE_WIDTH

@@ -113,7 +113,7 @@ def policy_loss_literal(log_prob, old_log_prob, advantages, response_mask=None, 
     dl = [0.0] * n_total  # d l_t / d log_prob_t (before the aggregation weight)
     near_tie = [False] * n_total
     seq_loss, seq_abs, seq_n = [], [], []
-    counts = dict(rejected=0, token=0, budget=0, clip_low=0, clip_high=0, clip_dual=0)
+    counts = dict(rejected=0, token=0, budget=0, clip_low=0, clip_high=0, clip_dual=0, ratio_capped=0)
     kl_sum = div_sum = 0.0
     delta_bs = []
 
@@ -132,8 +132,8 @@ def policy_loss_literal(log_prob, old_log_prob, advantages, response_mask=None, 
             if c.delta_b_quantile is None:
                 delta_b = c.delta_b
             else:
-                delta_b = min(c.delta_b_max_mult * c.delta_b,
-                              max(c.delta_b, _quantile(list(D.values()), c.delta_b_quantile)))
+                scaled = c.delta_b_quantile_scale * _quantile(list(D.values()), c.delta_b_quantile)
+                delta_b = min(c.delta_b_max_mult * c.delta_b, max(c.delta_b, scaled))
             delta_bs.append(delta_b)
         S = W = 0.0  # prefix sums over the valid positions before t
         for t, k in valid:
@@ -149,7 +149,7 @@ def policy_loss_literal(log_prob, old_log_prob, advantages, response_mask=None, 
             d = D[k]
             toward_mu = A * x <= 0
             div_sum += d
-            kl_sum += olp - lp
+            kl_sum -= x
 
             if c.method == "cppo":
                 w = max(c.w_min, 1 - (1 - c.w_min) * (t - 1) / max(horizon - 1, 1))
@@ -223,6 +223,9 @@ def policy_loss_literal(log_prob, old_log_prob, advantages, response_mask=None, 
             counts["rejected"] += rej_token or rej_budget
             counts["token"] += rej_token
             counts["budget"] += rej_budget
+            if c.method != "ppo":
+                counts["ratio_capped"] += not (rej_token or rej_budget) and r > c.ratio_cap
+                near_tie[k] |= _close(r, c.ratio_cap, 0.0, tie_rtol)
         seq_loss.append(L_i)
         seq_abs.append(L_abs)
 
@@ -237,7 +240,7 @@ def policy_loss_literal(log_prob, old_log_prob, advantages, response_mask=None, 
     elif mode == "token-sum":
         seq_weight = [float(dp_size)] * len(seqs)
     elif mode == "seq-mean-token-mean":
-        seq_weight = [dp_size / (n * n_seq) if n > 0 and n_seq > 0 else 0.0 for n in seq_n]
+        seq_weight = [dp_size / ((n + 1e-8) * n_seq) if n > 0 and n_seq > 0 else 0.0 for n in seq_n]
     else:
         scale = 1.0
         if mode == "seq-mean-token-sum-norm":
@@ -258,6 +261,8 @@ def policy_loss_literal(log_prob, old_log_prob, advantages, response_mask=None, 
 
     frac = lambda n: n / n_tok if n_tok else 0.0  # noqa: E731
     metrics = {"mask_frac": frac(counts["rejected"]), "ppo_kl": frac(kl_sum), "divergence_mean": frac(div_sum)}
+    if c.method != "ppo":
+        metrics["ratio_cap_frac"] = frac(counts["ratio_capped"])
     if c.method == "cppo":
         metrics["mask_frac_token"] = frac(counts["token"])
         metrics["mask_frac_budget"] = frac(counts["budget"])
