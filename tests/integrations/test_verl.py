@@ -7,6 +7,8 @@ against the reference backend of ptr_kernels.policy_loss.
 """
 
 import importlib.util
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -121,25 +123,29 @@ def test_ptr_cppo_through_verl_registry_matches_reference(mode, info):
     gbi = dict(BATCH_INFOS[info])
     scale = gbi.pop("loss_scale_factor", None)
     ref_lp = lp.clone().requires_grad_(True)
+    # the authors' verl CPPO: positions over the padded width, the ratio capped at clip_ratio_c (ActorConfig: 3.0)
+    # times log_prob
     ref_loss, ref_metrics = policy_loss(ref_lp, olp, adv, mask, backend="reference", **gbi,
-                                        config=PolicyLossConfig(delta=0.15, loss_agg_mode=mode,
+                                        config=PolicyLossConfig(delta=0.15, length_mode="padded", surrogate="logp",
+                                                                ratio_cap=3.0, loss_agg_mode=mode,
                                                                 loss_scale_factor=scale))
     (ref_grad,) = torch.autograd.grad(ref_loss, ref_lp)
     torch.testing.assert_close(loss, ref_loss.detach(), rtol=RTOL, atol=1e-7)
     torch.testing.assert_close(grad, ref_grad, rtol=RTOL, atol=1e-9)
     assert metrics["actor/pg_clipfrac"] == pytest.approx(ref_metrics["mask_frac"].item(), rel=RTOL)
     assert metrics["actor/cppo/mask_frac_budget"] == pytest.approx(ref_metrics["mask_frac_budget"].item(), rel=RTOL)
+    assert metrics["actor/pg_clipfrac_lower"] == pytest.approx(ref_metrics["ratio_cap_frac"].item(), rel=RTOL)
     assert ref_metrics["mask_frac"].item() > 0  # the case exercises the mask
 
 
 def test_ptr_cppo_reads_cppo_keys():
     lp, olp, adv, mask = make_batch(5)
-    options = dict(cppo_w_min=0.6, cppo_delta_b=0.01, cppo_delta_b_quantile=None, cppo_length_mode="padded",
-                   cppo_gate="soft", cppo_divergence="kl")
+    options = dict(cppo_w_min=0.6, cppo_delta_b=0.01, cppo_delta_b_q=None, cppo_length_mode="sequence",
+                   cppo_gate="soft", cppo_divergence="kl", cppo_surrogate="ratio")
     config = {"clip_ratio": 0.1, "global_batch_info": {}, **options}  # a plain dict works like a DictConfig
     loss, grad, _ = run(core_algos.get_policy_loss_fn("ptr_cppo"), lp, olp, adv, mask, "token-mean", config)
-    expected = dict(method="cppo", delta=0.1, w_min=0.6, delta_b=0.01, delta_b_quantile=None,
-                    length_mode="padded", gate="soft", divergence="binary_kl")
+    expected = dict(method="cppo", delta=0.1, w_min=0.6, delta_b=0.01, delta_b_quantile=None, ratio_cap=20.0,
+                    length_mode="sequence", gate="soft", divergence="binary_kl", surrogate="ratio")
     assert ptr_verl.cppo_fields(config) == expected
     ref_lp = lp.clone().requires_grad_(True)
     ref_loss, _ = policy_loss(ref_lp, olp, adv, mask, backend="reference", **expected)
@@ -163,3 +169,82 @@ def test_import_ptr_kernels_does_not_import_verl_and_import_verl_registers():
             "from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as R\n"
             "assert {'ptr_cppo', 'ptr_dppo_tv', 'ptr_dppo_kl', 'ptr_vanilla'} <= set(R), sorted(R)\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+# ---- ptr_cppo's options through verl's own Hydra config, exactly as docs/integrations.md shows them ----
+
+DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs" / "integrations.md"
+
+
+def _docs_block(language: str, marker: str) -> str:
+    """The fenced `language` block of docs/integrations.md that contains `marker`."""
+    blocks = re.findall(rf"```{language}\n(.*?)```", DOCS.read_text(), flags=re.S)
+    (block,) = [b for b in blocks if marker in b]
+    return block
+
+
+def _actor_from_docs_command():
+    """verl's ppo_trainer.yaml composed with the overrides of the documented command line."""
+    from hydra import compose, initialize_config_dir
+    from verl.utils.config import omega_conf_to_dataclass
+
+    command = _docs_block("bash", "CPPOPolicyLossConfig")
+    overrides = [token for token in command.split() if "=" in token and token.lstrip("+").startswith("actor_")]
+    assert any("cppo_w_min=0.7" in token for token in overrides)
+    config_dir = pathlib.Path(core_algos.__file__).resolve().parents[1] / "config"
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        config = compose("ppo_trainer", overrides=overrides)
+    return omega_conf_to_dataclass(config.actor_rollout_ref.actor)
+
+
+def _actor_from_docs_yaml(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from verl.utils.config import omega_conf_to_dataclass
+
+    (tmp_path / "my_cppo.yaml").write_text(_docs_block("yaml", "CPPOPolicyLossConfig"))
+    with initialize_config_dir(config_dir=str(tmp_path), version_base=None):
+        config = compose("my_cppo")
+    return omega_conf_to_dataclass(config.actor_rollout_ref.actor)
+
+
+@pytest.mark.parametrize("source", ["command", "yaml"])
+def test_docs_verl_config_runs_ptr_cppo_with_cppo_w_min(source, tmp_path):
+    from ptr_kernels.integrations.verl_config import CPPOPolicyLossConfig
+
+    actor = _actor_from_docs_command() if source == "command" else _actor_from_docs_yaml(tmp_path)
+    assert isinstance(actor.policy_loss, CPPOPolicyLossConfig) and actor.policy_loss.cppo_w_min == 0.7
+    lp, olp, adv, mask = make_batch(0)
+    loss_fn = core_algos.get_policy_loss_fn(actor.policy_loss.loss_mode)
+    loss, grad, metrics = run(loss_fn, lp, olp, adv, mask, "token-mean", actor)
+    ref_lp = lp.clone().requires_grad_(True)
+    ref_loss, _ = policy_loss(ref_lp, olp, adv, mask, backend="reference", method="cppo", delta=0.15, w_min=0.7,
+                              length_mode="padded", surrogate="logp", ratio_cap=20.0)
+    (ref_grad,) = torch.autograd.grad(ref_loss, ref_lp)
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=RTOL, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=RTOL, atol=1e-9)
+    # the key was read: with verl's own policy-loss section (w_min 0.8) the token threshold rejects more here
+    _, _, default_metrics = run(loss_fn, lp, olp, adv, mask, "token-mean", actor_config(clip_ratio=0.15,
+                                                                                       clip_ratio_c=20.0))
+    assert metrics["actor/cppo/mask_frac_token"] < default_metrics["actor/cppo/mask_frac_token"]
+
+
+def test_verl_config_refuses_a_misspelt_or_bad_cppo_key():
+    from hydra.errors import HydraException
+
+    from ptr_kernels.integrations.verl_config import CPPOPolicyLossConfig
+
+    with pytest.raises(TypeError, match="cppo_w_mn"):
+        CPPOPolicyLossConfig(cppo_w_mn=0.7)
+    with pytest.raises(ValueError, match="policy_loss.cppo_delta_b_k"):
+        CPPOPolicyLossConfig(cppo_delta_b_k=-1.0)
+    with pytest.raises(HydraException, match="cppo_w_mn"):  # verl's conversion of a composed config
+        from hydra import compose, initialize_config_dir
+        from verl.utils.config import omega_conf_to_dataclass
+        config_dir = pathlib.Path(core_algos.__file__).resolve().parents[1] / "config"
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            config = compose("ppo_trainer", overrides=[
+                "actor_rollout_ref.actor.policy_loss._target_="
+                "ptr_kernels.integrations.verl_config.CPPOPolicyLossConfig",
+                "+actor_rollout_ref.actor.policy_loss.cppo_w_mn=0.7",
+                "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4"])
+        omega_conf_to_dataclass(config.actor_rollout_ref.actor)
