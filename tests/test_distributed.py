@@ -35,8 +35,8 @@ CP_CONFIGS = [dict(delta_b_quantile=q, length_mode=length, gate=gate, loss_agg_m
                    delta_b=0.01)
               for i, (q, length, gate) in enumerate((q, length, gate) for q in (None, 0.9)
                                                     for length in ("sequence", "padded") for gate in ("hard", "soft"))]
-KERNEL_CONFIG = dict(delta_b_quantile=0.9, length_mode="sequence", gate="hard", loss_agg_mode="seq-mean-token-mean",
-                     delta_b=0.01)
+KERNEL_CONFIG = dict(delta_b_quantile=0.9, delta_b_quantile_scale=1.25, length_mode="sequence", gate="hard",
+                     loss_agg_mode="seq-mean-token-mean", delta_b=0.01)
 LAYOUTS = ("padded", "packed")
 T = 48
 HOLE = (20, 30)  # masked positions of every padded row: some cut falls inside
