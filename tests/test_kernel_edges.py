@@ -11,12 +11,14 @@ import math
 import pytest
 import torch
 
-from ptr_kernels import PolicyLossConfig, policy_loss, policy_loss_from_logits
-from ptr_kernels.benchmark.host import stubbed_triton_launches
-from ptr_kernels.config import LOSS_AGG_MODES
-from ptr_kernels.ops import reduce
-from ptr_kernels.ops.autograd import fused_forward, triton_policy_loss
-from ptr_kernels.ops.plan import kernel_plan
+pytest.importorskip("triton", reason="the Triton kernels: triton exists for Linux only")
+
+from ptr_kernels import PolicyLossConfig, policy_loss, policy_loss_from_logits  # noqa: E402
+from ptr_kernels.benchmark.host import stubbed_triton_launches  # noqa: E402
+from ptr_kernels.config import LOSS_AGG_MODES  # noqa: E402
+from ptr_kernels.ops import reduce  # noqa: E402
+from ptr_kernels.ops.autograd import fused_forward, triton_policy_loss  # noqa: E402
+from ptr_kernels.ops.plan import kernel_plan  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ("reference", "triton")
@@ -60,10 +62,10 @@ def test_offsets_of_a_packed_batch_without_tokens_are_checked_too(offsets, expec
 
 @pytest.mark.parametrize("agg", LOSS_AGG_MODES)
 @pytest.mark.parametrize("normalizers", ["absent", "numbers", "tensors"])
-def test_one_program_reduces_its_own_sums(agg, normalizers):
-    """Block 16 puts all 5 sequences in one program, which runs the reduction itself (one launch forward);
-    block 1024 gives a program per sequence and a second launch for the reduction. Both give the reference's
-    loss, metrics and gradient, for every aggregation mode and every kind of global normalizer."""
+def test_the_last_program_reduces_every_sum(agg, normalizers):
+    """Block 16 puts all 5 sequences in one program, block 1024 gives a program per sequence, whose last to
+    finish runs the reduction: one launch forward either way, one backward. Both give the reference's loss,
+    metrics and gradient, for every aggregation mode and every kind of global normalizer."""
     g = torch.Generator().manual_seed(1)
     lp = (-torch.rand(5, 40, generator=g)).to(DEVICE)
     olp = lp + 0.2 * torch.randn(5, 40, generator=g).to(DEVICE)
@@ -93,7 +95,7 @@ def test_one_program_reduces_its_own_sums(agg, normalizers):
         for name, value in metrics.items():
             torch.testing.assert_close(value, expected_metrics[name].float(), rtol=1e-5, atol=1e-7)
     with stubbed_triton_launches() as launches:
-        for block, expected in ((16, 2), (1024, 3)):  # forward and backward
+        for block, expected in ((16, 2), (1024, 2)):  # forward and backward
             before = launches["launches"]
             x = lp.clone().requires_grad_(True)
             triton_policy_loss(x, olp, adv, mask, config=config, block=block, **counts)[0].backward()

@@ -1,7 +1,7 @@
 """The fused loss as an autograd operation: a plain `torch.autograd.Function` for eager calls, `torch.library`
 custom ops for `torch.compile`.
 
-Both run `fused_forward` (token kernel + reduction: two launches, one for a small batch) and a backward of one launch
+Both run `fused_forward` (the token kernel, which also reduces: one launch) and a backward of one launch
 (`reduce.scale_grad`: the per-token gradient the forward already computed, times the upstream gradient and
 the aggregation's scale, in log_prob's dtype). Eager calls skip the custom-op machinery, which costs more host
 time than everything else in a call; under `torch.compile` the custom ops (with fake implementations) let
@@ -26,8 +26,8 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
                   plan: KernelPlan, adv_per_seq: bool, loss_scale_factor: float, normalizers: tuple, block: int = 0,
                   initial_state=None, position_offset=None, sequence_length=None, sequence_delta_b=None,
                   output_final_state: bool = False):
-    """Launch the token kernel and the reduction on validated inputs: two launches, or one when a single
-    program holds every sequence (it reduces its own sums), no host sync.
+    """Launch the token kernel on validated inputs: one launch at every shape (its last program reduces the
+    per-sequence sums into the loss and the metrics), no host sync.
 
     Args: the tensors of `policy_loss` (padded `[B, T]` or packed `[N]` + `cu_seqlens [S + 1]`), `divergence`
     (D per token, f32, like log_prob) or None to compute the binary D; `normalizers` = (dp_size,
@@ -43,47 +43,37 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     num_seqs = cu_seqlens.shape[0] - 1 if packed else log_prob.shape[0]
     numel = log_prob.numel()
     # outputs: grad like log_prob (contiguous, as the kernel writes it; log_prob may be a view), the per-sequence
-    # sums, loss and aux; the kernels write every element
+    # sums (a row at least: a batch without sequences still launches, to write the loss and metrics), loss, aux
     grad = torch.empty_like(log_prob, dtype=torch.float32, memory_format=torch.contiguous_format)
-    stats = grad.new_empty(num_seqs * token.NUM_STATS.value)
+    stats = grad.new_empty(max(num_seqs, 1) * token.NUM_STATS.value)
     loss, aux = grad.new_empty(()), grad.new_empty(plan.aux_size)
     reduction = reduce.reduction_arguments(plan.agg_mode, loss_scale_factor, normalizers)
     has_state = output_final_state or initial_state is not None or position_offset is not None
-    final_state = None
-    if has_state:
-        width = token.STATE_WIDTH.value
-        initial_state = stats.new_zeros((num_seqs, width)) if initial_state is None else initial_state.contiguous()
-        final_state = stats.new_empty((num_seqs, width))
-        if position_offset is None:
-            position_offset = torch.zeros(num_seqs, dtype=torch.int64, device=log_prob.device)
-    one_program = False
-    # nothing to launch for; packed offsets with no token are still checked (by the kernel: bad ones give NaN)
-    if num_seqs == 0 or (numel == 0 and not packed):
-        grad.zero_(), stats.zero_()
+    shard = token.NO_SHARD
+    if has_state or sequence_length is not None or sequence_delta_b is not None:
+        final_state = None
         if has_state:
-            final_state.copy_(initial_state)  # no token: the state passes through
-    else:
-        constexprs = layout_constexprs(plan, packed, response_mask is not None, rollout_is_weights is not None,
-                                       adv_per_seq, has_state, sequence_length is not None,
-                                       sequence_delta_b is not None, block or token.block_size(numel, num_seqs))
-        one_program = num_seqs <= constexprs["ROWS"]  # it reduces its own sums: one launch, not two
-        max_len = None
-        if constexprs["HORIZON"] == token.HORIZON_MAX_LEN.value:  # cppo, length_mode="padded", packed: on the device
-            max_len = (cu_seqlens[1:] - cu_seqlens[:-1]).max()
-        # contiguous inputs (a mask of any dtype: != 0 is valid)
-        inputs = map(contiguous, (log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, divergence,
-                                  cu_seqlens))
-        shard = token.NO_SHARD
-        if has_state or sequence_length is not None or sequence_delta_b is not None:
-            shard = (initial_state, contiguous(position_offset), contiguous(sequence_length),
-                     contiguous(sequence_delta_b), final_state)
-        token.launch_token_kernel(*inputs, max_len, grad, stats, num_seqs=num_seqs,
-                                  width=0 if packed else log_prob.shape[1], plan=plan, constexprs=constexprs,
-                                  shard=shard, reduction=(loss, aux, reduction) if one_program else None)
-    if not one_program:
-        reduce.launch_reduce(stats, num_seqs, loss, aux, reduction, method=plan.token_constexprs["METHOD"])
+            width = token.STATE_WIDTH.value
+            initial_state = stats.new_zeros((num_seqs, width)) if initial_state is None else initial_state.contiguous()
+            final_state = stats.new_empty((num_seqs, width))
+            if position_offset is None:
+                position_offset = torch.zeros(num_seqs, dtype=torch.int64, device=log_prob.device)
+        shard = (initial_state, contiguous(position_offset), contiguous(sequence_length), contiguous(sequence_delta_b),
+                 final_state)
+    constexprs = layout_constexprs(plan, packed, response_mask is not None, rollout_is_weights is not None,
+                                   adv_per_seq, has_state, sequence_length is not None, sequence_delta_b is not None,
+                                   block or token.block_size(numel, num_seqs))
+    max_len = None
+    if constexprs["HORIZON"] == token.HORIZON_MAX_LEN.value:  # cppo, length_mode="padded", packed: on the device
+        max_len = (cu_seqlens[1:] - cu_seqlens[:-1]).max() if num_seqs else cu_seqlens.new_zeros(())
+    # contiguous inputs (a mask of any dtype: != 0 is valid)
+    inputs = map(contiguous, (log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, divergence,
+                              cu_seqlens))
+    token.launch_token_kernel(*inputs, max_len, grad, stats, loss, aux, reduce.program_counter(log_prob.device),
+                              num_seqs=num_seqs, width=0 if packed else log_prob.shape[1], plan=plan,
+                              constexprs=constexprs, reduction=reduction, shard=shard)
     if output_final_state:
-        return loss, aux, grad, final_state
+        return loss, aux, grad, shard[4]
     return loss, aux, grad
 
 

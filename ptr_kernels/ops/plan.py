@@ -67,7 +67,7 @@ def kernel_plan(config: PolicyLossConfig, given_divergence: bool = False) -> Ker
 @functools.lru_cache(maxsize=1024)
 def layout_constexprs(plan: KernelPlan, packed: bool, has_mask: bool, has_rw: bool, adv_per_seq: bool,
                       has_state: bool, given_horizon: bool, given_delta_b: bool, block: int) -> dict:
-    """Every keyword of the token kernel's launch but the reduction's (REDUCE, MODE, DP, TOKENS, SEQS): the
+    """Every keyword of the token kernel's launch but the reduction's (MODE, DP, TOKENS, SEQS): the
     plan's branch ids, those that depend on the layout (T_w's source, whether pass A runs, the inputs present),
     and the tiling (BLOCK positions per block, ROWS sequences per program, num_warps), merged once per
     combination.

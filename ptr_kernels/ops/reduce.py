@@ -3,8 +3,8 @@
 The token kernel leaves per-sequence sums (L_i and the rest, a row of NUM_STATS per sequence in one flat
 `stats` buffer); `reduce_stats`, one `@triton.jit` function, turns them into the loss of the aggregation mode,
 the backward scale d loss / d L_i and the metrics, with no host sync (the global normalizers are numbers or
-0-dim device tensors read here). A token kernel of one program runs it itself; otherwise `reduce_kernel`, one
-program, runs it in a launch of its own. `scale_grad_kernel` is the whole backward.
+0-dim device tensors read here). The token kernel's last program to finish runs it, so the forward is one launch;
+`scale_grad_kernel` is the whole backward.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def aux_size(method: str) -> int:
     return 1 + len(METHOD_METRICS[method])
 
 
-REDUCE_BLOCK = 256  # sequences per step of the one-program reduction
+REDUCE_BLOCK = tl.constexpr(256)  # sequences per step of the reduction
 SCALE_BLOCK = 1024
 STATS_POW2 = tl.constexpr(1 << (NUM_STATS.value - 1).bit_length())
 
@@ -64,37 +64,25 @@ def _column(totals, cols, j):
 
 
 @triton.jit
-def reduce_kernel(
-    stats_ptr, loss_ptr, aux_ptr,  # [S * NUM_STATS] -> [], [aux_size]
-    num_seqs, dp_ptr, dp_value, tokens_ptr, tokens_value, seqs_ptr, seqs_value, loss_scale_factor,
-    METHOD: tl.constexpr, MODE: tl.constexpr, DP: tl.constexpr, TOKENS: tl.constexpr, SEQS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """One program: `reduce_stats` (a token kernel of one program runs it itself, without this launch)."""
-    reduce_stats(stats_ptr, loss_ptr, aux_ptr, num_seqs, dp_ptr, dp_value, tokens_ptr, tokens_value, seqs_ptr,
-                 seqs_value, loss_scale_factor, METHOD, MODE, DP, TOKENS, SEQS, BLOCK)
-
-
-@triton.jit
 def reduce_stats(
     stats_ptr, loss_ptr, aux_ptr,  # [S * NUM_STATS] -> [], [aux_size]
     num_seqs, dp_ptr, dp_value, tokens_ptr, tokens_value, seqs_ptr, seqs_value, loss_scale_factor,
     METHOD: tl.constexpr, MODE: tl.constexpr, DP: tl.constexpr, TOKENS: tl.constexpr, SEQS: tl.constexpr,
-    BLOCK: tl.constexpr,
 ):
     """The loss of aggregation MODE (docs/math.md section 6) and the metrics (section 9) from the per-sequence
-    sums, BLOCK sequences at a time. aux = [d loss / d L_i (times n_i for seq-mean-token-mean), metrics...]."""
+    sums, REDUCE_BLOCK sequences at a time. aux = [d loss / d L_i (times n_i for seq-mean-token-mean), metrics...].
+    The sums come from other programs: loaded from L2 (`.cg`), never from a stale L1 line."""
     cols = tl.arange(0, STATS_POW2)
     totals = tl.zeros([STATS_POW2], dtype=tl.float32)
-    sum_loss = tl.zeros([BLOCK], dtype=tl.float32)
-    sum_mean = tl.zeros([BLOCK], dtype=tl.float32)  # sum of L_i / n_i over non-empty sequences
-    non_empty = tl.zeros([BLOCK], dtype=tl.float32)
-    bad_offsets = tl.zeros([BLOCK], dtype=tl.int32)  # the token kernel marks them with a NaN n_i
-    for off in range(0, num_seqs, BLOCK):
-        seq = off + tl.arange(0, BLOCK)
+    sum_loss = tl.zeros([REDUCE_BLOCK], dtype=tl.float32)
+    sum_mean = tl.zeros([REDUCE_BLOCK], dtype=tl.float32)  # sum of L_i / n_i over non-empty sequences
+    non_empty = tl.zeros([REDUCE_BLOCK], dtype=tl.float32)
+    bad_offsets = tl.zeros([REDUCE_BLOCK], dtype=tl.int32)  # the token kernel marks them with a NaN n_i
+    for off in range(0, num_seqs, REDUCE_BLOCK):
+        seq = off + tl.arange(0, REDUCE_BLOCK)
         ok = seq < num_seqs
         stats = tl.load(stats_ptr + seq.to(tl.int64)[:, None] * NUM_STATS + cols[None, :],
-                        mask=ok[:, None] & (cols[None, :] < NUM_STATS), other=0.0)
+                        mask=ok[:, None] & (cols[None, :] < NUM_STATS), other=0.0, cache_modifier=".cg")
         totals += tl.sum(stats, axis=0)
         n = tl.sum(tl.where(cols[None, :] == STAT_TOKENS, stats, 0.0), axis=1)
         loss = tl.sum(tl.where(cols[None, :] == STAT_LOSS, stats, 0.0), axis=1)
@@ -186,12 +174,19 @@ def _reduction_arguments(agg_mode: int, loss_scale_factor: float, dp, tokens, se
 _number_reduction_arguments = functools.lru_cache(maxsize=1024)(_reduction_arguments)
 
 
-def launch_reduce(stats: torch.Tensor, num_seqs: int, loss: torch.Tensor, aux: torch.Tensor, reduction: tuple, *,
-                  method: int) -> None:
-    """loss `[]` f32 and aux `[aux_size]` f32 from the token kernel's per-sequence sums (`stats`, a row of
-    NUM_STATS per sequence), in one launch; `reduction` from `reduction_arguments`, `method` a METHOD_* id."""
-    arguments, keywords = reduction
-    reduce_kernel[(1,)](stats, loss, aux, num_seqs, *arguments, METHOD=method, **keywords, BLOCK=REDUCE_BLOCK)
+def program_counter(device: torch.device) -> torch.Tensor:
+    """The token kernel's count of finished programs on `device` for the current stream: a zero int32 `[]`,
+    allocated once; each launch leaves it at zero again. Launches on one stream run in order and share it; a
+    second stream gets its own."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    counter = _COUNTERS.get(key)
+    if counter is None:
+        counter = _COUNTERS[key] = torch.zeros((), dtype=torch.int32, device=device)
+    return counter
+
+
+_COUNTERS = {}
 
 
 @functools.lru_cache(maxsize=None)  # at most 5 modes x 27 kinds
@@ -209,8 +204,6 @@ def _normalizer_args(value) -> tuple:
 
 
 _ABSENT = (NORM_ABSENT.value, None, 0.0)
-# the reduction's arguments of a token kernel that does not reduce (REDUCE=False): nothing read, one variant
-NO_REDUCTION = ((None, 0.0, None, 0.0, None, 0.0, 0.0), _reduction_keywords(0, *(NORM_ABSENT.value,) * 3))
 
 
 def scale_grad(grad: torch.Tensor, upstream: torch.Tensor, aux: torch.Tensor, dtype: torch.dtype):

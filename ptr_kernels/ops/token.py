@@ -25,7 +25,7 @@ from .common import (DIV_GIVEN, GATE_SOFT, HORIZON_ARG, HORIZON_GIVEN, HORIZON_M
                      STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL, STAT_LOSS, STAT_RATIO_CAPPED,
                      STAT_REJ_BUDGET, STAT_REJ_TOKEN, STAT_TOKENS, binary_divergence, finite_or_nan, key_value, load_zeroed, log_ratio,
                      nan_min, order_key, position_weight, trust_region_step, valid_positions)
-from .reduce import NO_REDUCTION, reduce_stats
+from .reduce import reduce_stats
 
 MAX_BLOCK = 1024
 MIN_BLOCK = 16
@@ -130,7 +130,7 @@ def token_kernel(
     lp_ptr, olp_ptr, adv_ptr, mask_ptr, rw_ptr, div_ptr, cu_ptr, max_len_ptr,  # inputs
     state_ptr, offset_ptr, seq_len_ptr, delta_b_ptr,  # per-sequence shard inputs (HAS_STATE, HORIZON_GIVEN, ...)
     grad_ptr, stats_ptr, final_ptr,  # outputs: [like log_prob] f32, [S * NUM_STATS] f32, [S, 3] f32 (HAS_STATE)
-    loss_ptr, aux_ptr,  # outputs of the reduction when this program does it (REDUCE): [] f32, [aux_size] f32
+    loss_ptr, aux_ptr, counter_ptr,  # the reduction's outputs [] f32, [aux_size] f32; programs done [] i32 (0)
     num_seqs, width, total, horizon_arg,  # S; padded row width T; N; T_w when HORIZON == HORIZON_ARG
     delta, delta_low, delta_high, w_min, delta_b, quantile, quantile_scale, delta_b_hi, ratio_cap, log_ratio_clamp,
     ratio_lo, ratio_hi, clip_c,
@@ -139,13 +139,13 @@ def token_kernel(
     QUANTILE: tl.constexpr, HORIZON: tl.constexpr, SCAN_FIRST: tl.constexpr, PACKED: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_RW: tl.constexpr, ADV_PER_SEQ: tl.constexpr, PER_SEQ_MEAN: tl.constexpr,
     HAS_STATE: tl.constexpr, DELTA_B_GIVEN: tl.constexpr,
-    REDUCE: tl.constexpr, MODE: tl.constexpr, DP: tl.constexpr, TOKENS: tl.constexpr, SEQS: tl.constexpr,
+    MODE: tl.constexpr, DP: tl.constexpr, TOKENS: tl.constexpr, SEQS: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """A tile of ROWS sequences per program, walked in blocks of BLOCK positions: pass A (T_w, quantile
-    counts) when needed, then pass B (mask, loss, gradient, per-sequence sums). REDUCE: the grid is this one
-    program, which then turns the sums into the loss and the metrics itself (`reduce.reduce_stats`, the same
-    function the reduction's own launch runs), so a small batch takes one launch forward.
+    counts) when needed, then pass B (mask, loss, gradient, per-sequence sums). The last program to finish
+    turns every sequence's sums into the loss and the metrics (`reduce.reduce_stats`), so the forward is one
+    launch at every shape: `counter_ptr` counts the programs done, and that program sets it back to 0.
 
     A shard of a longer sequence (docs/math.md section 8): HAS_STATE reads the carried state `[S, 3]` (slack,
     S, W) and the global position of the shard's first token `[S]`, and writes the state after the shard;
@@ -325,10 +325,13 @@ def token_kernel(
         tl.store(final_row + STATE_SLACK, carry_slack + poison, mask=seq_ok)
         tl.store(final_row + STATE_S, carry_s + poison, mask=seq_ok)
         tl.store(final_row + STATE_W, carry_w + poison, mask=seq_ok)
-    if REDUCE:
-        tl.debug_barrier()  # every thread's stats stores are visible to the whole program
+    # ---- the reduction, by the last program to finish (the others' stats are then in memory) ----
+    tl.debug_barrier()  # every thread's stats stores are issued before this program counts itself done
+    done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if done == tl.num_programs(0) - 1:
         reduce_stats(stats_ptr, loss_ptr, aux_ptr, num_seqs, dp_ptr, dp_value, tokens_ptr, tokens_value, seqs_ptr,
-                     seqs_value, loss_scale_factor, METHOD, MODE, DP, TOKENS, SEQS, ROWS)
+                     seqs_value, loss_scale_factor, METHOD, MODE, DP, TOKENS, SEQS)
+        tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch
 
 
 def block_size(num_tokens: int, num_seqs: int) -> int:
@@ -341,27 +344,23 @@ NO_SHARD = (None,) * 5  # initial_state, position_offset, sequence_length, seque
 
 
 def launch_token_kernel(log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens,
-                        max_len, grad, stats, *, num_seqs: int, width: int, plan, constexprs: dict,
-                        shard: tuple = NO_SHARD, reduction: Optional[tuple] = None):
-    """One launch of `token_kernel` on contiguous inputs (the mask of any dtype, or None) and preallocated outputs.
+                        max_len, grad, stats, loss, aux, counter, *, num_seqs: int, width: int, plan, constexprs: dict,
+                        reduction: tuple, shard: tuple = NO_SHARD):
+    """One launch of `token_kernel` on contiguous inputs (the mask of any dtype, or None) and preallocated outputs:
+    the per-token gradient, the per-sequence sums `stats`, and the reduction's loss `[]` and aux `[aux_size]`.
 
     `width` is T of padded input (0 when packed), `plan` an `ops.plan.KernelPlan` (the config's scalars),
     `constexprs` every keyword of the launch but the reduction's (`plan.layout_constexprs`: branch ids, ROWS,
-    BLOCK, num_warps). `shard`, for a shard of a longer sequence (the branch ids say which are read):
-    `initial_state [S, 3]` and `position_offset [S]` in (HAS_STATE), `sequence_length [S]` (HORIZON_GIVEN),
-    `sequence_delta_b [S]` (DELTA_B_GIVEN), `final_state [S, 3]` f32 out (HAS_STATE), all contiguous.
-    `reduction`: `(loss, aux, reduce.reduction_arguments(...))` when the grid is one program, which then writes
-    the loss and aux itself (REDUCE); None leaves that to `reduce.launch_reduce`.
+    BLOCK, num_warps), `reduction` = `reduce.reduction_arguments(...)`, `counter` a zero int32 `[]` on the device
+    (`reduce.program_counter`: the kernel leaves it at zero). `shard`, for a shard of a longer sequence (the branch
+    ids say which are read): `initial_state [S, 3]` and `position_offset [S]` in (HAS_STATE), `sequence_length
+    [S]` (HORIZON_GIVEN), `sequence_delta_b [S]` (DELTA_B_GIVEN), `final_state [S, 3]` f32 out (HAS_STATE), all
+    contiguous.
     """
-    if reduction is None:
-        loss = aux = None
-        (arguments, keywords), reduce_here = NO_REDUCTION, False
-    else:
-        loss, aux, (arguments, keywords) = reduction
-        reduce_here = True
-    token_kernel[(-(-num_seqs // constexprs["ROWS"]),)](
+    arguments, keywords = reduction
+    token_kernel[(max(-(-num_seqs // constexprs["ROWS"]), 1),)](
         log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens, max_len,
-        *shard[:4], grad, stats, shard[4], loss, aux,
+        *shard[:4], grad, stats, shard[4], loss, aux, counter,
         num_seqs, width, log_prob.numel(), plan.horizon if plan.horizon is not None else width,
-        *plan.token_scalars, *arguments, **constexprs, REDUCE=reduce_here, **keywords,
+        *plan.token_scalars, *arguments, **constexprs, **keywords,
     )
