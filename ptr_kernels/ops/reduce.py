@@ -175,14 +175,12 @@ _number_reduction_arguments = functools.lru_cache(maxsize=1024)(_reduction_argum
 
 
 def program_counter(device: torch.device) -> torch.Tensor:
-    """The token kernel's count of finished programs on `device` for the current stream: a zero int32 `[]`,
-    allocated once; each launch leaves it at zero again. Launches on one stream run in order and share it; a
-    second stream gets its own."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    counter = _COUNTERS.get(key)
+    """The token kernel's count of finished programs on `device`: a zero int32 `[]`, allocated on the first call
+    (make that call outside a CUDA graph capture) and left at zero by every launch. Launches in one stream run in
+    order and share it; two losses running at once on two streams of one device would not (docs/kernels.md)."""
+    counter = _COUNTERS.get(device)
     if counter is None:
-        counter = _COUNTERS[key] = torch.zeros((), dtype=torch.int32, device=device)
+        counter = _COUNTERS[device] = torch.zeros((), dtype=torch.int32, device=device)
     return counter
 
 
