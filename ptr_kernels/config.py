@@ -175,10 +175,25 @@ def resolve_config(config: Optional[PolicyLossConfig], overrides: dict) -> Polic
         config = PolicyLossConfig()
     elif not isinstance(config, PolicyLossConfig):
         raise ValueError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
+    if not overrides:
+        return config
     unknown = sorted(set(overrides) - set(FIELDS))
     if unknown:
         raise ValueError(f"unknown policy loss option(s) {unknown}; valid options: {', '.join(FIELDS)}")
-    return dataclasses.replace(config, **overrides) if overrides else config
+    # the type is part of the key: True == 1 and 1 == 1.0 hash alike, but a bool is refused where 1 is not
+    items = tuple((name, type(value), value) for name, value in overrides.items())
+    try:
+        hash(items)
+    except TypeError:  # an unhashable value: no cache, the validation names it
+        return dataclasses.replace(config, **overrides)
+    return _replaced(config, items)
+
+
+@functools.lru_cache(maxsize=256)
+def _replaced(config: PolicyLossConfig, items: tuple) -> PolicyLossConfig:
+    """`dataclasses.replace` with validation, once per distinct (config, overrides): adapters pass the same
+    keyword overrides on every call."""
+    return dataclasses.replace(config, **{name: value for name, _, value in items})
 
 
 def _applies(config: PolicyLossConfig) -> dict:

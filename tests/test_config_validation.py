@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ptr_kernels import PolicyLoss, PolicyLossConfig, policy_loss
-from ptr_kernels.config import FIELDS
+from ptr_kernels.config import FIELDS, resolve_config
 
 INVALID_FIELDS = [
     ("method", "grpo"), ("method", None),
@@ -139,3 +139,15 @@ def test_invalid_input_is_named(name, kwargs, backend):
     kwargs = {"backend": backend, **kwargs}
     with pytest.raises(ValueError, match=re.escape(name)):
         policy_loss(**kwargs)
+
+
+def test_overrides_resolve_once_per_distinct_set():
+    """Adapters pass the same keyword overrides on every call: the validated config is built once and reused,
+    and a value that only compares equal (True == 1, 1 == 1.0) is not mistaken for another."""
+    first = resolve_config(None, dict(method="dppo", delta=0.2))
+    assert resolve_config(None, dict(method="dppo", delta=0.2)) is first
+    assert resolve_config(None, dict(w_min=1)).w_min == 1.0
+    with pytest.raises(ValueError, match="w_min"):
+        resolve_config(None, dict(w_min=True))
+    with pytest.raises(ValueError, match="delta"):
+        resolve_config(None, dict(delta=[0.2]))  # unhashable: validated without the cache
