@@ -161,8 +161,15 @@ def test_cppo_keys_from_the_actor_config_and_errors():
         cppo_fields({**base, "policy_loss": {"cppo_w_mn": 0.7}})
     with pytest.raises(ValueError, match="cppo_delta_b_quantile"):  # the former name: refused, not ignored
         cppo_fields({**base, "cppo_delta_b_quantile": 0.5})
-    with pytest.raises(ValueError, match="cppo_w_min is given twice"):
+    with pytest.raises(ValueError, match="set one option twice"):
         cppo_fields({**base, "cppo_w_min": 0.7, "policy_loss": {"cppo_w_min": 0.6}})
+    # the later layout of the authors' keys: a `cppo` sub-section, `cppo_w_len_mode` for the length mode
+    nested = cppo_fields({**base, "policy_loss": {"cppo": {"cppo_w_min": 0.6, "cppo_w_len_mode": "sequence"}}})
+    assert (nested["w_min"], nested["length_mode"]) == (0.6, "sequence")
+    with pytest.raises(ValueError, match="policy_loss.cppo.w_min"):
+        cppo_fields({**base, "policy_loss": {"cppo": {"w_min": 0.6}}})
+    with pytest.raises(ValueError, match="set one option twice"):
+        cppo_fields({**base, "policy_loss": {"cppo_length_mode": "padded", "cppo": {"cppo_w_len_mode": "sequence"}}})
     old, new, adv, mask, _, _ = _verl_case(2)
     with pytest.raises(ValueError, match="w_min"):
         compute_policy_loss_cppo(old, new, adv, mask, "token-mean", {**base, "policy_loss": {"cppo_w_min": 1.5}})

@@ -39,6 +39,7 @@ CPPO_KEYS = {
     "cppo_delta_b_k": "delta_b_quantile_scale",
     "cppo_delta_b_max_mult": "delta_b_max_mult",
     "cppo_length_mode": "length_mode",
+    "cppo_w_len_mode": "length_mode",  # the same option as named in a later layout of the authors' keys
     "cppo_gate": "gate",
     "cppo_divergence": "divergence",
     "cppo_surrogate": "surrogate",
@@ -177,39 +178,53 @@ def compute_policy_loss_dppo_kl(old_log_prob, log_prob, advantages, response_mas
                  rollout_is_weights)
 
 
+def _is_section(value) -> bool:
+    return isinstance(value, Mapping) or is_dataclass(value) or hasattr(value, "keys")
+
+
 def _cppo_sections(config) -> list:
-    """Where `cppo_*` keys may be: `config.policy_loss` (the authors' place, and `CPPOPolicyLossConfig`'s), then the
-    actor config itself (a dict or DictConfig)."""
+    """Where `cppo_*` keys may be, as (name, section): `config.policy_loss` (the authors' place, and
+    `CPPOPolicyLossConfig`'s), its sub-section `cppo` (a later layout of their keys), and the actor config
+    itself (a dict or DictConfig)."""
     sections = []
     policy_loss = config.get("policy_loss", None)
-    if isinstance(policy_loss, Mapping) or is_dataclass(policy_loss) or hasattr(policy_loss, "keys"):
-        sections.append(("policy_loss.", policy_loss))
-    sections.append(("", config))
+    if _is_section(policy_loss):
+        sections.append(("policy_loss", policy_loss))
+        nested = policy_loss.get("cppo", None)
+        if nested is not None:
+            if not _is_section(nested):
+                raise ValueError(f"policy_loss.cppo must be a section of cppo_* keys, got {nested!r}")
+            sections.append(("policy_loss.cppo", nested))
+    sections.append(("actor", config))
     return sections
 
 
 def cppo_fields(config) -> dict:
     """PolicyLossConfig fields of `ptr_cppo` from verl's actor config: delta = `clip_ratio`, ratio_cap =
     `clip_ratio_c` (20 where absent), the authors' defaults (`CPPO_DEFAULTS`), and the `cppo_*` keys of `CPPO_KEYS`
-    from `config.policy_loss` or the actor config. An unknown `cppo_*` key, or one given in both places with two
-    values, is a ValueError naming it; a key set to None is None (`cppo_delta_b_q: null` keeps delta_b fixed)."""
+    from `config.policy_loss`, `config.policy_loss.cppo` or the actor config. An unknown `cppo_*` key (every key
+    of the `cppo` sub-section must be one), or one option given in two places with two values, is a ValueError
+    naming it; a key set to None is None (`cppo_delta_b_q: null` keeps delta_b fixed)."""
     delta, _, _ = _clip_range(config)
     fields = dict(CPPO_DEFAULTS, method="cppo", delta=delta,
                   ratio_cap=float(_config_get(config, "clip_ratio_c", CPPO_CLIP_RATIO_C_DEFAULT)))
-    given = {}
-    for prefix, section in _cppo_sections(config):
+    given = {}  # field -> (where, key, value)
+    for where, section in _cppo_sections(config):
         for key in _keys(section):
-            if not (isinstance(key, str) and key.startswith("cppo_")):
+            in_cppo_section = where == "policy_loss.cppo"
+            if key == "cppo" and where == "policy_loss":
+                continue
+            if not in_cppo_section and not (isinstance(key, str) and key.startswith("cppo_")):
                 continue
             if key not in CPPO_KEYS:
-                raise ValueError(f"unknown ptr_cppo option {prefix}{key}; valid options: {', '.join(CPPO_KEYS)}")
-            value = section.get(key)
-            if key in given and given[key] != value:
-                raise ValueError(f"{key} is given twice, as {given[key]!r} in policy_loss and as {value!r} in the "
-                                 "actor config: set it in one place")
-            given[key] = value
-    for key, value in given.items():
-        fields[CPPO_KEYS[key]] = cppo_value(key, value)
+                raise ValueError(f"unknown ptr_cppo option {where}.{key}; valid options: {', '.join(CPPO_KEYS)}")
+            field, value = CPPO_KEYS[key], cppo_value(key, section.get(key))
+            if field in given and given[field][2] != value:
+                first_where, first_key, first_value = given[field]
+                raise ValueError(f"{first_where}.{first_key}={first_value!r} and {where}.{key}={value!r} set one "
+                                 "option twice: set it in one place")
+            given.setdefault(field, (where, key, value))
+    fields.update({field: value for field, (_, _, value) in given.items()})
     return fields
 
 

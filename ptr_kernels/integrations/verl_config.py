@@ -40,13 +40,11 @@ class CPPOPolicyLossConfig(VerlPolicyLossConfig):
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
-        fields = {}
-        for key, field in CPPO_KEYS.items():
-            fields[field] = cppo_value(key, getattr(self, key))
+        keys = [key for key in CPPO_KEYS if hasattr(self, key)]  # cppo_w_len_mode is cppo_length_mode here
         try:
-            PolicyLossConfig(method="cppo", **fields)
+            PolicyLossConfig(method="cppo", **{CPPO_KEYS[key]: cppo_value(key, getattr(self, key)) for key in keys})
         except ValueError as error:  # name the verl key, not the PolicyLossConfig field
-            for key, field in CPPO_KEYS.items():
-                if f"PolicyLossConfig.{field}=" in str(error):
+            for key in keys:
+                if f"PolicyLossConfig.{CPPO_KEYS[key]}=" in str(error):
                     raise ValueError(f"policy_loss.{key}={getattr(self, key)!r} is invalid: {error}") from None
             raise
