@@ -103,6 +103,7 @@ def _decision_margin(old, new, adv, mask, keys) -> float:
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("seed", range(3))
 def test_ptr_cppo_equals_the_authors_verl_loss_kernel(seed, mode):
+    pytest.importorskip("triton")
     old, new, adv, mask, weights, keys = _verl_case(seed, B=4, T=12)
     old, new, adv = (t.float().double() for t in (old, new, adv))  # float32 values, exact in both
     info = _global_info(seed, mode, mask)
@@ -219,6 +220,8 @@ def test_unirl_config_equals_the_authors_packed_loss(seed, mode):
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_unirl_config_in_float32(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
     loss, grad, want, want_grad = _unirl_both(3, "seq-mean-token-mean", torch.float32, backend)
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-7)

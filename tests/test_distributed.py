@@ -22,7 +22,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from ptr_kernels import PolicyLossConfig, policy_loss
+pytest.importorskip("triton", reason="the Triton kernels: triton exists for Linux only")
+
+from ptr_kernels import PolicyLossConfig, policy_loss  # noqa: E402
 from ptr_kernels.layout import packed_to_rows  # noqa: E402
 from ptr_kernels.reference import token_terms  # noqa: E402
 

@@ -10,10 +10,12 @@ import sys
 import pytest
 import torch
 
-from ptr_kernels import PolicyLossConfig, policy_loss, policy_loss_from_logits
-from ptr_kernels.reference_logits import topk_divergence
-from ptr_kernels.testing.logits_cases import cast, random_logits_case
-from ptr_kernels.testing.oracle_logits import policy_loss_from_logits_literal
+pytest.importorskip("triton", reason="the Triton kernels: triton exists for Linux only")
+
+from ptr_kernels import PolicyLossConfig, policy_loss, policy_loss_from_logits  # noqa: E402
+from ptr_kernels.reference_logits import topk_divergence  # noqa: E402
+from ptr_kernels.testing.logits_cases import cast, random_logits_case  # noqa: E402
+from ptr_kernels.testing.oracle_logits import policy_loss_from_logits_literal  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf * 0 in discarded lanes

@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ptr_kernels import PolicyLossConfig, policy_loss_from_logits
-from ptr_kernels.testing.logits_cases import cast, random_logits_case
+pytest.importorskip("triton", reason="the Triton kernels: triton exists for Linux only")
+
+from ptr_kernels import PolicyLossConfig, policy_loss_from_logits  # noqa: E402
+from ptr_kernels.testing.logits_cases import cast, random_logits_case  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"),
               pytest.mark.skipif(torch.cuda.is_available(), reason="CPU allocations (on a GPU: the bench's peak)")]

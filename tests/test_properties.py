@@ -4,8 +4,10 @@ configs, dtypes and non-finite values. A new option added to `configs()` inherit
 Mostly against the reference; a few examples on the Triton kernel (interpreter on CPU), so CI time stays small.
 """
 
+import importlib
 import math
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,6 +20,17 @@ TRITON = settings(max_examples=6, deadline=None, derandomize=True,  # the same f
                   suppress_health_check=[HealthCheck.too_slow])
 INPUTS = ("log_prob", "old_log_prob", "advantages", "rollout_is_weights")
 NON_FINITE = st.sampled_from([math.nan, math.inf, -math.inf])
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+        return True
+    except ImportError:
+        return False
+
+
+needs_triton = pytest.mark.skipif(not _importable("triton"), reason="the Triton kernel: triton exists for Linux only")
 
 
 @st.composite
@@ -181,12 +194,14 @@ def test_low_precision_inputs_match_their_float32_values(kwargs, dtype):
 # triton (interpreter): a few examples each, against the reference
 
 
+@needs_triton
 @TRITON
 @given(batches(dtype=torch.float32), st.data())
 def test_triton_masked_garbage_changes_nothing(kwargs, data):
     assert_same(run(kwargs, "triton"), run(with_garbage(kwargs, data), "triton"))
 
 
+@needs_triton
 @TRITON
 @given(batches(dtype=torch.float32))
 def test_triton_matches_reference_and_packed_equals_padded(kwargs):
@@ -198,6 +213,7 @@ def test_triton_matches_reference_and_packed_equals_padded(kwargs):
         torch.testing.assert_close(got[2].reshape(-1), ref[2].reshape(-1), rtol=1e-4, atol=1e-5)
 
 
+@needs_triton
 @TRITON
 @given(batches(dtype=torch.float32), st.data())
 def test_triton_non_finite_at_a_valid_position_shows(kwargs, data):
@@ -206,6 +222,7 @@ def test_triton_non_finite_at_a_valid_position_shows(kwargs, data):
     assert torch.isnan(run(with_non_finite_at_a_valid_position(kwargs, data), "triton")[0])
 
 
+@needs_triton
 @TRITON
 @given(batches(dtype=torch.float32))
 def test_triton_gradient_only_into_log_prob_and_empty_is_zero(kwargs):

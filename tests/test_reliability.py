@@ -10,9 +10,11 @@ import re
 import pytest
 import torch
 
-from ptr_kernels import PolicyLossConfig, policy_loss
-from ptr_kernels.config import FIELDS
-from ptr_kernels.testing.oracle import policy_loss_literal
+pytest.importorskip("triton", reason="the Triton kernels: triton exists for Linux only")
+
+from ptr_kernels import PolicyLossConfig, policy_loss  # noqa: E402
+from ptr_kernels.config import FIELDS  # noqa: E402
+from ptr_kernels.testing.oracle import policy_loss_literal  # noqa: E402
 
 BACKENDS = ("reference", "triton")
 METHODS = {  # every method, with the options that change how a token's loss is computed

@@ -22,12 +22,14 @@ import numpy as np
 import pytest
 import torch
 
-from ptr_kernels import PolicyLossConfig, policy_loss
-from ptr_kernels.ops.autograd import triton_policy_loss
-from ptr_kernels.testing.cases import random_case
-from ptr_kernels.config import LOSS_AGG_MODES
-from ptr_kernels.layout import mask_as_bool, max_seqlen, packed_to_rows
-from ptr_kernels.reference import aggregate, token_terms
+pytest.importorskip("triton", reason="the Triton kernels: triton exists for Linux only")
+
+from ptr_kernels import PolicyLossConfig, policy_loss  # noqa: E402
+from ptr_kernels.ops.autograd import triton_policy_loss  # noqa: E402
+from ptr_kernels.testing.cases import random_case  # noqa: E402
+from ptr_kernels.config import LOSS_AGG_MODES  # noqa: E402
+from ptr_kernels.layout import mask_as_bool, max_seqlen, packed_to_rows  # noqa: E402
+from ptr_kernels.reference import aggregate, token_terms  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NORMALIZERS = ("dp_size", "batch_num_tokens", "global_batch_size")

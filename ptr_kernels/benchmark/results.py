@@ -17,13 +17,16 @@ CPU_NOTE = "CPU run: wall-clock times of PyTorch on this CPU; kernel timings nee
 
 def environment(device: torch.device) -> dict:
     """Device name, library versions and the git commit, stamped on every row."""
-    import triton
-
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:  # macOS, Windows: the eager, compile, loop and verl providers still run
+        triton_version = "not installed"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"cpu {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-    return {"device": name, "torch": torch.__version__, "triton": triton.__version__, "commit": git_commit()}
+    return {"device": name, "torch": torch.__version__, "triton": triton_version, "commit": git_commit()}
 
 
 def git_commit() -> str:
