@@ -4,6 +4,7 @@ Subcommands:
   fuzz    compare a backend with the token-by-token oracle (docs/math.md) on seeded random cases
   bench   benchmark sweep of the fused kernel against eager, torch.compile, the per-sequence loop and verl
   demo    RL with verifiable rewards on a CPU: a tiny transformer trained with cppo, dppo and ppo in turn
+  doctor  what this installation can run: torch, triton, CUDA or the interpreter, verl and TRL
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
                                description=demo_cli.__doc__.split("\n")[0])
     demo_cli.add_arguments(demo)
     demo.set_defaults(func=demo_cli.run)
+
+    from . import doctor
+    check_install = commands.add_parser("doctor", help="what this installation can run (torch, triton, CUDA or "
+                                                       "the interpreter, verl, TRL)",
+                                        description=doctor.__doc__.split("\n")[0])
+    check_install.set_defaults(func=doctor.run)
     return parser
 
 
