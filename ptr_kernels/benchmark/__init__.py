@@ -2,9 +2,9 @@
 
 `ptr-kernels bench` (or `python -m ptr_kernels.benchmark`) sweeps shapes, methods and layouts for these
 providers, all computing the loss of docs/math.md sections 2-6 on the same inputs, and writes `results.csv`
-row by row, the plots, `results.md` and the issues' targets as PASS / MISS; `--report CSV` redoes the report
-from an earlier CSV; `--host` measures the host time of one call instead (docs/benchmarks.md says what each
-figure means). One module per job:
+row by row, the plots, `results.md` and the performance targets as PASS / MISS; `--report CSV` redoes the
+report from an earlier CSV; `--host` measures the host time of one call instead (docs/benchmarks.md says what
+each figure means). One module per job:
 
 - workloads: methods, layouts, the shapes of each sweep, RL-like input sets
 - providers: each provider's loss on one input set, one fwd or fwd+bwd step
@@ -14,7 +14,7 @@ figure means). One module per job:
 - sweep:     the run plan, the per-config measurements, the time budget
 - host:      `--host`: fused vs eager host time per call, Triton launches stubbed on CPU
 - results:   the CSV columns, writer, reader and environment stamp
-- targets:   the issues' targets from the rows
+- targets:   the performance targets from the rows
 - report:    results.md tables; plots: the PNGs
 - cli:       the options, `run` and `main`
 """

@@ -18,6 +18,7 @@ from .results import load_rows
 from .sweep import END_RESERVE_S, sweep
 from .workloads import LAYOUTS, METHODS, SWEEPS
 
+DEFAULT_OUT = "bench/results"
 DESCRIPTION = ("Benchmark harness: the fused kernel against eager PyTorch, torch.compile, the per-sequence loop "
                "and verl.")
 
@@ -35,23 +36,27 @@ def _list(choices):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `ptr-kernels bench`."""
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="auto: cuda when available")
+                        help="auto (default): cuda when available")
     parser.add_argument("--sweep", choices=tuple(SWEEPS), default=None,
                         help="shape set (default: full on cuda, tiny on cpu)")
     parser.add_argument("--full", action="store_const", const="full", dest="sweep", help="same as --sweep full")
     parser.add_argument("--providers", type=_list(PROVIDERS), default=None,
-                        help="comma-separated (default: all on cuda; eager,loop,verl on cpu, where fused "
-                             "needs TRITON_INTERPRET=1)")
-    parser.add_argument("--methods", type=_list(METHODS), default=list(METHODS))
-    parser.add_argument("--layouts", type=_list(LAYOUTS), default=list(LAYOUTS))
+                        help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all on cuda; "
+                             "eager,loop,verl on cpu, where a named fused runs in the Triton interpreter)")
+    parser.add_argument("--methods", type=_list(METHODS), default=list(METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    parser.add_argument("--layouts", type=_list(LAYOUTS), default=list(LAYOUTS),
+                        help=f"comma-separated subset of {','.join(LAYOUTS)} (default: both)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="dtype of log_prob, old_log_prob and advantages")
+                        help="dtype of log_prob, old_log_prob and advantages (default: float32)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: $OUT if set, else bench/results; with --report: the CSV's)")
+                        help=f"output folder (default: {DEFAULT_OUT}; with --report: the CSV's)")
     parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds for the whole run: configs that would start too late are recorded as "
-                             "skipped (the last 45 s are kept for launch counts and the report)")
-    parser.add_argument("--max-reps", type=int, default=None, help="most timed calls per config and mode")
+                        help="seconds for the whole run (default: no limit): configs that would start too late "
+                             "are recorded as skipped (the last 45 s are kept for launch counts and the report)")
+    parser.add_argument("--max-reps", type=int, default=None,
+                        help="most timed calls per config and mode (default on cuda / cpu: 100 / 10; --host: "
+                             "30 / 300 rounds; --from-logits: 20 / 2)")
     parser.add_argument("--report", type=Path, default=None, metavar="CSV",
                         help="only write plots, results.md and targets from an existing results CSV")
     parser.add_argument("--host", action="store_true",
@@ -71,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report is not None:
         report(load_rows(args.report), args.out or args.report.parent, args.report)
         return 0
-    out = args.out or Path(os.environ.get("OUT") or "bench/results")
+    out = args.out or Path(DEFAULT_OUT)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
@@ -94,8 +99,10 @@ def run(args: argparse.Namespace) -> int:
         args.providers = list(PROVIDERS)
         if device.type == "cpu":
             print("CPU: providers eager, loop, verl; 'compile' (tens of seconds of compile per shape here) and "
-                  "'fused' (Triton interpreter, TRITON_INTERPRET=1) run when named in --providers")
+                  "'fused' (in the Triton interpreter) run when named in --providers")
             args.providers = ["eager", "loop", "verl"]
+    elif device.type == "cpu" and "fused" in args.providers:
+        interpreter_ready()  # as fuzz does: on before triton is imported (else the sweep says why it skips fused)
     out.mkdir(parents=True, exist_ok=True)
     rows = sweep(args, device, out, deadline)
     report(rows, out, out / "results.csv")

@@ -5,14 +5,14 @@ fused call is its host work: Python, validation, torch's dispatch and autograd, 
 handling. The outputs are `torch.empty`, so skipping the kernels is safe (the values are garbage, never read).
 That host time is compared with the eager reference's fwd+bwd on the same inputs (about 200 small ops, all
 host work at this size), in two conditions, each the same for both providers and both in one run:
-- warm (the figure of merit, issue 7: at most 0.15 at a tiny shape, padded and packed): each timed call right
+- warm (the figure of merit, target at most 0.15 at a tiny shape, padded and packed): each timed call right
   after a call of its own provider, in batches of back-to-back calls that alternate between the providers;
 - cold: each timed call right after a stand-in for the model's forward and backward between two loss calls
   (a small MLP step), which leaves the caches to neither provider.
 The ratio of the medians is reported for both.
 
 On CUDA nothing is stubbed: the figure is the wall-clock per call of back-to-back fwd+bwd calls, synchronized
-after each batch, fused and eager batches alternating (issue 13: at most 100 us at 8x512, below eager).
+after each batch, fused and eager batches alternating (target: at most 100 us at 8x512, below eager).
 """
 
 from __future__ import annotations

@@ -14,13 +14,23 @@ from .results import CPU_NOTE, load_rows
 from .targets import index_rows, p50, targets
 from .workloads import LAYOUTS, METHODS, MODES
 
-TARGET_HEADER = ("issue", "target", "case", "measured", "required", "status")
+TARGET_HEADER = ("target", "case", "measured", "required", "status")
+UNJUDGED = {"not measured": "not measured by this run", "n/a (CPU)": "GPU targets a CPU run cannot judge"}
 
 
 def target_table(rows) -> list:
-    """Markdown lines of the targets table."""
-    return _table(TARGET_HEADER, [(t.issue, t.target, t.case, t.measured, t.required, t.status)
-                                  for t in targets(rows)])
+    """Markdown lines of the targets this run judged (PASS / MISS), then one line counting the others."""
+    judged, unjudged = [], dict.fromkeys(UNJUDGED, 0)
+    for t in targets(rows):
+        if t.status in UNJUDGED:
+            unjudged[t.status] += 1
+        else:
+            judged.append((t.target, t.case, t.measured, t.required, t.status))
+    others = ", ".join(f"{n} {UNJUDGED[status]}" for status, n in unjudged.items() if n)
+    if not judged:
+        return [f"No target judged by this run: {others} (docs/benchmarks.md lists every target)."]
+    lines = _table(TARGET_HEADER, judged)
+    return lines + ["", f"Not shown: {others} (docs/benchmarks.md lists every target)."] if others else lines
 
 
 def _table(header, body) -> list:

@@ -169,7 +169,7 @@ def _warm_runner(settings: SweepSettings, provider: str, method: str, shape: Sha
 
 def _priority(provider: str, method: str, shape: Shape) -> tuple:
     """Run order: the compile provider first (its first-priority shape, then the others: the comparison that
-    issue 13 asks for, a few seconds of compile each on a GPU), the cheap eager baseline, the loop at the
+    a target asks for, a few seconds of compile each on a GPU), the cheap eager baseline, the loop at the
     4,096-sequence target, the fused kernel (the long-sequence shape first, then by size), the other baselines.
     So a timeout or a crash of the fused kernel (a lost CUDA context ends the run) loses the least."""
     if provider == "compile":
@@ -208,7 +208,8 @@ def sweep(args, device: torch.device, out: Path, deadline: float = math.inf) -> 
     shapes = SWEEPS[args.sweep]
     providers = args.providers
     if "fused" in providers and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        print("skipping provider 'fused': on CPU the Triton kernel runs only under TRITON_INTERPRET=1")
+        print("skipping provider 'fused': on CPU the Triton kernel runs only in the Triton interpreter, and triton "
+              "was imported without TRITON_INTERPRET=1 (set it in the environment)")
         providers = [p for p in providers if p != "fused"]
     if "fused" in providers and cuda and os.environ.get("TRITON_INTERPRET") == "1":
         print("WARNING: TRITON_INTERPRET=1 is set: the fused provider runs in the Triton interpreter, "
@@ -222,11 +223,13 @@ def sweep(args, device: torch.device, out: Path, deadline: float = math.inf) -> 
     if not cuda:
         print(CPU_NOTE)
     timer = Timer(device)
-    bw = copy_bandwidth(timer, device, nbytes=COPY_BYTES if cuda else 64 * 2**20)
-    copy_gbs = statistics.median(bw)
-    sink.add("copy", "-", "-", "1GiB" if cuda else "64MiB", "", "", "-", "bandwidth_gbs", quantiles(bw),
-             note="device-to-device copy, read + write bytes")
-    print(f"copy bandwidth: {copy_gbs:.0f} GB/s")
+    copy_gbs = None  # the bandwidth targets' yardstick: a GPU's, a CPU run has no kernel timings to hold to it
+    if cuda:
+        bw = copy_bandwidth(timer, device, nbytes=COPY_BYTES)
+        copy_gbs = statistics.median(bw)
+        sink.add("copy", "-", "-", "1GiB", "", "", "-", "bandwidth_gbs", quantiles(bw),
+                 note="device-to-device copy, read + write bytes")
+        print(f"copy bandwidth: {copy_gbs:.0f} GB/s")
 
     jobs = plan(providers, args.methods, args.layouts, shapes)
     smallest_run = {}  # (provider, method, layout) -> (shape, s per call, runner) of its smallest timed config

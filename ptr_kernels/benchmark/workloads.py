@@ -46,7 +46,7 @@ def packed(sequences: int, tokens: int, **kw) -> Shape:
     return Shape("packed", sequences, tokens, **kw)
 
 
-# The shapes that the targets of issue 13 compare (docs/benchmarks.md, "Targets"): a few long sequences
+# The shapes that two targets compare (docs/benchmarks.md, "Targets"): a few long sequences
 # (long-context RL) against the same 1M tokens in short rows.
 LONG_SEQUENCES = packed(8, 8 * 131072)
 LONG_BASELINE = padded(256, 4096, compile_priority=1, loop=True)
