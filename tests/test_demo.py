@@ -83,5 +83,11 @@ def test_cli_beats_supervised_only_and_writes_outputs(tmp_path, capsys):
         assert float(r["supervised_only_reward"]) > 0.2, r  # the warm start gets some prompts right
         assert float(r["final_reward"]) > float(r["supervised_only_reward"]) + 0.1, r
     with (tmp_path / "history.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == 3 * 8
+        history = list(csv.DictReader(f))
+    assert len(history) == 3 * 8
+    for r in rows:  # a run shorter than 10 steps averages all of them, and says so
+        rewards = [float(h["rollout_reward"]) for h in history if h["method"] == r["method"]]
+        assert float(r["final_rollout_reward"]) == pytest.approx(sum(rewards) / 8, abs=1e-4)
+    assert "| held-out exact match: supervised only -> after RL | rollout reward, last 8 steps |" in \
+        (tmp_path / "summary.md").read_text()
     assert "| cppo |" in capsys.readouterr().out

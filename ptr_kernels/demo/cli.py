@@ -6,24 +6,27 @@ The `ptr-kernels demo` subcommand: its options, the progress bar, the plots and 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+DEFAULT_OUT = "demo-results"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `ptr-kernels demo`."""
     from .train import DemoConfig
-    parser.add_argument("--steps", type=int, default=DemoConfig.steps, help="RL steps per method")
-    parser.add_argument("--seed", type=int, default=DemoConfig.seed)
+    parser.add_argument("--steps", type=int, default=DemoConfig.steps,
+                        help=f"RL steps per method, at least 1 (default: {DemoConfig.steps})")
+    parser.add_argument("--seed", type=int, default=DemoConfig.seed,
+                        help=f"seed of the model, the task and the sampling (default: {DemoConfig.seed})")
     parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
                         help="cpu (default, deterministic for a seed), cuda (the loss runs the Triton kernel), "
                              "auto: cuda when available")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: $OUT/demo if $OUT is set, else demo-results)")
+                        help=f"output folder (default: {DEFAULT_OUT})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
-    out = args.out or (Path(os.environ["OUT"]) / "demo" if os.environ.get("OUT") else Path("demo-results"))
+    out = args.out or Path(DEFAULT_OUT)
     config = DemoConfig(steps=args.steps, seed=args.seed)
 
     start = time.perf_counter()

@@ -11,7 +11,7 @@ from .train import DemoResult
 
 COLORS = {"cppo": "C0", "dppo": "C1", "ppo": "C2"}
 SMOOTHING_STEPS = 5  # trailing window of the smoothed curves
-FINAL_STEPS = 10  # the "final rollout reward" is the mean over this many last steps
+FINAL_STEPS = 10  # the "final rollout reward" is the mean over this many last steps (all of a shorter run)
 
 
 def _trailing_mean(values) -> np.ndarray:
@@ -113,9 +113,10 @@ def summary_rows(result: DemoResult) -> list:
     return rows
 
 
-def markdown_table(rows: list) -> str:
-    header = ("| method | held-out reward: supervised only -> after RL | rollout reward, last "
-              f"{FINAL_STEPS} steps | mean mask_frac | budget share of rejections | tokens/s |")
+def markdown_table(rows: list, final_steps: int) -> str:
+    """The summary table; `final_steps`: how many last steps the rollout reward averages."""
+    header = ("| method | held-out exact match: supervised only -> after RL | rollout reward, last "
+              f"{final_steps} steps | mean mask_frac | budget share of rejections | tokens/s |")
     lines = [header, "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['supervised_only_reward']:.3f} -> {r['final_reward']:.3f} | "
@@ -159,7 +160,7 @@ def write_report(result: DemoResult, out: Path) -> dict:
     files.append(_save(fig, out / "demo.png"))
 
     rows = summary_rows(result)
-    table = markdown_table(rows)
+    table = markdown_table(rows, min(FINAL_STEPS, c.steps))
     (out / "summary.md").write_text(table)
     _write_csv(out / "summary.csv", rows)
     _write_csv(out / "history.csv", [
