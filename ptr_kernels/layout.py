@@ -66,6 +66,11 @@ def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seql
         raise ValueError(f"old_log_prob has shape {tuple(old_log_prob.shape)}, "
                          f"expected log_prob's {tuple(log_prob.shape)}")
     if response_mask is not None:
+        if response_mask.shape != log_prob.shape and cu_seqlens is not None:
+            raise ValueError(f"response_mask has shape {tuple(response_mask.shape)}, but cu_seqlens makes the "
+                             f"input packed, log_prob {tuple(log_prob.shape)}: give one layout, padded [B, T] with "
+                             "response_mask, or packed [N] with cu_seqlens (and response_mask [N] only for holes "
+                             "inside the sequences)")
         if response_mask.shape != log_prob.shape:
             raise ValueError(f"response_mask has shape {tuple(response_mask.shape)}, "
                              f"expected log_prob's {tuple(log_prob.shape)}")

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from ptr_kernels import PolicyLoss, PolicyLossConfig, policy_loss, policy_loss_from_logits
-from ptr_kernels.distributed import global_counts
+pytest.importorskip("triton", reason="the Triton kernels: triton exists for Linux only")
+
+from ptr_kernels import PolicyLoss, PolicyLossConfig, policy_loss, policy_loss_from_logits  # noqa: E402
+from ptr_kernels.distributed import global_counts  # noqa: E402
 
 BACKENDS = ("reference", "triton")
 
@@ -41,6 +43,18 @@ def test_global_counts_without_a_process_group():
     assert [int(c) for c in global_counts(torch.tensor([1, 0, 1, 1, 0]), torch.tensor([0, 2, 5]))] == [3, 2, 1]
     assert [int(c) for c in global_counts(cu_seqlens=torch.tensor([0, 2, 2, 5]))] == [5, 2, 1]
     assert [int(c) for c in global_counts(torch.tensor([[1, 0], [0, 0]]))] == [1, 1, 1]
+
+
+def test_a_padded_mask_with_cu_seqlens_asks_for_one_layout():
+    lp, olp, adv, mask = _padded()
+    cu_seqlens = torch.tensor([0, 5, 8, 9])
+    packed = lp[mask]
+    with pytest.raises(ValueError, match=r"response_mask has shape \(3, 5\), but cu_seqlens makes the input packed, "
+                                         r"log_prob \(9,\): give one layout"):
+        policy_loss(packed, olp[mask], adv, mask, cu_seqlens=cu_seqlens)
+    with pytest.raises(ValueError, match=r"with cu_seqlens the input is packed \[N\]; padded \[B, T\] input takes "
+                                         "response_mask instead of cu_seqlens"):
+        policy_loss(lp, olp, adv, mask, cu_seqlens=cu_seqlens)
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])

@@ -84,6 +84,16 @@ def test_unavailable_backend_exits_2(capsys, monkeypatch):
     assert "backend 'triton' is not available yet" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, value", [("--cases", "0"), ("--cases", "-3"), ("--cases", "many"),
+                                           ("--max-len", "0")])
+def test_nothing_to_check_is_an_error(capsys, option, value):
+    """`--cases 0` would print "PASS on all 0 cases" having checked nothing."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["fuzz", option, value])
+    assert exit_.value.code == 2
+    assert f"argument {option}: expected an integer >= 1, got {value!r}" in capsys.readouterr().err
+
+
 def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "ptr_kernels", "fuzz", "--cases", "3", "--backend", "reference"],
                           capture_output=True, text=True, timeout=120)

@@ -191,9 +191,20 @@ def _progress(iterable, total):
     return tqdm(iterable, total=total, desc="fuzz", unit="case", file=sys.stderr)
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:  # "PASS on all 0 cases" would pass nothing
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `ptr-kernels fuzz`."""
-    parser.add_argument("--cases", type=int, default=300, help="number of random cases (default 300)")
+    parser.add_argument("--cases", type=_at_least_one, default=300,
+                        help="number of random cases, at least 1 (default 300)")
     parser.add_argument("--seed", type=int, default=0, help="first seed; case i uses seed + i (default 0)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="implementation under test (auto: triton on CUDA, reference on CPU)")
@@ -201,7 +212,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input dtype (default: float64 for reference, float32 for triton)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when available")
-    parser.add_argument("--max-len", type=int, default=300, help="longest sequence (default 300)")
+    parser.add_argument("--max-len", type=_at_least_one, default=300, help="longest sequence (default 300)")
     parser.add_argument("--show", type=int, default=5, help="failing cases printed in full (default 5)")
     parser.add_argument("--from-logits", action="store_true",
                         help="fuzz policy_loss_from_logits (Top-K divergences, logits gradient) instead")
