@@ -57,7 +57,7 @@ def test_triton_matches_reference(method, divergence, layout, vocab, k, temperat
     """Loss, every metric (entropy included) and the logits gradient of the fused path equal the float64
     reference's, with masked positions full of garbage (NaN logits, ids -100, repeated top-K ids)."""
     config = PolicyLossConfig(method=method, divergence=divergence, delta=0.1, delta_b_quantile=0.5,
-                              delta_b_quantile_scale=1.5,
+                              delta_b_quantile_scale=0.75,
                               loss_agg_mode="seq-mean-token-mean" if layout == "packed" else "token-mean")
     case = random_logits_case(vocab + k, layout=layout, vocab=vocab, k=k, temperature=temperature, config=config)
     ref_loss, ref_metrics, ref_grad = run(cast(case, torch.float64), "reference")
