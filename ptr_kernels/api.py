@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
@@ -86,21 +85,26 @@ def _triton_policy_loss(*args, **kwargs):
     # imported on first use so that importing ptr_kernels does not import triton (TRITON_INTERPRET must be set
     # first), then kept: an import statement per call costs host time
     global _triton_policy_loss
-    _triton_policy_loss = triton_backend("autograd").triton_policy_loss
-    return _triton_policy_loss(*args, **kwargs)
-
-
-def triton_backend(module: str):
-    """`ptr_kernels.ops.<module>`, which imports triton. Without triton (it exists for Linux only) this is the
-    RuntimeError that backend="triton" raises wherever the kernels cannot run, e.g. on CPU tensors outside the
-    Triton interpreter."""
     try:
-        return importlib.import_module(f".ops.{module}", __package__)
+        from .ops.autograd import triton_policy_loss
     except ImportError as error:
-        if error.name is None or error.name.split(".")[0] != "triton":
+        if not triton_missing(error):
             raise
-        raise RuntimeError("backend='triton' needs the triton package, which is not installed (pip install "
-                           "triton, on Linux): use backend='reference'") from error
+        raise RuntimeError(NO_TRITON) from error
+    _triton_policy_loss = triton_policy_loss
+    return triton_policy_loss(*args, **kwargs)
+
+
+# Without triton (it exists for Linux only) backend="triton" raises the RuntimeError it raises wherever the
+# kernels cannot run, e.g. on CPU tensors outside the Triton interpreter. (Import statements, not importlib:
+# torch.compile traces these paths.)
+NO_TRITON = "backend='triton' needs the triton package, which is not installed (pip install triton, on Linux): " \
+            "use backend='reference'"
+
+
+def triton_missing(error: ImportError) -> bool:
+    """Whether importing the kernels failed because triton is not installed."""
+    return error.name is not None and error.name.split(".")[0] == "triton"
 
 
 class PolicyLoss(torch.nn.Module):

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .api import BACKENDS, triton_backend
+from .api import BACKENDS, NO_TRITON, triton_missing
 from .carried_state import check_carried_state
 from .config import LOGIT_DIVERGENCES, PolicyLossConfig, resolve_config
 from .layout import FLOAT_DTYPES, Layout, check_inputs
@@ -85,10 +85,14 @@ def policy_loss_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, old_l
         from .reference_logits import policy_loss_from_logits_reference
         return policy_loss_from_logits_reference(logits, input_ids, old_log_prob, advantages, response_mask,
                                                  **kwargs)
-    # imports triton: TRITON_INTERPRET is set by now
-    fused = triton_backend("from_logits").triton_policy_loss_from_logits
-    return fused(logits, input_ids, old_log_prob, advantages, response_mask, layout=layout,
-                 inplace_grad=inplace_grad, **kwargs)
+    try:
+        from .ops.from_logits import triton_policy_loss_from_logits  # imports triton: TRITON_INTERPRET is set by now
+    except ImportError as error:
+        if not triton_missing(error):
+            raise
+        raise RuntimeError(NO_TRITON) from error
+    return triton_policy_loss_from_logits(logits, input_ids, old_log_prob, advantages, response_mask,
+                                          layout=layout, inplace_grad=inplace_grad, **kwargs)
 
 
 def check_logits_inputs(logits, input_ids, old_log_prob, advantages, response_mask, cu_seqlens, topk_ids,
