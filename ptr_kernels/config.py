@@ -213,7 +213,7 @@ def _applies(config: PolicyLossConfig) -> dict:
         "length_mode": cppo,
         "gate": cppo,
         "surrogate": not ppo,
-        "ratio_cap": not ppo and config.surrogate == "logp",
+        "ratio_cap": not ppo,  # the logp surrogate's cap, and the ratio_cap_frac metric with either surrogate
         "log_ratio_clamp": True,
         "clip_ratio_low": ppo,
         "clip_ratio_high": ppo,
@@ -224,8 +224,8 @@ def _applies(config: PolicyLossConfig) -> dict:
 
 
 def unused_fields(config: PolicyLossConfig) -> tuple:
-    """The fields of `config` set away from their default that it never reads (`w_min` with dppo, `ratio_cap`
-    without the logp surrogate, ...), in field order: a caller warns about them."""
+    """The fields of `config` set away from their default that it never reads (`w_min` with dppo, a fixed
+    delta_b's `delta_b_max_mult`, ...), in field order: a caller warns about them."""
     applies = _applies(config)
     return tuple(name for name in FIELDS
                  if not applies[name] and getattr(config, name) != getattr(_DEFAULTS, name))

@@ -20,8 +20,8 @@ def test_defaults_leave_nothing_unused(method):
     ("cppo", {"delta_b_quantile": None, "delta_b_quantile_scale": 1.5, "delta_b_max_mult": 3.0},
      ("delta_b_quantile_scale", "delta_b_max_mult")),  # a fixed delta_b has no quantile to scale or cap
     ("cppo", {"delta_b_quantile_scale": 1.5, "delta_b_max_mult": 3.0}, ()),
-    ("cppo", {"ratio_cap": 5.0}, ("ratio_cap",)),  # the ratio surrogate has no cap
-    ("cppo", {"ratio_cap": 5.0, "surrogate": "logp"}, ()),
+    ("cppo", {"ratio_cap": 5.0}, ()),  # the ratio surrogate has no cap, but ratio_cap_frac counts above it
+    ("ppo", {"ratio_cap": 5.0}, ("ratio_cap",)),
     ("ppo", {"delta": 0.2, "surrogate": "logp", "w_min": 0.5}, ("delta", "w_min", "surrogate")),
     ("ppo", {"clip_ratio_c": 3.0, "log_ratio_clamp": None, "divergence": "binary_kl"}, ()),
     ("ppo", {"loss_scale_factor": 4.0}, ("loss_scale_factor",)),
