@@ -25,6 +25,11 @@ import torch
 
 STATE_SLACK, STATE_S, STATE_W = 0, 1, 2
 STATE_WIDTH = 3
+# the kernels read a shard's inputs as one float64 row per sequence, and write the state after it in the same row:
+# the state's columns, then position_offset, sequence_length and sequence_delta_b, then the state after
+SHARD_OFFSET, SHARD_LENGTH, SHARD_DELTA_B = 3, 4, 5
+SHARD_FINAL = 6
+SHARD_WIDTH = SHARD_FINAL + STATE_WIDTH
 
 
 def check_carried_state(num_seqs: int, device: torch.device, *, calibrated: bool = False, initial_state=None,
@@ -54,3 +59,18 @@ def check_carried_state(num_seqs: int, device: torch.device, *, calibrated: bool
             raise ValueError(f"{name} must be an integer tensor, got {value.dtype}")
         if not integer and not value.is_floating_point():
             raise ValueError(f"{name} must be a float tensor, got {value.dtype}")
+
+
+def pack_shard(num_seqs: int, device: torch.device, *, initial_state=None, position_offset=None, sequence_length=None,
+               sequence_delta_b=None) -> torch.Tensor:
+    """The shard inputs as the kernels read them, `[S, SHARD_WIDTH]` float64 (offsets and lengths are exact in it):
+    absent ones zero (zero state, first position 0; the length and delta_b columns are read only when given), and
+    the final state's columns left for the kernel to write."""
+    shard = torch.zeros((num_seqs, SHARD_WIDTH), dtype=torch.float64, device=device)
+    if initial_state is not None:
+        shard[:, :STATE_WIDTH] = initial_state
+    for column, value in ((SHARD_OFFSET, position_offset), (SHARD_LENGTH, sequence_length),
+                          (SHARD_DELTA_B, sequence_delta_b)):
+        if value is not None:
+            shard[:, column] = value
+    return shard

@@ -132,8 +132,8 @@ def test_gradient_only_into_log_prob(backend, layout, method):
 # 3. Hyperparameters beyond float32's range: ValueError naming the field, on both backends
 
 BEYOND_FLOAT32 = 1e39
-FLOAT_FIELDS = ("delta", "delta_low", "delta_high", "delta_b", "delta_b_max_mult", "ratio_cap", "log_ratio_clamp",
-                "clip_ratio_high", "clip_ratio_c", "loss_scale_factor")
+FLOAT_FIELDS = ("delta", "delta_low", "delta_high", "delta_b", "delta_b_quantile_scale", "delta_b_max_mult",
+                "ratio_cap", "log_ratio_clamp", "clip_ratio_high", "clip_ratio_c", "loss_scale_factor")
 BOUNDED_FIELDS = ("w_min", "delta_b_quantile", "clip_ratio_low")  # in [0, 1] already
 
 

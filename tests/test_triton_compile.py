@@ -131,34 +131,26 @@ def test_compile_packed():
 
 
 # Kernel variants for the ahead-of-time compile check: every constexpr value at least once (METHOD: cppo 0,
-# dppo 1, ppo 2; DIVERGENCE: binary_tv 0, binary_kl 1, given 2; HORIZON: last 0, argument 1, max_len 2,
-# given 3; HAS_STATE, DELTA_B_GIVEN; every aggregation MODE and kind of normalizer for the reduction the last
-# program runs).
+# dppo 1, ppo 2; DIVERGENCE: binary_tv 0, binary_kl 1, given 2; BUDGET: fixed 0, quantile 1, given 2; HORIZON:
+# last 0, int 1, max_len 2, given 3, width 4; every aggregation MODE) and every optional input present and absent
+# (None: the kernel reads the layout from which pointers are None). `absent`: the inputs passed as None.
 AOT_VARIANTS = [
-    dict(METHOD=0, DIVERGENCE=0, GATE=0, SURROGATE=0, QUANTILE=True, HORIZON=0, SCAN_FIRST=True, PACKED=True,
-         HAS_MASK=True, HAS_RW=True, ADV_PER_SEQ=False, PER_SEQ_MEAN=True, ROWS=1, BLOCK=1024),
-    dict(METHOD=0, DIVERGENCE=1, GATE=1, SURROGATE=1, QUANTILE=True, HORIZON=2, SCAN_FIRST=True, PACKED=True,
-         HAS_MASK=False, HAS_RW=False, ADV_PER_SEQ=True, PER_SEQ_MEAN=False, ROWS=64, BLOCK=16),
-    dict(METHOD=0, DIVERGENCE=2, GATE=0, SURROGATE=0, QUANTILE=False, HORIZON=1, SCAN_FIRST=False, PACKED=False,
-         HAS_MASK=True, HAS_RW=False, ADV_PER_SEQ=True, PER_SEQ_MEAN=False, ROWS=4, BLOCK=256),
-    dict(METHOD=1, DIVERGENCE=1, GATE=0, SURROGATE=1, QUANTILE=False, HORIZON=0, SCAN_FIRST=False, PACKED=False,
-         HAS_MASK=True, HAS_RW=False, ADV_PER_SEQ=False, PER_SEQ_MEAN=False, ROWS=1, BLOCK=1024),
-    dict(METHOD=2, DIVERGENCE=0, GATE=0, SURROGATE=0, QUANTILE=False, HORIZON=0, SCAN_FIRST=False, PACKED=True,
-         HAS_MASK=True, HAS_RW=True, ADV_PER_SEQ=False, PER_SEQ_MEAN=True, ROWS=8, BLOCK=128),
-    # a context-parallel shard: carried state, T_w and delta_b given (HORIZON_GIVEN = 3)
-    dict(METHOD=0, DIVERGENCE=0, GATE=0, SURROGATE=0, QUANTILE=False, HORIZON=3, SCAN_FIRST=False, PACKED=True,
-         HAS_MASK=True, HAS_RW=False, ADV_PER_SEQ=True, PER_SEQ_MEAN=False, ROWS=4, BLOCK=256, HAS_STATE=True,
-         DELTA_B_GIVEN=True),
+    (dict(METHOD=0, DIVERGENCE=0, GATE=0, SURROGATE=0, BUDGET=1, HORIZON=0, ADV_PER_SEQ=False, MODE=3, BLOCK=1024),
+     ("div_ptr", "shard_ptr", "dp_ptr", "tokens_ptr", "seqs_ptr")),
+    (dict(METHOD=0, DIVERGENCE=1, GATE=1, SURROGATE=1, BUDGET=1, HORIZON=2, ADV_PER_SEQ=True, MODE=3, BLOCK=16),
+     ("mask_ptr", "rw_ptr", "div_ptr", "shard_ptr")),
+    (dict(METHOD=0, DIVERGENCE=2, GATE=0, SURROGATE=0, BUDGET=0, HORIZON=4, ADV_PER_SEQ=True, MODE=1, BLOCK=256),
+     ("rw_ptr", "cu_ptr", "shard_ptr", "dp_ptr", "tokens_ptr", "seqs_ptr")),
+    (dict(METHOD=1, DIVERGENCE=1, GATE=0, SURROGATE=1, BUDGET=0, HORIZON=0, ADV_PER_SEQ=False, MODE=4, BLOCK=1024),
+     ("rw_ptr", "div_ptr", "cu_ptr", "shard_ptr", "tokens_ptr", "seqs_ptr")),
+    (dict(METHOD=2, DIVERGENCE=0, GATE=0, SURROGATE=0, BUDGET=0, HORIZON=0, ADV_PER_SEQ=False, MODE=2, BLOCK=128),
+     ("div_ptr", "shard_ptr", "dp_ptr", "tokens_ptr")),
+    # a context-parallel shard: carried state, T_w and delta_b given
+    (dict(METHOD=0, DIVERGENCE=0, GATE=0, SURROGATE=0, BUDGET=2, HORIZON=3, ADV_PER_SEQ=True, MODE=0, BLOCK=256),
+     ("rw_ptr", "div_ptr", "dp_ptr", "tokens_ptr", "seqs_ptr")),
+    (dict(METHOD=0, DIVERGENCE=0, GATE=1, SURROGATE=0, BUDGET=0, HORIZON=1, ADV_PER_SEQ=False, MODE=0, BLOCK=64),
+     ("rw_ptr", "div_ptr", "cu_ptr", "dp_ptr", "tokens_ptr", "seqs_ptr")),
 ]
-AOT_VARIANTS = [dict(dict(HAS_STATE=False, DELTA_B_GIVEN=False, MODE=0, DP=0, TOKENS=0, SEQS=0), **v)
-                for v in AOT_VARIANTS]
-# the reduction in the widest tile (ROWS=64) and the narrowest (ROWS=1), every mode, normalizers absent (kind 0),
-# numbers (1) and tensors (2)
-AOT_VARIANTS[0].update(MODE=3, DP=1, TOKENS=1, SEQS=1)
-AOT_VARIANTS[1].update(MODE=3, DP=2, TOKENS=2, SEQS=2)
-AOT_VARIANTS[2].update(MODE=1, DP=1, TOKENS=0, SEQS=0)
-AOT_VARIANTS[3].update(MODE=4, DP=1, TOKENS=0, SEQS=1)
-AOT_VARIANTS[4].update(MODE=2, DP=0, TOKENS=0, SEQS=2)
 
 
 def _resource_usage(cubin: bytes) -> str:
@@ -192,29 +184,39 @@ def _aot_compile_all():
         kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
         return _resource_usage(kernel.asm["cubin"])
 
-    for i, const in enumerate(AOT_VARIANTS + [dict(AOT_VARIANTS[2])]):
-        absent = [n for n, on in (("mask_ptr", const["HAS_MASK"]), ("rw_ptr", const["HAS_RW"]),
-                                  ("div_ptr", const["DIVERGENCE"] == 2), ("cu_ptr", const["PACKED"]),
-                                  ("max_len_ptr", const["HORIZON"] == 2), ("state_ptr", const["HAS_STATE"]),
-                                  ("offset_ptr", const["HAS_STATE"]), ("final_ptr", const["HAS_STATE"]),
-                                  ("seq_len_ptr", const["HORIZON"] == 3),
-                                  ("delta_b_ptr", const["DELTA_B_GIVEN"]), ("dp_ptr", const["DP"] == 2),
-                                  ("tokens_ptr", const["TOKENS"] == 2), ("seqs_ptr", const["SEQS"] == 2)) if not on]
-        ones = ["num_seqs", "width", "horizon_arg"] if i == len(AOT_VARIANTS) else []
+    for i, (const, absent) in enumerate(AOT_VARIANTS + [AOT_VARIANTS[2]]):
+        ones = ["num_seqs", "extent"] if i == len(AOT_VARIANTS) else []  # ints that equal 1 are specialized
         # masks of any dtype load as they are: bool (*i1), uint8, float
         mask_type = ("*i1", "*u8", "*fp32")[i % 3]
         types = dict(lp_ptr="*bf16", olp_ptr="*bf16", adv_ptr="*bf16", mask_ptr=mask_type, rw_ptr="*bf16",
-                     div_ptr="*fp32", cu_ptr="*i32", max_len_ptr="*i32", grad_ptr="*fp32",
-                     stats_ptr="*fp32", num_seqs="i32", width="i32", total="i64", horizon_arg="i32",
-                     state_ptr="*fp32", offset_ptr="*i64", seq_len_ptr="*i64", delta_b_ptr="*fp32",
-                     final_ptr="*fp32", loss_ptr="*fp32", aux_ptr="*fp32", counter_ptr="*i32", dp_ptr="*i64",
-                     tokens_ptr="*fp32", seqs_ptr="*i32")
+                     div_ptr="*fp32", cu_ptr="*i32", shard_ptr="*fp64", grad_ptr="*fp32", sums_ptr="*fp32",
+                     counter_ptr="*i32", params_ptr="*fp32", dp_ptr="*i64", tokens_ptr="*fp32", seqs_ptr="*i32",
+                     num_seqs="i32", extent="i64")
         constexprs = {**const, **{n: None for n in absent}, **{n: 1 for n in ones}}
-        print("token", const, compile_one(token.token_kernel, types, constexprs, token.NUM_WARPS))
+        print("token", const, "absent", absent, compile_one(token.token_kernel, types, constexprs, token.NUM_WARPS))
     # the backward's scaling
     signature = dict(grad_ptr="*fp32", upstream_ptr="*fp32", scale_ptr="*fp32", out_ptr="*bf16", numel="i64")
     compile_one(reduce.scale_grad_kernel, signature, dict(BLOCK=reduce.SCALE_BLOCK), 4)
     print("compiled", len(AOT_VARIANTS) + 2)
+
+
+def test_every_kernel_takes_at_most_30_parameters():
+    """Every @triton.jit function of ptr_kernels.ops, constexprs included: the config's numbers travel in one
+    tensor and the optional inputs as None pointers, so a launch binds few arguments (host time per call)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import ptr_kernels.ops
+    from triton.runtime.jit import JITFunction
+
+    counts = {}
+    for module in pkgutil.iter_modules(ptr_kernels.ops.__path__):
+        for name, value in vars(importlib.import_module(f"ptr_kernels.ops.{module.name}")).items():
+            if isinstance(value, JITFunction) or type(value).__name__ == "InterpretedFunction":
+                counts[f"{module.name}.{name}"] = len(inspect.signature(value.fn).parameters)
+    assert counts["token.token_kernel"] and counts["common.trust_region_step"]
+    assert max(counts.values()) <= 30, {k: v for k, v in counts.items() if v > 30}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the other tests compile and run the kernel")

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from .. import carried_state
 from ..carried_state import check_carried_state
 from ..layout import check_inputs, resolve_loss_scale_factor
 from . import reduce, token
@@ -37,43 +38,33 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     `sequence_length [S]` (T_w), `sequence_delta_b [S]`, and `output_final_state`.
     Returns: loss `[]` f32; aux `[plan.aux_size]` f32 (the backward scale, then the metrics); grad
     `[like log_prob]` f32: d loss / d log_prob_t up to the backward scale (0 at masked positions); with
-    `output_final_state` also final_state `[S, 3]` f32, the state after the shard.
+    `output_final_state` also final_state `[S, 3]` float64 (a view of the shard's rows), the state after it.
     """
     packed = cu_seqlens is not None
     num_seqs = cu_seqlens.shape[0] - 1 if packed else log_prob.shape[0]
     numel = log_prob.numel()
-    # outputs: grad like log_prob (contiguous, as the kernel writes it; log_prob may be a view), the per-sequence
-    # sums (a row at least: a batch without sequences still launches, to write the loss and metrics), loss, aux
+    # outputs: grad like log_prob (contiguous, as the kernel writes it; log_prob may be a view), and one buffer for
+    # the loss, aux and the per-sequence sums (a row at least: a batch without sequences still launches)
     grad = torch.empty_like(log_prob, dtype=torch.float32, memory_format=torch.contiguous_format)
-    stats = grad.new_empty(max(num_seqs, 1) * token.NUM_STATS.value)
-    loss, aux = grad.new_empty(()), grad.new_empty(plan.aux_size)
-    reduction = reduce.reduction_arguments(plan.agg_mode, loss_scale_factor, normalizers)
-    has_state = output_final_state or initial_state is not None or position_offset is not None
-    shard = token.NO_SHARD
-    if has_state or sequence_length is not None or sequence_delta_b is not None:
-        final_state = None
-        if has_state:
-            width = token.STATE_WIDTH.value
-            initial_state = stats.new_zeros((num_seqs, width)) if initial_state is None else initial_state.contiguous()
-            final_state = stats.new_empty((num_seqs, width))
-            if position_offset is None:
-                position_offset = torch.zeros(num_seqs, dtype=torch.int64, device=log_prob.device)
-        shard = (initial_state, contiguous(position_offset), contiguous(sequence_length), contiguous(sequence_delta_b),
-                 final_state)
-    constexprs = layout_constexprs(plan, packed, response_mask is not None, rollout_is_weights is not None,
-                                   adv_per_seq, has_state, sequence_length is not None, sequence_delta_b is not None,
-                                   block or token.block_size(numel, num_seqs))
-    max_len = None
-    if constexprs["HORIZON"] == token.HORIZON_MAX_LEN.value:  # cppo, length_mode="padded", packed: on the device
-        max_len = (cu_seqlens[1:] - cu_seqlens[:-1]).max() if num_seqs else cu_seqlens.new_zeros(())
+    sums = grad.new_empty(reduce.OUT_WIDTH.value + max(num_seqs, 1) * token.NUM_STATS.value)
+    shard = None
+    if output_final_state or initial_state is not None or position_offset is not None \
+            or sequence_length is not None or sequence_delta_b is not None:
+        shard = carried_state.pack_shard(num_seqs, log_prob.device, initial_state=initial_state,
+                                         position_offset=position_offset, sequence_length=sequence_length,
+                                         sequence_delta_b=sequence_delta_b)
+    constexprs = layout_constexprs(plan, packed, adv_per_seq, sequence_length is not None,
+                                   sequence_delta_b is not None, block or token.block_size(numel, num_seqs))
     # contiguous inputs (a mask of any dtype: != 0 is valid)
     inputs = map(contiguous, (log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, divergence,
                               cu_seqlens))
-    token.launch_token_kernel(*inputs, max_len, grad, stats, loss, aux, reduce.program_counter(log_prob.device),
-                              num_seqs=num_seqs, width=0 if packed else log_prob.shape[1], plan=plan,
-                              constexprs=constexprs, reduction=reduction, shard=shard)
+    token.launch_token_kernel(*inputs, shard, grad, sums, reduce.program_counter(log_prob.device),
+                              plan.params(log_prob.device), num_seqs=num_seqs,
+                              extent=numel if packed else log_prob.shape[1], constexprs=constexprs,
+                              reduction=reduce.reduction_arguments(loss_scale_factor, normalizers))
+    loss, aux = sums[reduce.OUT_LOSS.value], sums[reduce.OUT_AUX.value:reduce.OUT_AUX.value + plan.aux_size]
     if output_final_state:
-        return loss, aux, grad, shard[4]
+        return loss, aux, grad, shard[:, carried_state.SHARD_FINAL:]
     return loss, aux, grad
 
 
@@ -138,10 +129,11 @@ def policy_loss_fused(
     batch_num_tokens, global_batch_size; NaN: absent or a tensor argument) and `ints` = (adv_per_seq, block)."""
     tensors = (dp_size_tensor, batch_num_tokens_tensor, global_batch_size_tensor)
     normalizers = tuple(t if t is not None else (None if math.isnan(n) else n) for t, n in zip(tensors, numbers[1:]))
-    return fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
+    loss, aux, grad = fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
                          divergence, plan=kernel_plan(decode_config(config), divergence is not None),
                          adv_per_seq=bool(ints[0]), loss_scale_factor=numbers[0], normalizers=normalizers,
                          block=ints[1])
+    return loss.clone(), aux, grad  # loss and aux are views of one buffer: a custom op's outputs may not alias
 
 
 @policy_loss_fused.register_fake

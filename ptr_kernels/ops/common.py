@@ -24,16 +24,17 @@ GATE_HARD = tl.constexpr(0)
 GATE_SOFT = tl.constexpr(1)
 SURROGATE_RATIO = tl.constexpr(0)  # -A r M
 SURROGATE_LOGP = tl.constexpr(1)  # -A sg(min(r, cap)) log_prob M
-# where T_w comes from: the last valid position, a scalar argument (an int horizon or the padded width),
-# or the longest packed sequence read from device memory
+# where T_w comes from: the last valid position, an int horizon (params), the padded row width, the longest
+# packed sequence, or per sequence from the carried state (a shard of a longer sequence, docs/math.md section 8)
 HORIZON_LAST = tl.constexpr(0)
 HORIZON_ARG = tl.constexpr(1)
 HORIZON_MAX_LEN = tl.constexpr(2)
-HORIZON_GIVEN = tl.constexpr(3)  # per sequence from memory (a shard of a longer sequence, docs/math.md section 8)
-# a global normalizer: not given (the batch's own count), a number argument, a 0-dim tensor on the device
-NORM_ABSENT = tl.constexpr(0)
-NORM_NUMBER = tl.constexpr(1)
-NORM_TENSOR = tl.constexpr(2)
+HORIZON_GIVEN = tl.constexpr(3)
+HORIZON_WIDTH = tl.constexpr(4)
+# where delta_b_i comes from: the config's delta_b, the calibrated quantile, or the carried state (a shard)
+BUDGET_FIXED = tl.constexpr(0)
+BUDGET_QUANTILE = tl.constexpr(1)
+BUDGET_GIVEN = tl.constexpr(2)
 # loss_agg_mode, in the order of config.LOSS_AGG_MODES
 AGG_TOKEN_MEAN = tl.constexpr(0)
 AGG_TOKEN_SUM = tl.constexpr(1)
@@ -55,11 +56,33 @@ STAT_DELTA_B = tl.constexpr(9)  # delta_b_i (0 for an empty sequence)
 STAT_RATIO_CAPPED = tl.constexpr(10)  # kept with r_t > ratio_cap (cppo, dppo)
 NUM_STATS = tl.constexpr(11)
 
-# ---- the carried state `[S, STATE_WIDTH]` of a shard of a longer sequence (layout: carried_state.py) ----
+# ---- a shard of a longer sequence: `[S, SHARD_WIDTH]` float64 per sequence (layout: carried_state.py) ----
 STATE_SLACK = tl.constexpr(carried_state.STATE_SLACK)  # sum w (delta_b_i - D) = delta_b_i W - S
 STATE_S = tl.constexpr(carried_state.STATE_S)  # S = sum w D
 STATE_W = tl.constexpr(carried_state.STATE_W)  # W = sum w
 STATE_WIDTH = tl.constexpr(carried_state.STATE_WIDTH)
+SHARD_OFFSET = tl.constexpr(carried_state.SHARD_OFFSET)  # global position of the shard's first position
+SHARD_LENGTH = tl.constexpr(carried_state.SHARD_LENGTH)  # T_w of the whole sequence
+SHARD_DELTA_B = tl.constexpr(carried_state.SHARD_DELTA_B)  # delta_b_i of the whole sequence
+SHARD_FINAL = tl.constexpr(carried_state.SHARD_FINAL)  # first of the STATE_WIDTH columns written: the state after
+SHARD_WIDTH = tl.constexpr(carried_state.SHARD_WIDTH)
+
+# ---- the config's run-time numbers: one float32 `params [NUM_PARAMS]` per (config, device), ops/plan.py ----
+P_DELTA = tl.constexpr(0)
+P_DELTA_LOW = tl.constexpr(1)
+P_DELTA_HIGH = tl.constexpr(2)
+P_W_MIN = tl.constexpr(3)
+P_DELTA_B = tl.constexpr(4)
+P_QUANTILE = tl.constexpr(5)
+P_QUANTILE_SCALE = tl.constexpr(6)
+P_DELTA_B_HI = tl.constexpr(7)  # delta_b_max_mult * delta_b
+P_RATIO_CAP = tl.constexpr(8)
+P_LOG_RATIO_CLAMP = tl.constexpr(9)  # inf when off
+P_RATIO_LO = tl.constexpr(10)  # 1 - clip_ratio_low
+P_RATIO_HI = tl.constexpr(11)  # 1 + clip_ratio_high
+P_CLIP_C = tl.constexpr(12)  # inf when off
+P_HORIZON = tl.constexpr(13)  # an int length_mode (HORIZON_ARG)
+NUM_PARAMS = tl.constexpr(14)
 
 INT32_MAX = tl.constexpr(2147483647)
 INT32_MIN = tl.constexpr(-2147483648)
@@ -149,18 +172,19 @@ def position_weight(pos, span, w_min):
 
 @triton.jit
 def trust_region_step(
-    lp, x, dx, r, d, adv, valid, weight, delta_b, carry_slack, carry_s, carry_w,
-    delta, delta_low, delta_high, ratio_lo, ratio_hi, clip_c, ratio_cap,
-    METHOD: tl.constexpr, GATE: tl.constexpr, SURROGATE: tl.constexpr,
+    lp, x, dx, r, d, adv, valid, weight, delta_b, carry_slack, carry_s, carry_w, params_ptr,
+    METHOD: tl.constexpr, GATE: tl.constexpr, SURROGATE: tl.constexpr, CARRY_SW: tl.constexpr,
 ):
     """One `[ROWS, BLOCK]` tile of the trust region and the per-token loss (docs/math.md sections 3-5).
 
     Inputs per token: log_prob `lp`, log-ratio `x` and its derivative `dx`, ratio `r`, divergence `d`,
     advantage `adv`, validity, the position weight (cppo); per row `[ROWS]`: delta_b_i and the prefix
-    carried from earlier tiles: sum w (delta_b_i - D) (the budget slack), S and W (soft gate).
+    carried from earlier tiles: sum w (delta_b_i - D) (the budget slack), S and W (the soft gate's, and the
+    carried state's when CARRY_SW); the config's numbers at `params_ptr` (P_*).
     Returns `(loss, grad, rejected_token, rejected_budget, clip_low, clip_high, clip_dual, carry_slack,
     carry_s, carry_w)`: l_t and d l_t / d lp (0 at masked positions), the metric flags, the new carries.
     """
+    delta = tl.load(params_ptr + P_DELTA)
     toward = adv * x <= 0.0  # moves back toward the rollout policy are always kept
     none = valid & ~valid  # flags a method does not set stay False
     rej_budget = none
@@ -168,6 +192,9 @@ def trust_region_step(
     clip_high = none
     clip_dual = none
     if METHOD == METHOD_PPO:  # clip, clip-higher, dual clip (clip_c = inf when off)
+        ratio_lo = tl.load(params_ptr + P_RATIO_LO)
+        ratio_hi = tl.load(params_ptr + P_RATIO_HI)
+        clip_c = tl.load(params_ptr + P_CLIP_C)
         r_clip = nan_min(nan_max(r, ratio_lo), ratio_hi)
         unclipped = -adv * r
         clipped = -adv * r_clip
@@ -201,19 +228,20 @@ def trust_region_step(
                 keep = toward | (z <= 1.0)
                 gate = tl.where(keep, 1.0, 1.0 / tl.where(keep, 1.0, z))
                 gate = tl.where(z != z, z, gate)
-                carry_s += tl.sum(step, axis=1)
-                carry_w += tl.sum(weight, axis=1)
             else:
                 gate = (toward | inside).to(tl.float32)
+            if GATE == GATE_SOFT or CARRY_SW:
+                carry_s += tl.sum(step, axis=1)
+                carry_w += tl.sum(weight, axis=1)
             gate = tl.where(limit != limit, limit, gate)  # a NaN budget (state, delta_b or a D before) shows
             carry_slack += tl.sum(slack_step, axis=1)
         else:  # dppo
-            threshold = tl.where(adv > 0.0, delta_high, delta_low)
+            threshold = tl.where(adv > 0.0, tl.load(params_ptr + P_DELTA_HIGH), tl.load(params_ptr + P_DELTA_LOW))
             inside = d <= threshold
             rej_token = valid & ~toward & ~inside
             gate = (toward | inside).to(tl.float32)
         if SURROGATE == SURROGATE_LOGP:
-            capped = nan_min(r, ratio_cap)
+            capped = nan_min(r, tl.load(params_ptr + P_RATIO_CAP))
             grad = -adv * capped * gate
             loss = grad * lp
         else:

@@ -1,7 +1,7 @@
 """A `PolicyLossConfig` encoded for the kernels, once per config (cached), and its one list form.
 
-`kernel_plan(config)` gives the token kernel's branch ids and float scalars, the reduction's mode and the
-metric names; `layout_constexprs` adds what depends on the batch's layout. The custom op of the compiled path
+`kernel_plan(config)` gives the token kernel's branch ids (the aggregation mode included) and its float32 `params`
+(made once per device); `layout_constexprs` adds what depends on the batch's layout. The custom op of the compiled path
 carries a config as `encode_config(config)` (one list of floats: Dynamo traces its making, and torch's custom-op
 machinery costs time per argument) and `decode_config` reads it back, cached, so both paths launch from the
 same plan.
@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from ..config import (DIVERGENCES, GATES, LENGTH_MODES, LOGIT_DIVERGENCES, LOSS_AGG_MODES, METHODS, SURROGATES,
                       PolicyLossConfig)
 from . import common, reduce, token
@@ -27,17 +29,25 @@ SURROGATE_IDS = {"ratio": common.SURROGATE_RATIO.value, "logp": common.SURROGATE
 
 @dataclass(frozen=True)
 class KernelPlan:
-    """What the kernels need of a config: compile-time branch ids and run-time scalars."""
+    """What the kernels need of a config: compile-time branch ids and run-time numbers."""
 
     config: PolicyLossConfig
-    token_constexprs: dict  # METHOD, DIVERGENCE, GATE, SURROGATE, QUANTILE, PER_SEQ_MEAN
-    token_scalars: tuple  # the token kernel's float arguments, in its order (delta ... clip_c)
-    agg_mode: int  # index into LOSS_AGG_MODES (common.AGG_*)
-    horizon: Optional[int]  # T_w of HORIZON_ARG: an int length_mode, or None for the padded width
+    token_constexprs: dict  # METHOD, DIVERGENCE, GATE, SURROGATE, BUDGET (the calibrated or fixed delta_b), MODE
+    param_values: tuple  # the float32 `params` of the token kernel, in common.P_* order
+    horizon: Optional[int]  # T_w of HORIZON_ARG: an int length_mode, or None
     aux_size: int  # entries of aux: the backward scale and the method's metrics (ops/reduce.py)
 
     def __hash__(self):  # the config decides everything else
         return hash(self.config)
+
+    def params(self, device: torch.device) -> torch.Tensor:
+        """`param_values` as a float32 tensor on `device`, made once per (config, device)."""
+        return _params(self, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _params(plan: KernelPlan, device: torch.device) -> torch.Tensor:
+    return torch.tensor(plan.param_values, dtype=torch.float32, device=device)
 
 
 @functools.lru_cache(maxsize=256)
@@ -48,50 +58,55 @@ def kernel_plan(config: PolicyLossConfig, given_divergence: bool = False) -> Ker
         METHOD=METHOD_IDS[config.method],
         DIVERGENCE=common.DIV_GIVEN.value if given_divergence else DIVERGENCE_IDS[config.divergence],
         GATE=GATE_IDS[config.gate], SURROGATE=SURROGATE_IDS[config.surrogate],
-        QUANTILE=config.calibrates_delta_b,
-        PER_SEQ_MEAN=config.loss_agg_mode == "seq-mean-token-mean",
-    )
-    scalars = (
-        float(config.delta), float(config.delta_low_value), float(config.delta_high_value), float(config.w_min),
-        float(config.delta_b), float(config.delta_b_quantile or 0.0), float(config.delta_b_quantile_scale),
-        float(config.delta_b_max_mult * config.delta_b), float(config.ratio_cap),
-        inf if config.log_ratio_clamp is None else float(config.log_ratio_clamp),
-        1.0 - config.clip_ratio_low, 1.0 + config.clip_ratio_high,
-        inf if config.clip_ratio_c is None else float(config.clip_ratio_c),
+        BUDGET=(common.BUDGET_QUANTILE if config.calibrates_delta_b else common.BUDGET_FIXED).value,
+        MODE=LOSS_AGG_MODES.index(config.loss_agg_mode),
     )
     horizon = config.length_mode if isinstance(config.length_mode, int) else None
-    return KernelPlan(config, constexprs, scalars, LOSS_AGG_MODES.index(config.loss_agg_mode), horizon,
-                      reduce.aux_size(config.method))
+    values = {  # common.P_* -> value
+        common.P_DELTA: config.delta,
+        common.P_DELTA_LOW: config.delta_low_value,
+        common.P_DELTA_HIGH: config.delta_high_value,
+        common.P_W_MIN: config.w_min,
+        common.P_DELTA_B: config.delta_b,
+        common.P_QUANTILE: config.delta_b_quantile or 0.0,
+        common.P_QUANTILE_SCALE: config.delta_b_quantile_scale,
+        common.P_DELTA_B_HI: config.delta_b_max_mult * config.delta_b,
+        common.P_RATIO_CAP: config.ratio_cap,
+        common.P_LOG_RATIO_CLAMP: inf if config.log_ratio_clamp is None else config.log_ratio_clamp,
+        common.P_RATIO_LO: 1.0 - config.clip_ratio_low,
+        common.P_RATIO_HI: 1.0 + config.clip_ratio_high,
+        common.P_CLIP_C: inf if config.clip_ratio_c is None else config.clip_ratio_c,
+        common.P_HORIZON: horizon or 0,
+    }
+    param_values = tuple(float(value) for _, value in sorted((index.value, v) for index, v in values.items()))
+    assert len(param_values) == common.NUM_PARAMS.value
+    return KernelPlan(config, constexprs, param_values, horizon, reduce.aux_size(config.method))
 
 
 @functools.lru_cache(maxsize=1024)
-def layout_constexprs(plan: KernelPlan, packed: bool, has_mask: bool, has_rw: bool, adv_per_seq: bool,
-                      has_state: bool, given_horizon: bool, given_delta_b: bool, block: int) -> dict:
-    """Every keyword of the token kernel's launch but the reduction's (MODE, DP, TOKENS, SEQS): the
-    plan's branch ids, those that depend on the layout (T_w's source, whether pass A runs, the inputs present),
-    and the tiling (BLOCK positions per block, ROWS sequences per program, num_warps), merged once per
-    combination.
+def layout_constexprs(plan: KernelPlan, packed: bool, adv_per_seq: bool, given_horizon: bool, given_delta_b: bool,
+                      block: int) -> dict:
+    """Every keyword of the token kernel's launch: the plan's branch ids, those that depend on the layout (T_w's
+    source, delta_b_i's), ADV_PER_SEQ, BLOCK positions per block and num_warps, merged once per combination. The
+    kernel reads the rest of the layout from which pointers are None (mask, weights, D, cu_seqlens, shard).
 
-    A shard of a longer sequence (docs/math.md section 8): `has_state` (carried state and position offset),
-    `given_horizon` (T_w per sequence from `sequence_length`), `given_delta_b` (delta_b_i per sequence, which
-    replaces the quantile: QUANTILE is then overridden to False).
+    A shard of a longer sequence (docs/math.md section 8): `given_horizon` (T_w per sequence from
+    `sequence_length`), `given_delta_b` (delta_b_i per sequence, which replaces the quantile).
     """
     config = plan.config
     cppo = config.method == "cppo"
-    calibrate = plan.token_constexprs["QUANTILE"] and not given_delta_b
     if cppo and given_horizon:
-        horizon = common.HORIZON_GIVEN.value
-    elif cppo and config.length_mode == "padded" and packed:
-        horizon = common.HORIZON_MAX_LEN.value
-    elif cppo and config.length_mode != "sequence":  # "padded" (the row width) or an int horizon
-        horizon = common.HORIZON_ARG.value
+        horizon = common.HORIZON_GIVEN
+    elif cppo and config.length_mode == "padded":
+        horizon = common.HORIZON_MAX_LEN if packed else common.HORIZON_WIDTH
+    elif cppo and config.length_mode != "sequence":  # an int horizon
+        horizon = common.HORIZON_ARG
     else:
-        horizon = common.HORIZON_LAST.value
-    needs_counts = plan.token_constexprs["PER_SEQ_MEAN"] or (cppo and horizon == common.HORIZON_LAST.value)
-    scan_first = calibrate or (has_mask and needs_counts)
-    return dict(plan.token_constexprs, QUANTILE=calibrate, HORIZON=horizon, SCAN_FIRST=scan_first, PACKED=packed,
-                HAS_MASK=has_mask, HAS_RW=has_rw, ADV_PER_SEQ=adv_per_seq, HAS_STATE=has_state,
-                DELTA_B_GIVEN=given_delta_b and cppo, ROWS=max(token.TILE // block, 1), BLOCK=block,
+        horizon = common.HORIZON_LAST
+    budget = plan.token_constexprs["BUDGET"]
+    if cppo and given_delta_b:
+        budget = common.BUDGET_GIVEN.value
+    return dict(plan.token_constexprs, BUDGET=budget, HORIZON=horizon.value, ADV_PER_SEQ=adv_per_seq, BLOCK=block,
                 num_warps=token.NUM_WARPS)
 
 

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ..config import METHOD_METRICS
 from .common import (AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM, AGG_TOKEN_MEAN, AGG_TOKEN_SUM, METHOD_CPPO,
-                     METHOD_PPO, NORM_ABSENT, NORM_NUMBER, NORM_TENSOR, NUM_STATS, STAT_CLIP_DUAL, STAT_CLIP_HIGH,
+                     METHOD_PPO, NUM_STATS, STAT_CLIP_DUAL, STAT_CLIP_HIGH,
                      STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL, STAT_LOSS, STAT_RATIO_CAPPED, STAT_REJ_BUDGET,
                      STAT_REJ_TOKEN, STAT_TOKENS)
 
@@ -43,18 +43,21 @@ def aux_size(method: str) -> int:
 
 
 REDUCE_BLOCK = tl.constexpr(256)  # sequences per step of the reduction
+# the token kernel's `sums`: the loss, then aux (at most 8 entries: cppo's), then a row of NUM_STATS per sequence
+OUT_LOSS = tl.constexpr(0)
+OUT_AUX = tl.constexpr(1)
+OUT_WIDTH = tl.constexpr(1 + max(aux_size(method) for method in METHOD_METRICS))
 SCALE_BLOCK = 1024
 STATS_POW2 = tl.constexpr(1 << (NUM_STATS.value - 1).bit_length())
 
 
 @triton.jit
-def _normalizer(ptr, value, KIND: tl.constexpr, default):
-    """A global normalizer: `default` when absent, the number `value`, or a 0-dim tensor at `ptr`."""
-    if KIND == NORM_NUMBER:
-        return tl.cast(value, tl.float32)
-    elif KIND == NORM_TENSOR:
+def _normalizer(ptr, value, default):
+    """A global normalizer: the 0-dim tensor at `ptr`, else the number `value`, or `default` where the number is
+    absent (given as -1: a count is never negative)."""
+    if ptr is not None:
         return tl.load(ptr).to(tl.float32)
-    return default
+    return tl.where(value >= 0, value, default)
 
 
 @triton.jit
@@ -65,13 +68,15 @@ def _column(totals, cols, j):
 
 @triton.jit
 def reduce_stats(
-    stats_ptr, loss_ptr, aux_ptr,  # [S * NUM_STATS] -> [], [aux_size]
-    num_seqs, dp_ptr, dp_value, tokens_ptr, tokens_value, seqs_ptr, seqs_value, loss_scale_factor,
-    METHOD: tl.constexpr, MODE: tl.constexpr, DP: tl.constexpr, TOKENS: tl.constexpr, SEQS: tl.constexpr,
+    sums_ptr,  # [OUT_WIDTH + S * NUM_STATS]: the loss and aux written here, the stats read from OUT_WIDTH on
+    num_seqs, dp_ptr, dp, tokens_ptr, tokens, seqs_ptr, seqs, loss_scale_factor,
+    METHOD: tl.constexpr, MODE: tl.constexpr,
 ):
     """The loss of aggregation MODE (docs/math.md section 6) and the metrics (section 9) from the per-sequence
     sums, REDUCE_BLOCK sequences at a time. aux = [d loss / d L_i (times n_i for seq-mean-token-mean), metrics...].
     The sums come from other programs: loaded from L2 (`.cg`), never from a stale L1 line."""
+    stats_ptr = sums_ptr + OUT_WIDTH
+    aux_ptr = sums_ptr + OUT_AUX
     cols = tl.arange(0, STATS_POW2)
     totals = tl.zeros([STATS_POW2], dtype=tl.float32)
     sum_loss = tl.zeros([REDUCE_BLOCK], dtype=tl.float32)
@@ -95,26 +100,26 @@ def reduce_stats(
     n_tok = _column(totals, cols, STAT_TOKENS)
     n_seq = tl.sum(non_empty, axis=0)
 
-    dp = _normalizer(dp_ptr, dp_value, DP, 1.0)
+    dp = _normalizer(dp_ptr, dp, 1.0)
     if MODE == AGG_TOKEN_MEAN:
         numerator = sum_loss_s
-        denominator = _normalizer(tokens_ptr, tokens_value, TOKENS, n_tok)
+        denominator = _normalizer(tokens_ptr, tokens, n_tok)
     elif MODE == AGG_TOKEN_SUM:
         numerator = sum_loss_s
         denominator = tl.full([], 1.0, dtype=tl.float32)
     elif MODE == AGG_SEQ_MEAN_TOKEN_SUM:
         numerator = sum_loss_s
-        denominator = _normalizer(seqs_ptr, seqs_value, SEQS, n_seq)
+        denominator = _normalizer(seqs_ptr, seqs, n_seq)
     elif MODE == AGG_SEQ_MEAN_TOKEN_MEAN:  # the token kernel folded 1 / n_i into the token gradients
         numerator = tl.sum(sum_mean, axis=0)
-        denominator = _normalizer(seqs_ptr, seqs_value, SEQS, n_seq)
+        denominator = _normalizer(seqs_ptr, seqs, n_seq)
     else:  # seq-mean-token-sum-norm; a zero width (empty batch) gives 0 like a zero count
         numerator = sum_loss_s
-        denominator = _normalizer(seqs_ptr, seqs_value, SEQS, n_seq) * tl.cast(loss_scale_factor, tl.float32)
+        denominator = _normalizer(seqs_ptr, seqs, n_seq) * loss_scale_factor
     scale = tl.where(denominator > 0, dp / tl.where(denominator > 0, denominator, 1.0), 0.0)
     # bad offsets left gradient positions unwritten: a NaN scale makes every one of them NaN
     scale = tl.where(tl.sum(bad_offsets, axis=0) > 0, float("nan"), scale)
-    tl.store(loss_ptr, numerator * scale)
+    tl.store(sums_ptr + OUT_LOSS, numerator * scale)
     tl.store(aux_ptr + AUX_SCALE, scale)
 
     # per-token means of the columns (0 for an empty batch; totals * 0 keeps the NaN of bad offsets)
@@ -148,30 +153,33 @@ def scale_grad_kernel(grad_ptr, upstream_ptr, scale_ptr, out_ptr, numel, BLOCK: 
     tl.store(out_ptr + offs, (grad * factor).to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def reduction_arguments(agg_mode: int, loss_scale_factor: float, normalizers: tuple) -> tuple:
-    """`(arguments, keywords)` of `reduce_stats` after its first four: the run-time arguments (dp_ptr, dp_value,
-    tokens_ptr, tokens_value, seqs_ptr, seqs_value, loss_scale_factor) and the constexpr keywords MODE, DP,
-    TOKENS, SEQS.
-
-    `agg_mode` indexes LOSS_AGG_MODES (common.AGG_*); `normalizers`: (dp_size, batch_num_tokens,
-    global_batch_size), each None, a number or a 0-dim tensor.
-    """
+def reduction_arguments(loss_scale_factor: float, normalizers: tuple) -> tuple:
+    """The run-time arguments of `reduce_stats` after `num_seqs`: (dp_ptr, dp, tokens_ptr, tokens, seqs_ptr,
+    seqs, loss_scale_factor). `normalizers` = (dp_size, batch_num_tokens, global_batch_size), each None, a
+    number or a 0-dim tensor: a tensor travels as a pointer (its number None), a number as a float (its pointer
+    None); absent counts are -1, an absent dp_size 1."""
     dp, tokens, seqs = normalizers
     if isinstance(dp, torch.Tensor) or isinstance(tokens, torch.Tensor) or isinstance(seqs, torch.Tensor):
-        return _reduction_arguments(agg_mode, loss_scale_factor, dp, tokens, seqs)
-    return _number_reduction_arguments(agg_mode, loss_scale_factor, dp, tokens, seqs)  # the common case, cached
+        return _reduction_arguments(loss_scale_factor, dp, tokens, seqs)
+    return _number_reduction_arguments(loss_scale_factor, dp, tokens, seqs)  # the common case, cached
 
 
-def _reduction_arguments(agg_mode: int, loss_scale_factor: float, dp, tokens, seqs) -> tuple:
-    dp_kind, dp_ptr, dp = _normalizer_args(dp)
-    tokens_kind, tokens_ptr, tokens = _normalizer_args(tokens)
-    seqs_kind, seqs_ptr, seqs = _normalizer_args(seqs)
-    return ((dp_ptr, dp, tokens_ptr, tokens, seqs_ptr, seqs, float(loss_scale_factor)),
-            _reduction_keywords(agg_mode, dp_kind, tokens_kind, seqs_kind))
+def _reduction_arguments(loss_scale_factor: float, dp, tokens, seqs) -> tuple:
+    return (*_normalizer_args(dp, 1.0), *_normalizer_args(tokens, -1.0), *_normalizer_args(seqs, -1.0),
+            float(loss_scale_factor))
 
 
 # normalizers that are numbers or None: the arguments once per combination
 _number_reduction_arguments = functools.lru_cache(maxsize=1024)(_reduction_arguments)
+
+
+def _normalizer_args(value, absent: float) -> tuple:
+    """(pointer, number) of one global normalizer for `reduce_stats`."""
+    if value is None:
+        return None, absent
+    if isinstance(value, torch.Tensor):
+        return value, 0.0
+    return None, float(value)
 
 
 def program_counter(device: torch.device) -> torch.Tensor:
@@ -185,23 +193,6 @@ def program_counter(device: torch.device) -> torch.Tensor:
 
 
 _COUNTERS = {}
-
-
-@functools.lru_cache(maxsize=None)  # at most 5 modes x 27 kinds
-def _reduction_keywords(mode: int, dp: int, tokens: int, seqs: int) -> dict:
-    return dict(MODE=mode, DP=dp, TOKENS=tokens, SEQS=seqs)
-
-
-def _normalizer_args(value) -> tuple:
-    """(kind, pointer, number) of one global normalizer for `reduce_stats`."""
-    if value is None:
-        return _ABSENT
-    if isinstance(value, torch.Tensor):
-        return NORM_TENSOR.value, value, 0.0
-    return NORM_NUMBER.value, None, float(value)
-
-
-_ABSENT = (NORM_ABSENT.value, None, 0.0)
 
 
 def scale_grad(grad: torch.Tensor, upstream: torch.Tensor, aux: torch.Tensor, dtype: torch.dtype):

@@ -15,24 +15,23 @@ order or out of [0, N] is read as empty and poisons its loss and statistics with
 
 from __future__ import annotations
 
-from typing import Optional
-
 import triton
 import triton.language as tl
 
-from .common import (DIV_GIVEN, GATE_SOFT, HORIZON_ARG, HORIZON_GIVEN, HORIZON_MAX_LEN, INT32_MAX, INT32_MIN,
-                     METHOD_CPPO, METHOD_PPO, NUM_STATS, STATE_S, STATE_SLACK, STATE_W, STATE_WIDTH, STAT_CLIP_DUAL,
-                     STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL, STAT_LOSS, STAT_RATIO_CAPPED,
-                     STAT_REJ_BUDGET, STAT_REJ_TOKEN, STAT_TOKENS, binary_divergence, finite_or_nan, key_value, load_zeroed, log_ratio,
-                     nan_min, order_key, position_weight, trust_region_step, valid_positions)
-from .reduce import reduce_stats
+from .common import (AGG_SEQ_MEAN_TOKEN_MEAN, BUDGET_GIVEN, BUDGET_QUANTILE, DIV_GIVEN, HORIZON_ARG, HORIZON_GIVEN,
+                     HORIZON_LAST, HORIZON_MAX_LEN, HORIZON_WIDTH, INT32_MAX, INT32_MIN, METHOD_CPPO, METHOD_PPO,
+                     NUM_STATS, P_DELTA, P_DELTA_B, P_DELTA_B_HI, P_HORIZON, P_LOG_RATIO_CLAMP, P_QUANTILE,
+                     P_QUANTILE_SCALE, P_RATIO_CAP, P_W_MIN, SHARD_DELTA_B, SHARD_FINAL, SHARD_LENGTH, SHARD_OFFSET,
+                     SHARD_WIDTH, STAT_CLIP_DUAL, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL,
+                     STAT_LOSS, STAT_RATIO_CAPPED, STAT_REJ_BUDGET, STAT_REJ_TOKEN, STAT_TOKENS, STATE_S, STATE_SLACK,
+                     STATE_W, binary_divergence, finite_or_nan, key_value, load_zeroed, log_ratio, nan_min, order_key,
+                     position_weight, trust_region_step, valid_positions)
+from .reduce import OUT_WIDTH, reduce_stats
 
-MAX_BLOCK = 1024
+MAX_BLOCK = tl.constexpr(1024)
 MIN_BLOCK = 16
-TILE = 1024  # ROWS * BLOCK positions per program step
+TILE = tl.constexpr(1024)  # ROWS * BLOCK positions per program step: ROWS = TILE // BLOCK
 NUM_WARPS = 8  # 4 positions per thread: no register spills on sm_90 (4 warps: up to 255 registers and spills)
-# T_w read per sequence from `sequence_length` (a shard of a longer sequence, docs/math.md section 8); the other
-# sources are common.HORIZON_*
 
 
 @triton.jit
@@ -108,12 +107,15 @@ def _select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len
 
 
 @triton.jit
-def _sequences(cu_ptr, seq, seq_ok, num_seqs, width, total, PACKED: tl.constexpr):
-    """Start, length `[ROWS]` (int64) and a bad-offsets flag of the tile's sequences.
+def _sequences(cu_ptr, seq, seq_ok, num_seqs, extent, PACKED: tl.constexpr):
+    """Start, length `[ROWS]` (int64) and a bad-offsets flag of the tile's sequences; `extent` is the padded row
+    width T, or N of packed input.
 
     Packed offsets are checked here: sequence i must satisfy 0 <= cu[i] <= cu[i + 1] <= N, and cu[0] = 0,
     cu[S] = N. A bad sequence is read as empty (no access outside the tensors) and flagged.
     """
+    total = extent
+    width = extent
     if PACKED:
         start = tl.load(cu_ptr + seq, mask=seq_ok, other=0).to(tl.int64)
         end = tl.load(cu_ptr + seq + 1, mask=seq_ok, other=0).to(tl.int64)
@@ -126,48 +128,59 @@ def _sequences(cu_ptr, seq, seq_ok, num_seqs, width, total, PACKED: tl.constexpr
 
 
 @triton.jit
-def token_kernel(
-    lp_ptr, olp_ptr, adv_ptr, mask_ptr, rw_ptr, div_ptr, cu_ptr, max_len_ptr,  # inputs
-    state_ptr, offset_ptr, seq_len_ptr, delta_b_ptr,  # per-sequence shard inputs (HAS_STATE, HORIZON_GIVEN, ...)
-    grad_ptr, stats_ptr, final_ptr,  # outputs: [like log_prob] f32, [S * NUM_STATS] f32, [S, 3] f32 (HAS_STATE)
-    loss_ptr, aux_ptr, counter_ptr,  # the reduction's outputs [] f32, [aux_size] f32; programs done [] i32 (0)
-    num_seqs, width, total, horizon_arg,  # S; padded row width T; N; T_w when HORIZON == HORIZON_ARG
-    delta, delta_low, delta_high, w_min, delta_b, quantile, quantile_scale, delta_b_hi, ratio_cap, log_ratio_clamp,
-    ratio_lo, ratio_hi, clip_c,
-    dp_ptr, dp_value, tokens_ptr, tokens_value, seqs_ptr, seqs_value, loss_scale_factor,  # reduce.reduce_stats
-    METHOD: tl.constexpr, DIVERGENCE: tl.constexpr, GATE: tl.constexpr, SURROGATE: tl.constexpr,
-    QUANTILE: tl.constexpr, HORIZON: tl.constexpr, SCAN_FIRST: tl.constexpr, PACKED: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_RW: tl.constexpr, ADV_PER_SEQ: tl.constexpr, PER_SEQ_MEAN: tl.constexpr,
-    HAS_STATE: tl.constexpr, DELTA_B_GIVEN: tl.constexpr,
-    MODE: tl.constexpr, DP: tl.constexpr, TOKENS: tl.constexpr, SEQS: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """A tile of ROWS sequences per program, walked in blocks of BLOCK positions: pass A (T_w, quantile
-    counts) when needed, then pass B (mask, loss, gradient, per-sequence sums). The last program to finish
-    turns every sequence's sums into the loss and the metrics (`reduce.reduce_stats`), so the forward is one
-    launch at every shape: `counter_ptr` counts the programs done, and that program sets it back to 0.
+def _longest(cu_ptr, num_seqs):
+    """max_i (cu[i + 1] - cu[i]): T_w of length_mode="padded" for packed input, read by every program."""
+    longest = tl.zeros([MAX_BLOCK], dtype=tl.int64)
+    for off in range(0, num_seqs, MAX_BLOCK):
+        i = off + tl.arange(0, MAX_BLOCK)
+        ok = i < num_seqs
+        length = tl.load(cu_ptr + i + 1, mask=ok, other=0).to(tl.int64) - tl.load(cu_ptr + i, mask=ok, other=0)
+        longest = tl.maximum(longest, length)
+    return tl.max(longest, axis=0).to(tl.float32)
 
-    A shard of a longer sequence (docs/math.md section 8): HAS_STATE reads the carried state `[S, 3]` (slack,
-    S, W) and the global position of the shard's first token `[S]`, and writes the state after the shard;
-    DELTA_B_GIVEN reads delta_b_i `[S]` (no quantile here); HORIZON == HORIZON_GIVEN reads T_w `[S]`.
+
+@triton.jit
+def token_kernel(
+    lp_ptr, olp_ptr, adv_ptr, mask_ptr, rw_ptr, div_ptr, cu_ptr,  # inputs; mask, rw, div, cu may be None
+    shard_ptr,  # a shard of longer sequences: [S, SHARD_WIDTH] f64 in and out (carried_state.py), or None
+    grad_ptr, sums_ptr, counter_ptr,  # out: [like log_prob] f32; [OUT_WIDTH + S * NUM_STATS] f32; [] i32 (0)
+    params_ptr,  # [NUM_PARAMS] f32: the config's numbers (ops/plan.py)
+    dp_ptr, dp, tokens_ptr, tokens, seqs_ptr, seqs, loss_scale_factor,  # the normalizers (reduce.reduce_stats)
+    num_seqs, extent,  # S; the padded row width T, or N of packed input
+    METHOD: tl.constexpr, DIVERGENCE: tl.constexpr, GATE: tl.constexpr, SURROGATE: tl.constexpr,
+    BUDGET: tl.constexpr, HORIZON: tl.constexpr, ADV_PER_SEQ: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """A tile of ROWS = TILE // BLOCK sequences per program, walked in blocks of BLOCK positions: pass A (T_w,
+    quantile counts) when needed, then pass B (mask, loss, gradient, per-sequence sums). The last program to
+    finish turns every sequence's sums into the loss and the metrics (`reduce.reduce_stats`), so the forward is
+    one launch at every shape: `counter_ptr` counts the programs done, and that program sets it back to 0.
+
+    `sums` holds the loss, aux (the backward scale, then the metrics) and from OUT_WIDTH on a row of NUM_STATS
+    per sequence. A shard of a longer sequence (docs/math.md section 8) reads its carried state, the global
+    position of its first token, T_w (HORIZON_GIVEN) and delta_b_i (BUDGET_GIVEN) from its row of `shard`, and
+    writes the state after the shard there.
     """
+    PACKED: tl.constexpr = cu_ptr is not None
+    HAS_MASK: tl.constexpr = mask_ptr is not None
+    HAS_SHARD: tl.constexpr = shard_ptr is not None
+    ROWS: tl.constexpr = TILE // BLOCK
+    QUANTILE: tl.constexpr = BUDGET == BUDGET_QUANTILE
+    PER_SEQ_MEAN: tl.constexpr = MODE == AGG_SEQ_MEAN_TOKEN_MEAN  # d loss / d L_i has a factor 1 / n_i
+    # pass A counts what pass B needs before its first token: n_i (1 / n_i), the last valid position (T_w), the
+    # quantile's counts; without a mask the first two are the sequence's length
+    SCAN_FIRST: tl.constexpr = QUANTILE or (HAS_MASK and (PER_SEQ_MEAN or (METHOD == METHOD_CPPO and HORIZON == HORIZON_LAST)))
     seq = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     seq_ok = seq < num_seqs
-    start, length, bad = _sequences(cu_ptr, seq, seq_ok, num_seqs, width, total, PACKED)
+    start, length, bad = _sequences(cu_ptr, seq, seq_ok, num_seqs, extent, PACKED)
     tile_len = tl.max(length, axis=0)  # the tile walks its longest sequence
-    # Scalars arrive as Python numbers (fp64 under some launchers): pin them to float32.
-    delta = tl.cast(delta, tl.float32)
-    delta_low = tl.cast(delta_low, tl.float32)
-    delta_high = tl.cast(delta_high, tl.float32)
-    delta_b = tl.cast(delta_b, tl.float32)
-    delta_b_hi = tl.cast(delta_b_hi, tl.float32)
-    quantile_scale = tl.cast(quantile_scale, tl.float32)
-    w_min = tl.cast(w_min, tl.float32)
-    log_ratio_clamp = tl.cast(log_ratio_clamp, tl.float32)
-    ratio_lo = tl.cast(ratio_lo, tl.float32)
-    ratio_hi = tl.cast(ratio_hi, tl.float32)
-    clip_c = tl.cast(clip_c, tl.float32)
-    ratio_cap = tl.cast(ratio_cap, tl.float32)
+    w_min = tl.load(params_ptr + P_W_MIN)
+    delta_b = tl.load(params_ptr + P_DELTA_B)
+    delta_b_hi = tl.load(params_ptr + P_DELTA_B_HI)
+    quantile_scale = tl.load(params_ptr + P_QUANTILE_SCALE)
+    ratio_cap = tl.load(params_ptr + P_RATIO_CAP)
+    log_ratio_clamp = tl.load(params_ptr + P_LOG_RATIO_CLAMP)
+    if HAS_SHARD:
+        shard_row = shard_ptr + seq.to(tl.int64) * SHARD_WIDTH
 
     # ---- pass A: n_i, the last valid position and the counts of the calibrated delta_b ----
     last = length.to(tl.float32)
@@ -195,29 +208,31 @@ def token_kernel(
         n_valid = tl.sum(n_acc, axis=1)
         if HAS_MASK:
             last = tl.max(last_acc, axis=1)
-    if HAS_STATE:  # positions are global: the shard starts at position offset + 1
-        offset = tl.load(offset_ptr + seq, mask=seq_ok, other=0).to(tl.int64)
+    if HAS_SHARD:  # positions are global: the shard starts at position offset + 1
+        offset = tl.load(shard_row + SHARD_OFFSET, mask=seq_ok, other=0).to(tl.int64)
         last = tl.where(last > 0, last + offset.to(tl.float32), 0.0)
 
     # ---- T_w and the per-sequence budget delta_b_i, `[ROWS]` ----
     if HORIZON == HORIZON_ARG:
-        horizon = tl.cast(horizon_arg, tl.float32)
+        horizon = tl.load(params_ptr + P_HORIZON)
+    elif HORIZON == HORIZON_WIDTH:
+        horizon = tl.cast(extent, tl.float32)
     elif HORIZON == HORIZON_MAX_LEN:
-        horizon = tl.load(max_len_ptr).to(tl.float32)
+        horizon = _longest(cu_ptr, num_seqs)
     elif HORIZON == HORIZON_GIVEN:
-        horizon = tl.load(seq_len_ptr + seq, mask=seq_ok, other=0).to(tl.float32)
+        horizon = tl.load(shard_row + SHARD_LENGTH, mask=seq_ok, other=0).to(tl.float32)
     else:
         horizon = last
     span = tl.maximum(horizon - 1.0, 1.0) + tl.zeros([ROWS], dtype=tl.float32)
     db = delta_b + tl.zeros([ROWS], dtype=tl.float32)
-    if DELTA_B_GIVEN:  # the plan turns QUANTILE off
-        db = finite_or_nan(tl.load(delta_b_ptr + seq, mask=seq_ok, other=0.0).to(tl.float32))
+    if BUDGET == BUDGET_GIVEN:
+        db = finite_or_nan(tl.load(shard_row + SHARD_DELTA_B, mask=seq_ok, other=0.0).to(tl.float32))
     if QUANTILE:
         n = n_valid
         n_lo = tl.sum(lo_acc, axis=1)
         n_hi = tl.sum(hi_acc, axis=1)
         # torch.quantile: position q (n - 1), linear interpolation between ranks floor and ceil
-        rank = tl.cast(quantile, tl.float32) * (n - 1).to(tl.float32)
+        rank = tl.load(params_ptr + P_QUANTILE) * (n - 1).to(tl.float32)
         kb = tl.floor(rank).to(tl.int32)
         frac = rank - kb.to(tl.float32)
         ka = kb + (frac > 0).to(tl.int32)
@@ -234,13 +249,12 @@ def token_kernel(
     # ---- pass B: per-token mask, loss and gradient; per-sequence sums ----
     if ADV_PER_SEQ:
         adv_seq = finite_or_nan(tl.load(adv_ptr + seq, mask=seq_ok, other=0.0).to(tl.float32))
-    if PER_SEQ_MEAN:  # seq-mean-token-mean: d loss / d L_i has a factor 1 / n_i
+    if PER_SEQ_MEAN:
         inv_n = 1.0 / tl.maximum(n_valid, 1).to(tl.float32)
-    if HAS_STATE:  # the prefix of the earlier shards
-        state_row = state_ptr + seq.to(tl.int64) * STATE_WIDTH
-        carry_slack = finite_or_nan(tl.load(state_row + STATE_SLACK, mask=seq_ok, other=0.0).to(tl.float32))
-        carry_s = finite_or_nan(tl.load(state_row + STATE_S, mask=seq_ok, other=0.0).to(tl.float32))
-        carry_w = finite_or_nan(tl.load(state_row + STATE_W, mask=seq_ok, other=0.0).to(tl.float32))
+    if HAS_SHARD:  # the prefix of the earlier shards
+        carry_slack = finite_or_nan(tl.load(shard_row + STATE_SLACK, mask=seq_ok, other=0.0).to(tl.float32))
+        carry_s = finite_or_nan(tl.load(shard_row + STATE_S, mask=seq_ok, other=0.0).to(tl.float32))
+        carry_w = finite_or_nan(tl.load(shard_row + STATE_W, mask=seq_ok, other=0.0).to(tl.float32))
     else:
         carry_slack = tl.zeros([ROWS], dtype=tl.float32)  # sum of w (delta_b_i - D) = delta_b_i W - S
         carry_s = tl.zeros([ROWS], dtype=tl.float32)  # S (soft gate, and the state)
@@ -271,20 +285,14 @@ def token_kernel(
         d = _divergence_tile(lp_ptr, olp_ptr, div_ptr, offs, valid, DIVERGENCE)
         weight = valid.to(tl.float32)
         if METHOD == METHOD_CPPO:
-            if HAS_STATE:
+            if HAS_SHARD:
                 weight = tl.where(valid, position_weight(pos + offset[:, None], span[:, None], w_min), 0.0)
             else:
                 weight = tl.where(valid, position_weight(pos, span[:, None], w_min), 0.0)
         loss, grad, rej_tok, rej_bud, clip_lo, clip_hi, clip_du, carry_slack, carry_s, carry_w = \
-            trust_region_step(lp, x, dx, r, d, adv, valid, weight, db, carry_slack, carry_s, carry_w,
-                              delta, delta_low, delta_high, ratio_lo, ratio_hi, clip_c, ratio_cap,
-                              METHOD, GATE, SURROGATE)
-        if HAS_STATE:
-            if METHOD == METHOD_CPPO:
-                if GATE != GATE_SOFT:  # the soft gate carries S and W itself; the state needs them too
-                    carry_s += tl.sum(weight * d, axis=1)
-                    carry_w += tl.sum(weight, axis=1)
-        if HAS_RW:
+            trust_region_step(lp, x, dx, r, d, adv, valid, weight, db, carry_slack, carry_s, carry_w, params_ptr,
+                              METHOD, GATE, SURROGATE, HAS_SHARD)
+        if rw_ptr is not None:
             rw = load_zeroed(rw_ptr, offs, valid)
             loss = loss * rw
             grad = grad * rw  # a NaN weight: NaN loss and NaN gradient at the token
@@ -308,7 +316,7 @@ def token_kernel(
     # bad cu_seqlens: NaN loss, metrics and (through a NaN n_i, which the reduction turns into a NaN scale)
     # gradient, never a plausible number
     poison = tl.where(bad, float("nan"), 0.0)
-    row = stats_ptr + seq.to(tl.int64) * NUM_STATS
+    row = sums_ptr + OUT_WIDTH + seq.to(tl.int64) * NUM_STATS
     tl.store(row + STAT_LOSS, tl.sum(loss_acc, axis=1) + poison, mask=seq_ok)
     tl.store(row + STAT_TOKENS, n_tokens + poison, mask=seq_ok)
     tl.store(row + STAT_REJ_TOKEN, tl.sum(rej_tok_acc, axis=1) + poison, mask=seq_ok)
@@ -320,47 +328,36 @@ def token_kernel(
     tl.store(row + STAT_DIV, tl.sum(div_acc, axis=1) + poison, mask=seq_ok)
     tl.store(row + STAT_RATIO_CAPPED, tl.sum(capped_acc, axis=1) + poison, mask=seq_ok)
     tl.store(row + STAT_DELTA_B, tl.where(n_tokens > 0, db, 0.0) + poison, mask=seq_ok)
-    if HAS_STATE:
-        final_row = final_ptr + seq.to(tl.int64) * STATE_WIDTH
-        tl.store(final_row + STATE_SLACK, carry_slack + poison, mask=seq_ok)
-        tl.store(final_row + STATE_S, carry_s + poison, mask=seq_ok)
-        tl.store(final_row + STATE_W, carry_w + poison, mask=seq_ok)
+    if HAS_SHARD:
+        tl.store(shard_row + SHARD_FINAL + STATE_SLACK, carry_slack + poison, mask=seq_ok)
+        tl.store(shard_row + SHARD_FINAL + STATE_S, carry_s + poison, mask=seq_ok)
+        tl.store(shard_row + SHARD_FINAL + STATE_W, carry_w + poison, mask=seq_ok)
     # ---- the reduction, by the last program to finish (the others' stats are then in memory) ----
     tl.debug_barrier()  # every thread's stats stores are issued before this program counts itself done
     done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if done == tl.num_programs(0) - 1:
-        reduce_stats(stats_ptr, loss_ptr, aux_ptr, num_seqs, dp_ptr, dp_value, tokens_ptr, tokens_value, seqs_ptr,
-                     seqs_value, loss_scale_factor, METHOD, MODE, DP, TOKENS, SEQS)
+        reduce_stats(sums_ptr, num_seqs, dp_ptr, dp, tokens_ptr, tokens, seqs_ptr, seqs, loss_scale_factor, METHOD,
+                     MODE)
         tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch
 
 
 def block_size(num_tokens: int, num_seqs: int) -> int:
     """A power of two near the mean sequence length, in [MIN_BLOCK, MAX_BLOCK] (shapes only, no sync)."""
     mean = -(-num_tokens // max(num_seqs, 1))
-    return min(max(1 << (mean - 1).bit_length(), MIN_BLOCK), MAX_BLOCK)  # plain Python: host time per call
+    return min(max(1 << (mean - 1).bit_length(), MIN_BLOCK), MAX_BLOCK.value)  # plain Python: host time per call
 
 
-NO_SHARD = (None,) * 5  # initial_state, position_offset, sequence_length, sequence_delta_b, final_state
-
-
-def launch_token_kernel(log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens,
-                        max_len, grad, stats, loss, aux, counter, *, num_seqs: int, width: int, plan, constexprs: dict,
-                        reduction: tuple, shard: tuple = NO_SHARD):
+def launch_token_kernel(log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens, shard,
+                        grad, sums, counter, params, *, num_seqs: int, extent: int, constexprs: dict,
+                        reduction: tuple):
     """One launch of `token_kernel` on contiguous inputs (the mask of any dtype, or None) and preallocated outputs:
-    the per-token gradient, the per-sequence sums `stats`, and the reduction's loss `[]` and aux `[aux_size]`.
+    `grad` like log_prob and `sums [OUT_WIDTH + S * NUM_STATS]` (loss, aux, the per-sequence stats) f32.
 
-    `width` is T of padded input (0 when packed), `plan` an `ops.plan.KernelPlan` (the config's scalars),
-    `constexprs` every keyword of the launch but the reduction's (`plan.layout_constexprs`: branch ids, ROWS,
-    BLOCK, num_warps), `reduction` = `reduce.reduction_arguments(...)`, `counter` a zero int32 `[]` on the device
-    (`reduce.program_counter`: the kernel leaves it at zero). `shard`, for a shard of a longer sequence (the branch
-    ids say which are read): `initial_state [S, 3]` and `position_offset [S]` in (HAS_STATE), `sequence_length
-    [S]` (HORIZON_GIVEN), `sequence_delta_b [S]` (DELTA_B_GIVEN), `final_state [S, 3]` f32 out (HAS_STATE), all
-    contiguous.
+    `shard`: `carried_state.pack_shard(...)` for shards of longer sequences, else None; `counter`:
+    `reduce.program_counter(device)`; `params`: `plan.params(device)`; `extent` the padded width T or N (packed);
+    `constexprs` from `plan.layout_constexprs`; `reduction` from `reduce.reduction_arguments`.
     """
-    arguments, keywords = reduction
-    token_kernel[(max(-(-num_seqs // constexprs["ROWS"]), 1),)](
-        log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens, max_len,
-        *shard[:4], grad, stats, shard[4], loss, aux, counter,
-        num_seqs, width, log_prob.numel(), plan.horizon if plan.horizon is not None else width,
-        *plan.token_scalars, *arguments, **constexprs, **keywords,
+    token_kernel[(max(-(-num_seqs // (TILE.value // constexprs["BLOCK"])), 1),)](
+        log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens, shard, grad, sums,
+        counter, params, *reduction, num_seqs, extent, **constexprs,
     )

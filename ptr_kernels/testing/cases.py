@@ -97,8 +97,13 @@ def random_config(rng: np.random.Generator, *, packed: bool, methods: Optional[S
         clip_ratio_c=maybe(0.4, float(rng.uniform(1.1, 5.0))),
         loss_agg_mode=agg,
         loss_scale_factor=scale if (packed and agg == "seq-mean-token-sum-norm") else maybe(0.3, scale),
-        delta_b_quantile_scale=float(rng.choice([1.0, rng.uniform(0.25, 4.0)])),
+        # from a child generator: the draws after the config (the case's data) do not move
+        delta_b_quantile_scale=float(_scale_choice(rng.spawn(1)[0])),
     )
+
+
+def _scale_choice(rng: np.random.Generator) -> float:
+    return rng.choice([1.0, rng.uniform(0.25, 4.0)])
 
 
 def _lengths(rng: np.random.Generator, n: int, max_len: int) -> np.ndarray:
