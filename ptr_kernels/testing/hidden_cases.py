@@ -27,7 +27,8 @@ PEAK = 12.0
 def random_hidden_case(seed: int, *, hidden_size: int = 16, vocab: int = 64, bias: bool = True,
                        rows: str = "random", **kwargs) -> dict:
     """Keyword arguments of `policy_loss_from_hidden` (float64 CPU tensors: hidden `[B, T, H]` or `[N, H]`);
-    `kwargs` go to `random_logits_case` (layout, k, temperature, config, num_seqs, max_len, ...)."""
+    `kwargs` go to `random_logits_case` (layout, k, temperature, config, num_seqs, max_len, ...). `bias`:
+    whether the head has one ("peaked" rows always have one: it carries the peak)."""
     g = torch.Generator().manual_seed(10_000 + seed)
     weight = torch.randn(vocab, hidden_size, generator=g, dtype=torch.float64) * (2.0 / math.sqrt(hidden_size))
     head_bias = 0.5 * torch.randn(vocab, generator=g, dtype=torch.float64) if bias or rows == "peaked" else None
@@ -78,3 +79,19 @@ def policy_loss_from_hidden_literal(hidden, weight, input_ids, old_log_prob, adv
                                grad_hidden=(grad @ w).reshape(hidden.shape), grad_weight=grad.t() @ rows,
                                grad_bias=None if bias is None else grad.sum(0), grad_logits=grad,
                                near_tie=lit.near_tie)
+
+
+def rounding_bound(lit: LiteralHiddenResult, case: dict, dtype: torch.dtype) -> dict:
+    """{name: elementwise bound} on how far a backend's gradients in `dtype` may be from the oracle's on inputs
+    already rounded to `dtype`, beyond float32 arithmetic: each GEMM sums products of the logits' gradient
+    rounded to `dtype` (eps per term: the interpreter's float32 -> bf16 cast truncates, a GPU's rounds to
+    nearest, eps / 2) and the result is rounded once more (eps / 2). Zero for float32 and float64."""
+    eps = 0.0 if dtype in (torch.float32, torch.float64) else torch.finfo(dtype).eps
+    g_abs = lit.grad_logits.abs()
+    valid = mask_as_bool(case["response_mask"], case["input_ids"])
+    rows = torch.where(valid[..., None], case["hidden"], 0).reshape(g_abs.shape[0], -1).abs()
+    term_sums = dict(hidden=(g_abs @ case["weight"].abs()).reshape(case["hidden"].shape), weight=g_abs.t() @ rows,
+                     bias=g_abs.sum(0))
+    expected = dict(hidden=lit.grad_hidden, weight=lit.grad_weight, bias=lit.grad_bias)
+    return {name: eps * term_sums[name] + eps / 2 * expected[name].abs()
+            for name in term_sums if expected[name] is not None}
