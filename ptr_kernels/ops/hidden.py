@@ -31,6 +31,8 @@ from .plan import kernel_plan
 CHUNK_BUDGET_BYTES = 1 << 30  # one chunk's logits and their gradient, at most
 CHUNK_FREE_FRACTION = 4  # ... and at most a quarter of the device's free memory
 MIN_CHUNK, MAX_CHUNK = 16, 8192  # tokens per chunk: a GEMM of at least a few tiles, at most a bounded buffer
+# half operands with a float32 result in one cuBLAS call (`torch.mm(..., out_dtype=)`, recent torch, CUDA only)
+HALF_GEMM_TO_FLOAT32 = "dtype_out" in torch.ops.aten.mm.overloads()
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,9 +57,9 @@ def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumul
     """out = a @ b, or out += a @ b, accumulated and written in out's dtype (float32 from bf16 / fp16 operands)."""
     extra = {}
     if a.dtype != out.dtype:
-        if a.is_cuda:  # cuBLAS takes half operands with a float32 result: no float32 copy of the weight
+        if a.is_cuda and HALF_GEMM_TO_FLOAT32:  # no float32 copy of the weight
             extra["out_dtype"] = out.dtype
-        else:  # CPU (the interpreter's runs): the same products, upcast first (exact: a half product fits float32)
+        else:  # CPU (the interpreter) or an older torch: upcast copies (a half product is exact in float32)
             a, b = a.to(out.dtype), b.to(out.dtype)
     if accumulate:
         return torch.addmm(out, a, b, out=out, **extra)

@@ -52,7 +52,8 @@ def check_case(case: dict, chunk_size, backend: str, dtype: torch.dtype, device)
     inputs.pop("bias", None)
     loss, metrics = policy_loss_from_hidden(head["hidden"], head["weight"], **inputs, bias=head.get("bias"),
                                             backend=backend, chunk_size=chunk_size)
-    grads = dict(zip(head, (g.detach().to("cpu", torch.float64) for g in torch.autograd.grad(loss, list(head.values())))))
+    grads = torch.autograd.grad(loss, list(head.values()))
+    grads = {name: g.detach().to("cpu", torch.float64) for name, g in zip(head, grads)}
     valid = rounded["response_mask"]
     cut = (grads["hidden"] == 0).all(-1) & valid
     flipped = cut != ((lit.grad_hidden == 0).all(-1) & valid)
