@@ -157,6 +157,22 @@ def test_masked_and_empty():
         assert math.isnan(loss.item()) and math.isnan(metrics["entropy"])
 
 
+def test_torch_compile_runs_the_chunks_eagerly():
+    """Inside torch.compile the Triton path runs eagerly (a graph break around its chunk loop): the same loss
+    and gradient as an eager call."""
+    case = cast(random_hidden_case(4, vocab=24, k=4, config=make_config("cppo", "topk_kl", "padded")), torch.float32,
+                DEVICE)
+    loss, _, grads = run(case, "triton", chunk_size=4)
+    rest = {k: v for k, v in case.items() if k != "hidden"}
+    hidden = case["hidden"].clone().requires_grad_(True)
+    compiled = torch.compile(lambda h: policy_loss_from_hidden(h, **rest, backend="triton", chunk_size=4)[0],
+                             backend="aot_eager")
+    compiled_loss = compiled(hidden)
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss.detach(), loss, rtol=0, atol=0)
+    torch.testing.assert_close(hidden.grad, grads["hidden"], rtol=0, atol=0)
+
+
 def _errors_case():
     case = cast(random_hidden_case(9, vocab=16, k=4, config=PolicyLossConfig(divergence="topk_tv")), torch.float32)
     case["response_mask"][0, 0] = True  # the position the changes hit is valid

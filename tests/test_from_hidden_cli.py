@@ -23,7 +23,8 @@ def test_fuzz_from_hidden(capsys):
 def test_bench_from_hidden(tmp_path):
     """The head benchmark: the floor first, then ours and the materialized head (and the peers installed
     here), each with a time and its ratio to the floor."""
-    assert main(["bench", "--from-hidden", "--methods", "ppo", "--max-reps", "1", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "--from-hidden", "--sweep", "tiny", "--methods", "ppo", "--max-reps", "1",
+                 "--out", str(tmp_path)]) == 0
     rows = read_rows(tmp_path / "from_hidden.csv")
     assert rows[0]["provider"] == "floor" and float(rows[0]["time_ms"]) > 0
     assert {"fused", "materialized"} <= {r["provider"] for r in rows}
@@ -33,7 +34,7 @@ def test_bench_from_hidden(tmp_path):
 
 def test_bench_step(tmp_path):
     """The step benchmark: a tiny decoder's forward + loss + backward per loss path, each with a time."""
-    assert main(["bench", "--from-hidden", "--step", "--methods", "cppo", "--max-reps", "1",
+    assert main(["bench", "--from-hidden", "--step", "--sweep", "tiny", "--methods", "cppo", "--max-reps", "1",
                  "--out", str(tmp_path)]) == 0
     rows = read_rows(tmp_path / "step.csv")
     assert {"fused", "materialized"} <= {r["provider"] for r in rows}

@@ -58,7 +58,8 @@ def make_inputs(num_seqs: int, width: int, size: int, vocab: int, device, dtype,
         topk_log_probs.append(values)
     shape = (num_seqs, width)
     return dict(hidden=hidden, weight=weight, input_ids=torch.cat(ids).view(shape),
-                old_log_prob=torch.cat(old_log_prob).view(shape), advantages=torch.randn(num_seqs, generator=g).to(device),
+                old_log_prob=torch.cat(old_log_prob).view(shape),
+                advantages=torch.randn(num_seqs, generator=g).to(device),
                 response_mask=(torch.rand(shape, generator=g) < 0.9).to(device),
                 rollout_topk_ids=torch.cat(topk_ids).view(*shape, K),
                 rollout_topk_log_probs=torch.cat(topk_log_probs).view(*shape, K))
