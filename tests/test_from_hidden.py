@@ -76,6 +76,25 @@ def test_triton_matches_oracle(method, divergence, layout, bias, vocab, k, tempe
     assert_matches_oracle(loss, metrics, grads, lit, rtol=1e-5)
 
 
+@pytest.mark.parametrize("options", [
+    dict(gate="soft", loss_agg_mode="token-mean", dp_size=2, batch_num_tokens=40),
+    dict(surrogate="logp", loss_agg_mode="seq-mean-token-sum", global_batch_size=5, length_mode="padded"),
+])
+def test_triton_options_match_oracle(options):
+    """The options of the token path go through unchanged: the soft gate, the logp surrogate, rollout
+    importance weights, global normalizers, another aggregation and horizon."""
+    options = dict(options)
+    normalizers = {k: options.pop(k) for k in ("dp_size", "batch_num_tokens", "global_batch_size") if k in options}
+    config = PolicyLossConfig(method="cppo", divergence="topk_tv", delta=0.1, delta_b_quantile=0.5, **options)
+    case = random_hidden_case(21, layout="packed", vocab=48, k=4, temperature=1.1, config=config)
+    weights = torch.rand(case["input_ids"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    case.update(rollout_is_weights=weights + 0.5, **normalizers)
+    lit = policy_loss_from_hidden_literal(**case)
+    assert 0 < lit.metrics["mask_frac"] < 1
+    loss, metrics, grads = run(cast(case, torch.float32, DEVICE), "triton", chunk_size=6)
+    assert_matches_oracle(loss, metrics, grads, lit, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method,divergence,layout,rows", [
     ("cppo", "topk_tv", "padded", "random"), ("cppo", "topk_kl", "packed", "peaked"),
     ("dppo", "topk_tv", "padded", "peaked"), ("ppo", "binary_kl", "packed", "random"),
