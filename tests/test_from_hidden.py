@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ptr_kernels import PolicyLossConfig, policy_loss_from_hidden
+from ptr_kernels import PolicyLossConfig, policy_loss_from_hidden, policy_loss_from_logits
 from ptr_kernels.testing.hidden_cases import policy_loss_from_hidden_literal, random_hidden_case, rounding_bound
 from ptr_kernels.testing.logits_cases import cast
 
@@ -156,6 +156,34 @@ def test_frozen_parts_of_the_head():
         grads = torch.autograd.grad(loss, [head[name] for name in trained])
         for name, grad in zip(trained, grads):
             torch.testing.assert_close(grad, full[name], rtol=0, atol=0)
+
+
+def test_gemm_flops():
+    """The recompute costs one GEMM more than a materialized head: 4 x 2 N V H flops for forward + backward
+    (the chunk GEMM, its recompute, grad_hidden, grad_W) against 3 x; 3 x here too when the head is frozen."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = make_config("cppo", "topk_tv", "padded")
+    case = cast(random_hidden_case(3, vocab=32, k=4, hidden_size=8, config=config), torch.float32, DEVICE)
+    rest = {k: v for k, v in case.items() if k not in HEAD}
+    hidden, weight = case["hidden"].clone().requires_grad_(True), case["weight"].clone().requires_grad_(True)
+    one_gemm = 2 * case["input_ids"].numel() * weight.shape[0] * weight.shape[1]
+
+    def gemms(trained, head):
+        with FlopCounterMode(display=False) as counter:
+            torch.autograd.grad(head(), trained)
+        return counter.get_total_flops() / one_gemm
+
+    def chunked(w):
+        return policy_loss_from_hidden(hidden, w, **rest, bias=case["bias"], backend="triton", chunk_size=5)[0]
+
+    def materialized():
+        logits = hidden @ weight.t() + case["bias"]
+        return policy_loss_from_logits(logits, **rest, backend="triton")[0]
+
+    assert gemms([hidden, weight], lambda: chunked(weight)) == 4
+    assert gemms([hidden], lambda: chunked(weight.detach())) == 3
+    assert gemms([hidden, weight], materialized) == 3
 
 
 def test_masked_and_empty():
