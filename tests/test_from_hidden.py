@@ -187,8 +187,8 @@ def test_gemm_flops():
 
 
 def test_masked_and_empty():
-    """Nothing valid: loss, metrics and gradients 0, never NaN, though the masked hidden states are NaN;
-    a NaN hidden state at a valid position shows in the loss and the entropy."""
+    """Nothing valid (everything masked, or no token at all): loss, metrics and gradients 0, never NaN, though
+    the masked hidden states are NaN; a NaN hidden state at a valid position shows in the loss and the entropy."""
     config = PolicyLossConfig(divergence="topk_tv")
     case = random_hidden_case(2, vocab=32, k=4, config=config)
     assert case["hidden"].isnan().any()
@@ -202,6 +202,11 @@ def test_masked_and_empty():
         assert all((g == 0).all() for g in grads.values())
         loss, metrics, _ = run(cast(poisoned, torch.float32, DEVICE), backend, chunk_size=4)
         assert math.isnan(loss.item()) and math.isnan(metrics["entropy"])
+        nothing = dict(hidden=torch.zeros(0, 8), weight=torch.randn(16, 8), bias=None,
+                       input_ids=torch.zeros(0, dtype=torch.long), old_log_prob=torch.zeros(0),
+                       advantages=torch.zeros(0), cu_seqlens=torch.zeros(1, dtype=torch.int32))
+        loss, metrics, grads = run(cast(nothing, torch.float32, DEVICE), backend)  # zero-length packed input
+        assert loss.item() == 0 and all(v == 0 for v in metrics.values()) and (grads["weight"] == 0).all()
 
 
 def test_torch_compile_runs_the_chunks_eagerly():
