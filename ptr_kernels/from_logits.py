@@ -98,11 +98,12 @@ def policy_loss_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, old_l
 def check_logits_inputs(logits, input_ids, old_log_prob, advantages, response_mask, cu_seqlens, topk_ids,
                         topk_log_probs, temperature, config: PolicyLossConfig, inplace_grad: bool,
                         rollout_is_weights, dp_size, batch_num_tokens, global_batch_size, *,
-                        values_in_kernel: bool) -> Layout:
+                        values_in_kernel: bool, source: str = "logits") -> Layout:
     """Validate the from-logits inputs (ValueError naming the argument); returns the token layout.
 
     Shapes, dtypes, devices and the temperature always; the values of ids (range, repeats) at valid positions
-    eagerly on the CPU, with an asynchronous device assert elsewhere (never a host sync).
+    eagerly on the CPU, with an asynchronous device assert elsewhere (never a host sync). `source`: the
+    argument the messages name as the tensor the token shape and device come from.
     """
     if not isinstance(logits, torch.Tensor) or logits.dtype not in FLOAT_DTYPES:
         raise ValueError(f"logits must be a float16, bfloat16, float32 or float64 tensor, got "
@@ -115,10 +116,10 @@ def check_logits_inputs(logits, input_ids, old_log_prob, advantages, response_ma
     if inplace_grad and logits.stride(-1) != 1:
         raise ValueError("inplace_grad=True needs logits with a contiguous last dimension (stride 1)")
     token_shape, vocab = tuple(logits.shape[:-1]), logits.shape[-1]
-    _check_ids("input_ids", input_ids, token_shape, logits.device)
+    _check_ids("input_ids", input_ids, token_shape, logits.device, source)
     if not isinstance(old_log_prob, torch.Tensor) or tuple(old_log_prob.shape) != token_shape:
         raise ValueError(f"old_log_prob has shape {tuple(getattr(old_log_prob, 'shape', ()))}, expected "
-                         f"logits' {token_shape} (logits without the vocabulary dimension)")
+                         f"{token_shape} = {source}.shape[:-1]")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
             or not math.isfinite(temperature) or temperature < FLOAT32_TINY:
         raise ValueError(f"temperature={temperature!r} is invalid: expected a finite number >= {FLOAT32_TINY:.3g} "
@@ -128,7 +129,7 @@ def check_logits_inputs(logits, input_ids, old_log_prob, advantages, response_ma
                           dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
                           cu_seqlens_values_in_kernel=values_in_kernel)
     if old_log_prob.device != logits.device:
-        raise ValueError(f"old_log_prob is on {old_log_prob.device} but logits is on {logits.device}")
+        raise ValueError(f"old_log_prob is on {old_log_prob.device} but {source} is on {logits.device}")
 
     valid = None if response_mask is None else response_mask != 0
     _require(valid, (input_ids < 0) | (input_ids >= vocab), f"input_ids must lie in [0, V = {vocab}) at valid "
@@ -145,7 +146,7 @@ def check_logits_inputs(logits, input_ids, old_log_prob, advantages, response_ma
             or tuple(topk_ids.shape[:-1]) != token_shape:
         raise ValueError(f"rollout_topk_ids has shape {tuple(getattr(topk_ids, 'shape', ()))}, expected "
                          f"{token_shape + ('K',)}")
-    _check_ids("rollout_topk_ids", topk_ids, tuple(topk_ids.shape), logits.device)
+    _check_ids("rollout_topk_ids", topk_ids, tuple(topk_ids.shape), logits.device, source)
     if not isinstance(topk_log_probs, torch.Tensor) or topk_log_probs.dtype not in FLOAT_DTYPES:
         raise ValueError("rollout_topk_log_probs must be a float tensor")
     if topk_log_probs.shape != topk_ids.shape or topk_log_probs.device != logits.device:
@@ -165,13 +166,13 @@ def check_logits_inputs(logits, input_ids, old_log_prob, advantages, response_ma
     return layout
 
 
-def _check_ids(name: str, ids, shape: tuple, device: torch.device) -> None:
+def _check_ids(name: str, ids, shape: tuple, device: torch.device, source: str) -> None:
     if not isinstance(ids, torch.Tensor) or ids.dtype not in INT_DTYPES:
         raise ValueError(f"{name} must be an int32 or int64 tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
     if tuple(ids.shape) != shape:
         raise ValueError(f"{name} has shape {tuple(ids.shape)}, expected {shape}")
     if ids.device != device:
-        raise ValueError(f"{name} is on {ids.device} but logits is on {device}")
+        raise ValueError(f"{name} is on {ids.device} but {source} is on {device}")
 
 
 def _require(valid: Optional[torch.Tensor], bad: torch.Tensor, message: str) -> None:

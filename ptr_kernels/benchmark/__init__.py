@@ -16,6 +16,8 @@ each figure means). One module per job:
 - results:   the CSV columns, writer, reader and environment stamp
 - targets:   the performance targets from the rows
 - report:    results.md tables; plots: the PNGs
+- from_hidden: `--from-hidden`: the loss from hidden states, the LM head included, against its peers
+- step:      `--from-hidden --step`: a small decoder's training step per loss path
 - cli:       the options, `run` and `main`
 """
 

@@ -67,6 +67,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only compare the loss from logits: fused vs eager log_softmax (and TRL / Liger-Kernel "
                              "when installed); bf16 logits, V 32k and 152k on cuda, a tiny shape on cpu; writes "
                              "from_logits.csv and from_logits.md")
+    parser.add_argument("--from-hidden", action="store_true",
+                        help="only compare the loss from hidden states (the LM head included): ours against the "
+                             "materialized head, Liger-Kernel, TRL and verl when installed, and the head's GEMMs; "
+                             "bf16 at N 8K and 32K, H 3584, V 152064 on cuda, a tiny shape on cpu; writes "
+                             "from_hidden.csv and from_hidden.md")
+    parser.add_argument("--step", action="store_true",
+                        help="with --from-hidden: time a small decoder's forward + loss + backward per loss path "
+                             "instead; writes step.csv and step.md")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,6 +95,12 @@ def run(args: argparse.Namespace) -> int:
     if args.from_logits:
         from .from_logits import run as run_from_logits
         return run_from_logits(args, device, out)
+    if args.step and not args.from_hidden:
+        print("--step is the step benchmark of --from-hidden: give both", file=sys.stderr)
+        return 2
+    if args.from_hidden:
+        from .from_hidden import run as run_from_hidden
+        return run_from_hidden(args, device, out)
     if args.host:
         if device.type == "cpu" and not interpreter_ready():
             print("--host on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before triton is imported",

@@ -216,6 +216,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--show", type=int, default=5, help="failing cases printed in full (default 5)")
     parser.add_argument("--from-logits", action="store_true",
                         help="fuzz policy_loss_from_logits (Top-K divergences, logits gradient) instead")
+    parser.add_argument("--from-hidden", action="store_true",
+                        help="fuzz policy_loss_from_hidden (the LM head by chunks; hidden, weight, bias gradients) "
+                             "instead")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -236,6 +239,9 @@ def run(args: argparse.Namespace) -> int:
     if args.from_logits:
         from .fuzz_logits import run as run_from_logits
         return run_from_logits(args, device, backend, dtype)
+    if args.from_hidden:
+        from .fuzz_hidden import run as run_from_hidden
+        return run_from_hidden(args, device, backend, dtype)
     rtol, tie_rtol = tolerances(dtype)
     print(f"ptr-kernels fuzz: backend={backend} device={device} dtype={str(dtype).removeprefix('torch.')} "
           f"cases={args.cases} seeds={args.seed}..{args.seed + args.cases - 1}")

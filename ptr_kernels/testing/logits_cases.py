@@ -17,10 +17,11 @@ GARBAGE_ID = -100
 def random_logits_case(seed: int, *, layout: str = "padded", vocab: int = 64, k: int = 4, temperature: float = 1.0,
                        config: PolicyLossConfig = PolicyLossConfig(), num_seqs: int = 3, max_len: int = 12,
                        drift: float = 0.5, y_outside_topk: float = 0.3, holes: float = 0.15,
-                       rows: str = "random") -> dict:
+                       rows: str = "random", logits_fn=None) -> dict:
     """Keyword arguments of `policy_loss_from_logits` (float64 CPU tensors, logits `[B, T, V]` or `[N, V]`).
 
     rows: "random" logits ~ N(0, 2^2), or "peaked" (one token far ahead: probabilities near 0 and 1).
+    logits_fn: `(token_shape, generator) -> float64 logits` drawn instead of N(0, 2^2) (a model's head).
     """
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, max_len + 1, (num_seqs,), generator=g)
@@ -35,7 +36,10 @@ def random_logits_case(seed: int, *, layout: str = "padded", vocab: int = 64, k:
         mask = torch.ones(token_shape, dtype=torch.bool)
         cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     mask &= torch.rand(token_shape, generator=g) >= holes
-    logits = 2.0 * torch.randn(token_shape + (vocab,), generator=g, dtype=torch.float64)
+    if logits_fn is None:
+        logits = 2.0 * torch.randn(token_shape + (vocab,), generator=g, dtype=torch.float64)
+    else:
+        logits = logits_fn(token_shape, g)
     if rows == "peaked":
         logits[..., 0] += 12.0
     log_mu = torch.log_softmax((logits + drift * torch.randn(logits.shape, generator=g, dtype=torch.float64))
