@@ -43,7 +43,7 @@ def count_marked(events) -> dict:
 def mark_calls(runner, timer, marks: dict) -> None:
     """Inside a running profiler session: one marked call per mode of a warmed-up `sweep.Runner`, recorded in
     `marks` ({label: (row key, mode)}). An unmarked call precedes each, since a session can drop the first GPU
-    events it sees (pytorch#192021)."""
+    events it sees (a known torch.profiler behaviour on CUDA)."""
     from torch.profiler import record_function
 
     for mode in MODES:

@@ -274,7 +274,7 @@ def sweep(args, device: torch.device, out: Path, deadline: float = math.inf) -> 
 
     if cuda:
         # Launch counts come last and in one profiler session: a session can leave CUPTI hooked in and slow
-        # later launches (pytorch#144455). Counts do not depend on the shape except the loop's (per sequence),
+        # later launches (a known torch.profiler behaviour). Counts do not depend on the shape except the loop's (per sequence),
         # so one shape each: the smallest that ran.
         from torch.profiler import ProfilerActivity, profile
 
