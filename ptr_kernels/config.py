@@ -9,6 +9,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import torch
+
 METHODS = ("cppo", "dppo", "ppo")
 # the metrics each method reports (docs/math.md section 9), in this order on every backend: the three every method
 # reports first, then the method's own
@@ -180,6 +182,8 @@ def resolve_config(config: Optional[PolicyLossConfig], overrides: dict) -> Polic
     unknown = sorted(set(overrides) - set(FIELDS))
     if unknown:
         raise ValueError(f"unknown policy loss option(s) {unknown}; valid options: {', '.join(FIELDS)}")
+    if torch.compiler.is_compiling():  # Dynamo traces the values it tracks; a cache would be bypassed anyway
+        return dataclasses.replace(config, **overrides)
     # the type is part of the key: True == 1 and 1 == 1.0 hash alike, but a bool is refused where 1 is not
     items = tuple((name, type(value), value) for name, value in overrides.items())
     try:
