@@ -1,33 +1,39 @@
 #!/usr/bin/env bash
-# One prepared command for a CUDA machine, about 8 minutes on an H200 (at most about 9):
-#   1. the kernel tests on CUDA tensors (pytest, parallel with pytest-xdist where installed: every
-#      test compiles its own kernel specialization, and compiling is CPU-bound),
-#      meanwhile the correctness fuzz on CUDA at larger shapes (float32 and bfloat16) against the literal loop;
+# One prepared command for a CUDA machine, at most 8 minutes on an H200 (GPU_CHECK_SECONDS, default 465, is a
+# deadline no step runs past; every step also has its own time limit, so a slow step cannot eat the rest):
+#   1. in parallel, about 150 s:
+#      - the CUDA tests: the kernel tests against the reference, torch.compile, the edge behaviour (NaN/inf at
+#        valid positions, bad packed offsets checked in the kernel, the carried state), reliability, bad inputs,
+#        the from-logits kernels and the property tests, all handing the kernels CUDA tensors (pytest, parallel
+#        with pytest-xdist where installed: every test compiles its own kernel specializations, and compiling
+#        is CPU-bound); PTR_KERNELS_FUZZ_CASES (default 160) of the kernel tests' 400 seeded cases;
+#      - the ahead-of-time compile of every kernel variant for sm_90 (registers and spills per variant);
+#      - a short correctness fuzz on CUDA (float32 up to 4096 tokens, and bfloat16) against the literal loop;
 #   2. `ptr-kernels bench --host`: wall-clock per fwd+bwd call, fused vs eager, at 8x512 and packed 8 / 4096;
-#   3. the float32 benchmark sweep: torch.compile of the reference first (512x8192 first, graph replay), the eager
-#      baseline, the fused kernel (the packed 8 x 131,072 shape first), the loop and verl; targets of issues 4, 7
-#      and 13 in results.md;
-#   4. `ptr-kernels bench --from-logits` (FROM_LOGITS_BUDGET seconds, default 60): the fused loss from logits
+#   3. the float32 benchmark sweep (BENCH_BUDGET seconds, default 170): torch.compile of the reference first,
+#      the eager baseline, the fused kernel (the packed 8 x 131,072 shape first), the loop and verl; the
+#      targets in results.md;
+#   4. `ptr-kernels bench --from-logits` (FROM_LOGITS_BUDGET seconds, default 45): the fused loss from logits
 #      against eager log_softmax and, when their wheels were carried in .whl/ (the GPU machine reaches no
 #      package index: `pip download --no-deps liger-kernel trl -d .whl` here, then carry `.whl`), Liger-Kernel's
 #      triton_grpo_loss and TRL's selective_log_softmax_and_entropy;
-#   5. optionally (BF16_BUDGET seconds, off by default: it does not fit the 9 minutes) the fused kernel and eager
+#   5. optionally (BF16_BUDGET seconds, off by default: it does not fit the 8 minutes) the fused kernel and eager
 #      with bfloat16 inputs.
-# Besides the kernel tests, step 1 runs the CUDA side of the edge tests: NaN/inf at valid positions, bad packed
-# offsets checked in the kernel, the carried state, and the from-logits kernels.
 # Everything goes to one folder $OUT/<date>-<card>-<commit>/ (default OUT=bench/results), named as the folders of
 # docs/gpu-results/ and ready to be committed there: gpu_check.log (date, card, commit, versions, the end of each
-# step's log), one log per step, host.csv / host.md, results.csv / results.md and the plots. Each step has its
-# own time limit, so a slow step cannot eat the rest. Without a git checkout, pass the commit:
+# step's log), one log per step, host.csv / host.md, results.csv / results.md and the plots. The folder is also
+# packed into one archive next to it, $OUT/<date>-<card>-<commit>.tar.gz, for a runner that returns few files.
+# Without a git checkout, pass the commit:
 #
 #   PTR_KERNELS_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh
-#   BENCH_BUDGET=120 bash bench/gpu_check.sh     # a shorter sweep (seconds; default 240)
+#   BENCH_BUDGET=120 bash bench/gpu_check.sh     # a shorter sweep (seconds)
 #   BENCH_ONLY=1 bash bench/gpu_check.sh         # host time and sweep only
-#   BF16_BUDGET=90 bash bench/gpu_check.sh       # add the bfloat16 sweep (into bf16/)
+#   BF16_BUDGET=90 GPU_CHECK_SECONDS=600 bash bench/gpu_check.sh   # add the bfloat16 sweep (into bf16/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+deadline=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-465} ))
 
 commit=${PTR_KERNELS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 if [ "$commit" != unknown ] && ! git diff --quiet HEAD 2>/dev/null && [ -z "${PTR_KERNELS_COMMIT:-}" ]; then
@@ -36,8 +42,9 @@ fi
 export PTR_KERNELS_COMMIT=$commit
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | tr 'A-Z' 'a-z' \
        | sed -e 's/^nvidia //' -e 's/[^a-z0-9]\+/-/g' -e 's/^-//' -e 's/-$//')
-run_date=$(date -u +%F)
-dir=${OUT:-bench/results}/$run_date-${card:-unknown-card}-$commit
+out=${OUT:-bench/results}
+name=$(date -u +%F)-${card:-unknown-card}-$commit
+dir=$out/$name
 mkdir -p "$dir"
 log=$dir/gpu_check.log
 status=0
@@ -50,9 +57,14 @@ status=0
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$log"
 
-run_step() {  # run_step NAME SECONDS COMMAND...: time-limited, output to $dir/NAME.log, "exit N" its last line
-    local name=$1 limit=$2; shift 2
-    timeout "$limit" "$@" >"$dir/$name.log" 2>&1
+run_step() {  # run_step NAME SECONDS COMMAND...: output to $dir/NAME.log, "exit N" its last line (124: time out)
+    local name=$1 limit=$2 left=$(( deadline - $(date +%s) )); shift 2
+    [ "$limit" -gt "$left" ] && limit=$left
+    if [ "$limit" -lt 5 ]; then
+        printf 'not run: the deadline (GPU_CHECK_SECONDS) has passed\nexit 124\n' >"$dir/$name.log"
+        return
+    fi
+    timeout --kill-after=5 "$limit" "$@" >"$dir/$name.log" 2>&1
     echo "exit $?" >>"$dir/$name.log"
 }
 report() {  # report NAME [LINES]: the end of a step's log into the main log; remember failures
@@ -64,38 +76,41 @@ report() {  # report NAME [LINES]: the end of a step's log into the main log; re
 if [ -z "${BENCH_ONLY:-}" ]; then
     xdist=""
     python3 -c "import xdist" 2>/dev/null && xdist="-n 10"
-    run_step fuzz_f32 170 python3 -m ptr_kernels fuzz --backend triton --device cuda --cases 150 --seed 1000 --max-len 4096 &
-    run_step fuzz_bf16 170 python3 -m ptr_kernels fuzz --backend triton --device cuda --cases 100 --seed 2000 --dtype bfloat16 &
-    run_step edge_tests 170 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_edges.py tests/test_from_logits.py \
-        tests/test_reliability.py -k "triton or kernel or logits" &
-    # each fuzz case compiles its own kernel variant: the first 240 of the 400 cases fit the time limit
-    PTR_KERNELS_FUZZ_CASES=${PTR_KERNELS_FUZZ_CASES:-240} run_step kernel_tests 170 python3 -m pytest -q -p no:cacheprovider $xdist tests/test_triton_kernel.py tests/test_triton_compile.py
+    run_step fuzz_f32 150 python3 -m ptr_kernels fuzz --backend triton --device cuda --cases 100 --seed 1000 --max-len 4096 &
+    run_step fuzz_bf16 150 python3 -m ptr_kernels fuzz --backend triton --device cuda --cases 60 --seed 2000 --dtype bfloat16 &
+    # the ahead-of-time compile of the CPU tests, here for the card itself: compiled variants, registers, spills
+    run_step aot_compile 150 bash -c "python3 tests/test_triton_compile.py && python3 tests/test_from_logits.py" &
+    # each seeded case of the kernel tests compiles its own kernel variant: the first 160 of the 400 fit the limit
+    PTR_KERNELS_FUZZ_CASES=${PTR_KERNELS_FUZZ_CASES:-160} run_step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider $xdist \
+        tests/test_triton_kernel.py tests/test_triton_compile.py tests/test_kernel_edges.py tests/test_reliability.py \
+        tests/test_bad_inputs.py tests/test_from_logits.py tests/test_properties.py
     wait
-    report kernel_tests 15
-    report edge_tests 15
+    report cuda_tests 20
+    report aot_compile 12
     report fuzz_f32 16
     report fuzz_bf16 16
 fi
 
 # host.csv before the sweep, so that the sweep's results.md includes the wall-clock targets measured here
-run_step host 60 python3 -m ptr_kernels bench --host --device cuda --out "$dir"
+run_step host 45 python3 -m ptr_kernels bench --host --device cuda --out "$dir"
 report host 12
 
-budget=${BENCH_BUDGET:-240}
-run_step bench $(( budget + 40 )) python3 -m ptr_kernels bench --device cuda --full --out "$dir" --time-budget "$budget"
+budget=${BENCH_BUDGET:-170}
+run_step bench $(( budget + 30 )) python3 -m ptr_kernels bench --device cuda --full --out "$dir" --time-budget "$budget"
 report bench 60
 
 if [ -d .whl ]; then  # wheels carried to the GPU machine (no index there): the from-logits comparisons
     python3 -m pip install -q --no-deps .whl/*.whl >"$dir/wheels.log" 2>&1 || echo "wheels: install failed" | tee -a "$log"
 fi
-run_step from_logits "${FROM_LOGITS_BUDGET:-60}" python3 -m ptr_kernels bench --device cuda --from-logits --out "$dir"
+run_step from_logits "${FROM_LOGITS_BUDGET:-45}" python3 -m ptr_kernels bench --device cuda --from-logits --out "$dir"
 report from_logits 30
 
 if [ "${BF16_BUDGET:-0}" -gt 0 ]; then
-    run_step bench_bf16 $(( BF16_BUDGET + 40 )) python3 -m ptr_kernels bench --device cuda --full --dtype bfloat16 \
+    run_step bench_bf16 $(( BF16_BUDGET + 30 )) python3 -m ptr_kernels bench --device cuda --full --dtype bfloat16 \
         --providers fused,eager --out "$dir/bf16" --time-budget "$BF16_BUDGET"
     report bench_bf16 40
 fi
 
-echo "gpu_check: status $status; results in $dir" | tee -a "$log"
+echo "gpu_check: status $status; results in $dir, packed into $out/$name.tar.gz" | tee -a "$log"
+tar -czf "$out/$name.tar.gz" -C "$out" "$name" || status=1
 exit $status

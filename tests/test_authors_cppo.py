@@ -14,7 +14,6 @@ from ptr_kernels.config import LOSS_AGG_MODES
 from ptr_kernels.integrations.verl import compute_policy_loss_cppo, cppo_fields
 from ptr_kernels.testing.authors_cppo import UNIRL_CONFIG, unirl_cppo, verl_cppo
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 VERL_METRICS = ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower")
 
 
@@ -102,7 +101,7 @@ def _decision_margin(old, new, adv, mask, keys) -> float:
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("seed", range(3))
-def test_ptr_cppo_equals_the_authors_verl_loss_kernel(seed, mode):
+def test_ptr_cppo_equals_the_authors_verl_loss_kernel(seed, mode, device):
     pytest.importorskip("triton")
     old, new, adv, mask, weights, keys = _verl_case(seed, B=4, T=12)
     old, new, adv = (t.float().double() for t in (old, new, adv))  # float32 values, exact in both
@@ -110,10 +109,10 @@ def test_ptr_cppo_equals_the_authors_verl_loss_kernel(seed, mode):
     want_loss, want_grad, want_metrics = _authors(old, new, adv, mask, keys, mode, weights, info)
     config = PolicyLossConfig(**cppo_fields(keys), loss_agg_mode=mode,
                               loss_scale_factor=info.get("loss_scale_factor"))
-    lp = new.float().to(DEVICE).requires_grad_(True)
-    to = lambda t: None if t is None else t.float().to(DEVICE)  # noqa: E731
+    lp = new.float().to(device).requires_grad_(True)
+    to = lambda t: None if t is None else t.float().to(device)  # noqa: E731
     normalizers = {k: v for k, v in info.items() if k != "loss_scale_factor"}
-    loss, metrics = policy_loss(lp, to(old), to(adv), mask.to(DEVICE), config=config, backend="triton",
+    loss, metrics = policy_loss(lp, to(old), to(adv), mask.to(device), config=config, backend="triton",
                                 rollout_is_weights=to(weights), **normalizers)
     loss.backward()
     assert _decision_margin(old, new, adv, mask, keys) > 1e-5  # no near tie: every decision is float32-safe
@@ -190,14 +189,14 @@ def _unirl_case(seed: int, dtype=torch.float64):
     return old.to(dtype), new.to(dtype), adv.to(dtype), lengths, cu, hyper
 
 
-def _unirl_both(seed, mode, dtype, backend="reference"):
+def _unirl_both(seed, mode, dtype, device="cpu", backend="reference"):
     old, new, adv, lengths, cu, hyper = _unirl_case(seed, dtype)
     horizon = 48
     theirs_lp = new.clone().requires_grad_(True)
     want = unirl_cppo(theirs_lp, old, adv, lengths, loss_agg_mode=mode, horizon=horizon, **hyper)
     want.backward()
     config = UNIRL_CONFIG.replace(loss_agg_mode=mode, loss_scale_factor=horizon, **hyper)
-    lp = new.clone().to(DEVICE if backend == "triton" else "cpu").requires_grad_(True)
+    lp = new.clone().to(device if backend == "triton" else "cpu").requires_grad_(True)
     loss, _ = policy_loss(lp, old.to(lp.device), adv.to(lp.device), cu_seqlens=cu.to(lp.device), config=config,
                           backend=backend)
     loss.backward()
@@ -219,9 +218,9 @@ def test_unirl_config_equals_the_authors_packed_loss(seed, mode):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_unirl_config_in_float32(backend):
+def test_unirl_config_in_float32(backend, device):
     if backend == "triton":
         pytest.importorskip("triton")
-    loss, grad, want, want_grad = _unirl_both(3, "seq-mean-token-mean", torch.float32, backend)
+    loss, grad, want, want_grad = _unirl_both(3, "seq-mean-token-mean", torch.float32, device, backend)
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-7)

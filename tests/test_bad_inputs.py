@@ -1,5 +1,6 @@
 """Unusual and bad inputs found by a sweep over both backends: each is a ValueError naming the argument, or the
-same result on both backends (the Triton kernel in the interpreter on CPU)."""
+same result on both backends (the Triton kernel on CUDA tensors when a GPU is present, else in the interpreter on
+CPU; the fixtures `backends` and `on_backend_device` come from conftest.py)."""
 
 import math
 
@@ -11,9 +12,6 @@ pytest.importorskip("triton", reason="the Triton kernels: triton exists for Linu
 
 from ptr_kernels import PolicyLoss, PolicyLossConfig, policy_loss, policy_loss_from_logits  # noqa: E402
 from ptr_kernels.distributed import global_counts  # noqa: E402
-
-BACKENDS = ("reference", "triton")
-
 
 def _padded():
     g = torch.Generator().manual_seed(0)
@@ -60,14 +58,15 @@ def test_a_padded_mask_with_cu_seqlens_asks_for_one_layout():
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("where", ["log_prob", "old_log_prob"])
 @pytest.mark.parametrize("method", ["cppo", "dppo", "ppo"])
-def test_a_non_finite_log_prob_gives_the_same_gradient_on_both_backends(value, where, method):
+def test_a_non_finite_log_prob_gives_the_same_gradient_on_both_backends(value, where, method, backends,
+                                                                         on_backend_device):
     """NaN loss on both; the diverged token's gradient is NaN on both (not 0 on one and NaN on the other)."""
     grads = []
-    for backend in BACKENDS:
+    for backend in backends:
         lp, olp, adv, mask = _padded()
         (lp if where == "log_prob" else olp)[0, 1] = value
         lp.requires_grad_()
-        loss, _ = policy_loss(lp, olp, adv, mask, backend=backend, method=method)
+        loss, _ = policy_loss(*on_backend_device(backend, (lp, olp, adv, mask)), backend=backend, method=method)
         loss.backward()
         assert math.isnan(loss.item())
         grads.append(lp.grad)
@@ -78,7 +77,7 @@ def test_a_non_finite_log_prob_gives_the_same_gradient_on_both_backends(value, w
 
 @pytest.mark.parametrize("bad", ["state_nan", "state_inf", "delta_b_nan", "delta_b_inf"])
 @pytest.mark.parametrize("gate", ["hard", "soft"])
-def test_a_non_finite_carried_state_shows_in_the_loss(bad, gate):
+def test_a_non_finite_carried_state_shows_in_the_loss(bad, gate, backends, on_backend_device):
     state = torch.zeros(3, 3)
     delta_b = torch.tensor([0.02, 0.03, 0.01])
     value = math.nan if bad.endswith("nan") else math.inf
@@ -87,42 +86,44 @@ def test_a_non_finite_carried_state_shows_in_the_loss(bad, gate):
     else:
         delta_b[0] = value
     results = []
-    for backend in BACKENDS:
-        lp, olp, adv, mask = _padded()
-        loss, metrics = policy_loss(lp, olp, adv, mask, initial_state=state, sequence_delta_b=delta_b, gate=gate,
-                                    backend=backend)
+    for backend in backends:
+        inputs = on_backend_device(backend, _padded())
+        loss, metrics = policy_loss(*inputs, **on_backend_device(backend, dict(initial_state=state,
+                                                                                sequence_delta_b=delta_b)),
+                                    gate=gate, backend=backend)
         assert math.isnan(loss.item())
-        results.append(metrics["mask_frac"])
+        results.append(metrics["mask_frac"].cpu())
     torch.testing.assert_close(results[1], results[0])
 
 
 @pytest.mark.parametrize("name", ["dp_size", "global_batch_size", "batch_num_tokens"])
-def test_tensor_normalizers_get_no_gradient(name):
-    for backend in BACKENDS:
+def test_tensor_normalizers_get_no_gradient(name, backends, on_backend_device):
+    for backend in backends:
         lp = (-torch.rand(3, 5)).requires_grad_()
         count = torch.tensor(4.0, requires_grad=True)
-        loss, _ = policy_loss(lp, lp.detach() - 0.1, torch.ones(3), backend=backend,
+        loss, _ = policy_loss(*on_backend_device(backend, (lp, lp.detach() - 0.1, torch.ones(3))), backend=backend,
                               loss_agg_mode="seq-mean-token-sum" if name != "batch_num_tokens" else "token-mean",
-                              **{name: count})
+                              **{name: on_backend_device(backend, count)})
         loss.backward()
         assert count.grad is None and lp.grad is not None
 
 
-def test_numbers_of_any_real_type_in_the_config():
+def test_numbers_of_any_real_type_in_the_config(backends, on_backend_device):
     """A large Python int or a numpy scalar is a number like any other: the same loss on both backends."""
     lp = -torch.rand(3, 5)
     assert PolicyLossConfig(delta=1).delta == 1.0 and type(PolicyLossConfig(delta=1).delta) is float
     for overrides in (dict(delta=2 ** 64), dict(delta=np.float32(0.2), dp_size=np.int64(2)),
                       dict(method="dppo", delta_high=2 ** 70, log_ratio_clamp=10 ** 30)):
-        losses = [policy_loss(lp, lp - 0.1, torch.ones(3), backend=b, **overrides)[0] for b in BACKENDS]
+        losses = [policy_loss(*on_backend_device(b, (lp, lp - 0.1, torch.ones(3))), backend=b, **overrides)[0].cpu()
+                  for b in backends]
         torch.testing.assert_close(losses[1], losses[0])
 
 
-def test_policy_loss_module_keeps_its_config_and_backend():
-    lp = -torch.rand(3, 5)
+def test_policy_loss_module_keeps_its_config_and_backend(device):
+    lp = -torch.rand(3, 5, device=device)
     for kwargs in (dict(config=PolicyLossConfig()), dict(backend="triton")):
         with pytest.raises(ValueError, match="PolicyLoss fixes"):
-            PolicyLoss()(lp, lp - 0.1, torch.ones(3), **kwargs)
+            PolicyLoss()(lp, lp - 0.1, torch.ones(3, device=device), **kwargs)
 
 
 def test_meta_tensors_with_the_kernel_are_a_value_error():
@@ -139,17 +140,18 @@ def test_subnormal_temperature_is_rejected(temperature):
 
 
 @pytest.mark.parametrize("gate", ["hard", "soft"])
-def test_a_zero_advantage_contributes_zero_even_with_a_nan_budget(gate):
+def test_a_zero_advantage_contributes_zero_even_with_a_nan_budget(gate, backends, on_backend_device):
     """The zero-advantage rule holds where only the budget is NaN (the token's own inputs are finite), on both
     backends; a nonzero advantage in the same row shows the NaN."""
     lp, olp, _, mask = _padded()
     state = torch.zeros(3, 3)
     state[1] = math.nan
     for advantages, expect_nan in ((torch.zeros(3), False), (torch.tensor([0.0, 1.0, 0.0]), True)):
-        for backend in BACKENDS:
+        for backend in backends:
             log_prob = lp.clone().requires_grad_()
-            loss, _ = policy_loss(log_prob, olp, advantages, mask, initial_state=state, gate=gate,
-                                  backend=backend, sequence_delta_b=torch.full((3,), 0.02))
+            inputs = on_backend_device(backend, (log_prob, olp, advantages, mask))
+            shard = on_backend_device(backend, dict(initial_state=state, sequence_delta_b=torch.full((3,), 0.02)))
+            loss, _ = policy_loss(*inputs, **shard, gate=gate, backend=backend)
             assert math.isnan(loss.item()) == expect_nan, (backend, advantages)
             if not expect_nan:
                 loss.backward()
@@ -157,18 +159,19 @@ def test_a_zero_advantage_contributes_zero_even_with_a_nan_budget(gate):
 
 
 @pytest.mark.parametrize("method", ["cppo", "dppo", "ppo"])
-def test_gradients_agree_around_nan_log_ratios_and_weights(method):
+def test_gradients_agree_around_nan_log_ratios_and_weights(method, backends, on_backend_device):
     """A zero-advantage token with a NaN log-prob, and a token with a NaN rollout weight whatever its path (kept,
     clipped or rejected, A = 0), have a NaN gradient on both backends; the loss is NaN in every case."""
     cases = [dict(lp=[[-1.0, math.nan, -1.0]], adv=[[1.0, 0.0, 1.0]], rw=None),
              dict(lp=[[-1.0, -0.2, -1.0]], adv=[[1.0, 1.0, 0.0]], rw=[[1.0, math.nan, math.nan]])]
     for case in cases:
         grads = []
-        for backend in BACKENDS:
+        for backend in backends:
             lp = torch.tensor(case["lp"]).requires_grad_()
             rw = None if case["rw"] is None else torch.tensor(case["rw"])
-            loss, _ = policy_loss(lp, torch.tensor([[-1.1, -1.0, -0.9]]), torch.tensor(case["adv"]), backend=backend,
-                                  method=method, rollout_is_weights=rw)
+            inputs = on_backend_device(backend, (lp, torch.tensor([[-1.1, -1.0, -0.9]]), torch.tensor(case["adv"])))
+            loss, _ = policy_loss(*inputs, backend=backend, method=method,
+                                  rollout_is_weights=on_backend_device(backend, rw))
             loss.backward()
             assert math.isnan(loss.item())
             grads.append(lp.grad)
@@ -177,9 +180,9 @@ def test_gradients_agree_around_nan_log_ratios_and_weights(method):
 
 
 @pytest.mark.parametrize("method", ["cppo", "dppo", "ppo"])
-def test_an_infinite_initial_state_reads_as_nan_on_both_backends(method):
+def test_an_infinite_initial_state_reads_as_nan_on_both_backends(method, backends, on_backend_device):
     lp = -torch.rand(1, 3)
-    finals = [policy_loss(lp, lp, torch.ones(1), backend=b, method=method, output_final_state=True,
-                          initial_state=torch.tensor([[math.inf, 0.0, 1.0]]),
-                          sequence_delta_b=torch.tensor([0.02]))[2] for b in BACKENDS]
+    shard = dict(initial_state=torch.tensor([[math.inf, 0.0, 1.0]]), sequence_delta_b=torch.tensor([0.02]))
+    finals = [policy_loss(*on_backend_device(b, (lp, lp, torch.ones(1))), backend=b, method=method,
+                          output_final_state=True, **on_backend_device(b, shard))[2].cpu() for b in backends]
     assert torch.equal(finals[0].isnan(), finals[1].isnan()) and finals[0][0, 0].isnan()

@@ -134,8 +134,9 @@ INVALID_INPUTS = [
 
 
 @pytest.mark.parametrize("name,kwargs", INVALID_INPUTS, ids=[f"{i}-{n}" for i, (n, _) in enumerate(INVALID_INPUTS)])
-@pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_invalid_input_is_named(name, kwargs, backend):
+    # CPU tensors on both backends: the ValueError comes from the checks made before the kernel is reached (on CUDA
+    # tensors some of them, the values of cu_seqlens and the zero counts, are asynchronous device asserts instead)
     if backend == "triton":
         pytest.importorskip("triton")
     kwargs = {"backend": backend, **kwargs}

@@ -266,15 +266,17 @@ def test_distributed_quantile_is_torch_quantile(world, dtype):
 
 # ---------------------------------------------------------------- context parallel
 
-def _single_process(layout: str, config: PolicyLossConfig, backend: str):
+def _single_process(layout: str, config: PolicyLossConfig, backend: str, on_backend_device):
+    """The whole batch in this process, `policy_loss` on `backend`'s device (conftest.py), results on the CPU."""
     batch = _cp_batch(3)
     inputs = _packed_whole(batch) if layout == "packed" else dict(
         log_prob=batch[0], old_log_prob=batch[1], response_mask=batch[2], advantages=batch[3])
     log_prob = inputs.pop("log_prob").clone().requires_grad_()
-    loss, metrics = policy_loss(log_prob, **inputs, config=config, backend=backend)
+    loss, metrics = policy_loss(on_backend_device(backend, log_prob), **on_backend_device(backend, inputs),
+                                config=config, backend=backend)
     loss.backward()
     gate, rejected_budget, delta_b = _gate(dict(inputs, log_prob=log_prob.detach()), config)
-    return dict(loss=loss.detach(), grad=log_prob.grad, gate=gate, rejected_budget=rejected_budget,
+    return dict(loss=loss.detach().cpu(), grad=log_prob.grad, gate=gate, rejected_budget=rejected_budget,
                 delta_b=delta_b, metrics={k: float(v) for k, v in metrics.items()})
 
 
@@ -293,10 +295,10 @@ def _shard_grads(size, ranks, key, layout):
     return rows.reshape(-1)
 
 
-def _check_cp(world, layout: str, index: int, backend: str, rtol: float):
+def _check_cp(world, layout: str, index: int, backend: str, rtol: float, on_backend_device):
     size, ranks = world
     config = _full_config(CP_CONFIGS[index] if index >= 0 else KERNEL_CONFIG, layout)
-    single = _single_process(layout, config, backend)
+    single = _single_process(layout, config, backend, on_backend_device)
     key = ("cp", layout, index, backend)
     torch.testing.assert_close(sum(r[key]["loss"] for r in ranks), single["loss"], rtol=rtol, atol=1e-7)
     torch.testing.assert_close(_shard_grads(size, ranks, key, layout), single["grad"], rtol=rtol, atol=1e-8)
@@ -333,14 +335,15 @@ def _gate_in_token_order(size, ranks, key, layout):
 @pytest.mark.parametrize("index", range(len(CP_CONFIGS)),
                          ids=[f"q{c['delta_b_quantile']}-{c['length_mode']}-{c['gate']}-{c['loss_agg_mode']}"
                               for c in CP_CONFIGS])
-def test_cp_reference_equals_single_process(world, layout, index):
-    single = _check_cp(world, layout, index, "reference", rtol=2e-6)
+def test_cp_reference_equals_single_process(world, layout, index, on_backend_device):
+    single = _check_cp(world, layout, index, "reference", rtol=2e-6, on_backend_device=on_backend_device)
     if CP_CONFIGS[index]["delta_b_quantile"] is not None:  # the quantile selected a value between the clamps
         assert ((single["delta_b"] > 0.01) & (single["delta_b"] < 0.02)).any()
     if CP_CONFIGS[index]["gate"] == "hard":  # the carried budget decided some tokens
         assert single["rejected_budget"].any()
 
 
-def test_cp_kernel_equals_single_process(world):
-    """The Triton kernel (interpreter) with the carried state, against the kernel over the whole batch."""
-    _check_cp(world, "packed", -1, "triton", rtol=1e-5)
+def test_cp_kernel_equals_single_process(world, on_backend_device):
+    """The Triton kernel (interpreter) with the carried state, against the kernel over the whole batch (on CUDA
+    when a GPU is present)."""
+    _check_cp(world, "packed", -1, "triton", rtol=1e-5, on_backend_device=on_backend_device)

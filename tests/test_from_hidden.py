@@ -11,7 +11,6 @@ from ptr_kernels import PolicyLossConfig, policy_loss_from_hidden, policy_loss_f
 from ptr_kernels.testing.hidden_cases import policy_loss_from_hidden_literal, random_hidden_case, rounding_bound
 from ptr_kernels.testing.logits_cases import cast
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf * 0 in discarded lanes
 HEAD = ("hidden", "weight", "bias")
 
@@ -63,7 +62,7 @@ TRITON_CASES = [
 
 
 @pytest.mark.parametrize("method,divergence,layout,bias,vocab,k,temperature,chunk_size", TRITON_CASES)
-def test_triton_matches_oracle(method, divergence, layout, bias, vocab, k, temperature, chunk_size):
+def test_triton_matches_oracle(method, divergence, layout, bias, vocab, k, temperature, chunk_size, device):
     """The chunked Triton path (float32) equals the float64 oracle: loss, every metric (entropy included) and
     the gradients into hidden, weight and bias, with NaN hidden states and garbage at masked positions."""
     config = make_config(method, divergence, layout)
@@ -71,7 +70,7 @@ def test_triton_matches_oracle(method, divergence, layout, bias, vocab, k, tempe
                               bias=bias)
     lit = policy_loss_from_hidden_literal(**case)
     assert 0 < lit.metrics["mask_frac"] or divergence.startswith("binary")  # the trust region bites
-    loss, metrics, grads = run(cast(case, torch.float32, DEVICE), "triton", chunk_size=chunk_size)
+    loss, metrics, grads = run(cast(case, torch.float32, device), "triton", chunk_size=chunk_size)
     assert all(g.dtype == torch.float32 for g in grads.values()) and ("bias" in grads) == bias
     assert_matches_oracle(loss, metrics, grads, lit, rtol=1e-5)
 
@@ -80,7 +79,7 @@ def test_triton_matches_oracle(method, divergence, layout, bias, vocab, k, tempe
     dict(gate="soft", loss_agg_mode="token-mean", dp_size=2, batch_num_tokens=40),
     dict(surrogate="logp", loss_agg_mode="seq-mean-token-sum", global_batch_size=5, length_mode="padded"),
 ])
-def test_triton_options_match_oracle(options):
+def test_triton_options_match_oracle(options, device):
     """The options of the token path go through unchanged: the soft gate, the logp surrogate, rollout
     importance weights, global normalizers, another aggregation and horizon."""
     options = dict(options)
@@ -91,7 +90,7 @@ def test_triton_options_match_oracle(options):
     case.update(rollout_is_weights=weights + 0.5, **normalizers)
     lit = policy_loss_from_hidden_literal(**case)
     assert 0 < lit.metrics["mask_frac"] < 1
-    loss, metrics, grads = run(cast(case, torch.float32, DEVICE), "triton", chunk_size=6)
+    loss, metrics, grads = run(cast(case, torch.float32, device), "triton", chunk_size=6)
     assert_matches_oracle(loss, metrics, grads, lit, rtol=1e-5)
 
 
@@ -112,14 +111,14 @@ def test_reference_matches_oracle(method, divergence, layout, rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_reduced_precision(dtype):
+def test_triton_reduced_precision(dtype, device):
     """bf16 / fp16 head: float32 logits from the half operands, so the loss and metrics are float32-exact on
     the rounded inputs; the gradients come back in the dtype, off the oracle by at most the rounding of the
     logits' gradient to the dtype and of the result (`hidden_cases.rounding_bound`)."""
     config = PolicyLossConfig(method="cppo", divergence="topk_tv", delta=0.1)
     case = cast(cast(random_hidden_case(11, vocab=96, k=20, temperature=0.9, config=config), dtype), torch.float64)
     lit = policy_loss_from_hidden_literal(**case)
-    loss, metrics, grads = run(cast(case, dtype, DEVICE), "triton", chunk_size=8)
+    loss, metrics, grads = run(cast(case, dtype, device), "triton", chunk_size=8)
     assert all(g.dtype == dtype for g in grads.values()) and len(grads) == 3
     assert_matches_oracle(loss, metrics, {}, lit, rtol=1e-5)
     bounds = rounding_bound(lit, case, dtype)
@@ -129,11 +128,11 @@ def test_triton_reduced_precision(dtype):
         assert (error <= bounds[name] + 1e-7 * expected[name].abs().max()).all(), name
 
 
-def test_chunk_sizes_agree():
+def test_chunk_sizes_agree(device):
     """One chunk per token, chunks that do not divide N and one chunk for all: the same loss and gradients
     up to float32 summation order."""
     config = make_config("cppo", "topk_tv", "packed")
-    case = cast(random_hidden_case(5, layout="packed", vocab=32, k=4, config=config), torch.float32, DEVICE)
+    case = cast(random_hidden_case(5, layout="packed", vocab=32, k=4, config=config), torch.float32, device)
     results = [run(case, "triton", chunk_size=chunk) for chunk in (1, 3, 1000)]
     for loss, metrics, grads in results[1:]:
         torch.testing.assert_close(loss, results[0][0], rtol=1e-6, atol=0)
@@ -142,11 +141,11 @@ def test_chunk_sizes_agree():
             torch.testing.assert_close(grad, results[0][2][name], rtol=1e-5, atol=1e-7)
 
 
-def test_frozen_parts_of_the_head():
+def test_frozen_parts_of_the_head(device):
     """Only what requires a gradient gets one (a frozen head: only hidden; frozen hidden: only the head),
     with the same values as when everything trains."""
     config = make_config("dppo", "topk_tv", "padded")
-    case = cast(random_hidden_case(2, vocab=32, k=4, config=config), torch.float32, DEVICE)
+    case = cast(random_hidden_case(2, vocab=32, k=4, config=config), torch.float32, device)
     _, _, full = run(case, "triton", chunk_size=4)
     rest = {k: v for k, v in case.items() if k not in HEAD}
     for trained in (("hidden",), ("weight", "bias")):
@@ -158,13 +157,13 @@ def test_frozen_parts_of_the_head():
             torch.testing.assert_close(grad, full[name], rtol=0, atol=0)
 
 
-def test_gemm_flops():
+def test_gemm_flops(device):
     """The recompute costs one GEMM more than a materialized head: 4 x 2 N V H flops for forward + backward
     (the chunk GEMM, its recompute, grad_hidden, grad_W) against 3 x; 3 x here too when the head is frozen."""
     from torch.utils.flop_counter import FlopCounterMode
 
     config = make_config("cppo", "topk_tv", "padded")
-    case = cast(random_hidden_case(3, vocab=32, k=4, hidden_size=8, config=config), torch.float32, DEVICE)
+    case = cast(random_hidden_case(3, vocab=32, k=4, hidden_size=8, config=config), torch.float32, device)
     rest = {k: v for k, v in case.items() if k not in HEAD}
     hidden, weight = case["hidden"].clone().requires_grad_(True), case["weight"].clone().requires_grad_(True)
     one_gemm = 2 * case["input_ids"].numel() * weight.shape[0] * weight.shape[1]
@@ -186,7 +185,7 @@ def test_gemm_flops():
     assert gemms([hidden, weight], materialized) == 3
 
 
-def test_masked_and_empty():
+def test_masked_and_empty(device):
     """Nothing valid (everything masked, or no token at all): loss, metrics and gradients 0, never NaN, though
     the masked hidden states are NaN; a NaN hidden state at a valid position shows in the loss and the entropy."""
     config = PolicyLossConfig(divergence="topk_tv")
@@ -197,23 +196,23 @@ def test_masked_and_empty():
     b, t = case["response_mask"].nonzero()[0].tolist()
     poisoned["hidden"][b, t, 3] = float("nan")
     for backend in ("reference", "triton"):
-        loss, metrics, grads = run(cast(empty, torch.float32, DEVICE), backend, chunk_size=4)
+        loss, metrics, grads = run(cast(empty, torch.float32, device), backend, chunk_size=4)
         assert loss.item() == 0 and all(v == 0 for v in metrics.values())
         assert all((g == 0).all() for g in grads.values())
-        loss, metrics, _ = run(cast(poisoned, torch.float32, DEVICE), backend, chunk_size=4)
+        loss, metrics, _ = run(cast(poisoned, torch.float32, device), backend, chunk_size=4)
         assert math.isnan(loss.item()) and math.isnan(metrics["entropy"])
         nothing = dict(hidden=torch.zeros(0, 8), weight=torch.randn(16, 8), bias=None,
                        input_ids=torch.zeros(0, dtype=torch.long), old_log_prob=torch.zeros(0),
                        advantages=torch.zeros(0), cu_seqlens=torch.zeros(1, dtype=torch.int32))
-        loss, metrics, grads = run(cast(nothing, torch.float32, DEVICE), backend)  # zero-length packed input
+        loss, metrics, grads = run(cast(nothing, torch.float32, device), backend)  # zero-length packed input
         assert loss.item() == 0 and all(v == 0 for v in metrics.values()) and (grads["weight"] == 0).all()
 
 
-def test_torch_compile_runs_the_chunks_eagerly():
+def test_torch_compile_runs_the_chunks_eagerly(device):
     """Inside torch.compile the Triton path runs eagerly (a graph break around its chunk loop): the same loss
     and gradient as an eager call."""
     case = cast(random_hidden_case(4, vocab=24, k=4, config=make_config("cppo", "topk_kl", "padded")), torch.float32,
-                DEVICE)
+                device)
     loss, _, grads = run(case, "triton", chunk_size=4)
     rest = {k: v for k, v in case.items() if k != "hidden"}
     hidden = case["hidden"].clone().requires_grad_(True)

@@ -19,7 +19,6 @@ from ptr_kernels import PolicyLossConfig, policy_loss_from_hidden
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf * 0 in discarded lanes
 BATCH, WIDTH, SIZE, VOCAB, K, CHUNK = 8, 256, 64, 4096, 20, 256
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class LargestOutput(TorchDispatchMode):
@@ -52,9 +51,9 @@ def make_inputs() -> dict:
                 rollout_topk_log_probs=torch.full(shape + (K,), -4.0))
 
 
-def largest_output(backend: str, **kwargs) -> LargestOutput:
+def largest_output(backend: str, device: str, **kwargs) -> LargestOutput:
     """Forward + backward into hidden, weight and bias under the recording mode."""
-    inputs = {k: v.to(DEVICE) for k, v in make_inputs().items()}
+    inputs = {k: v.to(device) for k, v in make_inputs().items()}
     head = [inputs.pop(name).requires_grad_(True) for name in ("hidden", "weight", "bias")]
     config = PolicyLossConfig(method="cppo", divergence="binary_tv")
     with LargestOutput() as record:
@@ -64,9 +63,9 @@ def largest_output(backend: str, **kwargs) -> LargestOutput:
     return record
 
 
-def test_triton_path_holds_at_most_two_chunks_of_logits():
-    record = largest_output("triton", chunk_size=CHUNK)
+def test_triton_path_holds_at_most_two_chunks_of_logits(device):
+    record = largest_output("triton", device, chunk_size=CHUNK)
     assert "addmm" in record.operators  # the backward's weight-gradient GEMM ran under the mode
     assert CHUNK * VOCAB <= record.elements <= 2 * CHUNK * VOCAB, (record.elements, record.operator)
-    materialized = largest_output("reference")
+    materialized = largest_output("reference", device)
     assert materialized.elements >= BATCH * WIDTH * VOCAB, (materialized.elements, materialized.operator)

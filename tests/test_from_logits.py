@@ -17,7 +17,6 @@ from ptr_kernels.reference_logits import topk_divergence  # noqa: E402
 from ptr_kernels.testing.logits_cases import cast, random_logits_case  # noqa: E402
 from ptr_kernels.testing.oracle_logits import policy_loss_from_logits_literal  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf * 0 in discarded lanes
 
 
@@ -53,7 +52,7 @@ TRITON_CASES = [
 
 
 @pytest.mark.parametrize("method,divergence,layout,vocab,k,temperature", TRITON_CASES)
-def test_triton_matches_reference(method, divergence, layout, vocab, k, temperature):
+def test_triton_matches_reference(method, divergence, layout, vocab, k, temperature, device):
     """Loss, every metric (entropy included) and the logits gradient of the fused path equal the float64
     reference's, with masked positions full of garbage (NaN logits, ids -100, repeated top-K ids)."""
     config = PolicyLossConfig(method=method, divergence=divergence, delta=0.1, delta_b_quantile=0.5,
@@ -61,7 +60,7 @@ def test_triton_matches_reference(method, divergence, layout, vocab, k, temperat
                               loss_agg_mode="seq-mean-token-mean" if layout == "packed" else "token-mean")
     case = random_logits_case(vocab + k, layout=layout, vocab=vocab, k=k, temperature=temperature, config=config)
     ref_loss, ref_metrics, ref_grad = run(cast(case, torch.float64), "reference")
-    loss, metrics, grad = run(cast(case, torch.float32, DEVICE), "triton")
+    loss, metrics, grad = run(cast(case, torch.float32, device), "triton")
     assert grad.dtype == torch.float32 and grad.shape == case["logits"].shape
     assert 0 < ref_metrics["mask_frac"] or method == "ppo" or divergence.startswith("binary")  # the mask bites
     torch.testing.assert_close(loss.double().cpu(), ref_loss.double(), rtol=1e-5, atol=1e-6)
@@ -70,13 +69,13 @@ def test_triton_matches_reference(method, divergence, layout, vocab, k, temperat
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_reduced_precision_logits(dtype):
+def test_triton_reduced_precision_logits(dtype, device):
     """bf16 / fp16 logits: the gradient comes back in that dtype and matches the reference on the same
     (rounded) logits to the dtype's rounding."""
     config = PolicyLossConfig(method="cppo", divergence="topk_tv")
     case = random_logits_case(11, layout="padded", vocab=512, k=20, temperature=0.9, config=config)
     ref_loss, ref_metrics, ref_grad = run(cast(case, torch.float64, logits_dtype=dtype), "reference")
-    loss, metrics, grad = run(cast(case, torch.float32, DEVICE, logits_dtype=dtype), "triton")
+    loss, metrics, grad = run(cast(case, torch.float32, device, logits_dtype=dtype), "triton")
     assert grad.dtype == dtype
     torch.testing.assert_close(loss.double().cpu(), ref_loss.double(), rtol=1e-5, atol=1e-6)
     assert_metrics_close(metrics, ref_metrics, 1e-5)
@@ -124,7 +123,7 @@ def test_topk_divergence_hand_computed():
 
 
 @pytest.mark.parametrize("divergence,layout", [("topk_tv", "padded"), ("topk_kl", "packed"), ("binary_tv", "padded")])
-def test_same_as_token_path(divergence, layout):
+def test_same_as_token_path(divergence, layout, device):
     """Given the same log_prob (gathered from log_softmax by autograd) and the same D, the token path
     (`ops.autograd.fused_policy_loss`, D given) and the from-logits path give the same loss and gradient."""
     from ptr_kernels.layout import check_inputs
@@ -132,7 +131,7 @@ def test_same_as_token_path(divergence, layout):
 
     config = PolicyLossConfig(method="cppo", divergence=divergence, delta=0.1, delta_b_quantile=0.5)
     case = cast(random_logits_case(3, layout=layout, vocab=200, k=4, temperature=0.8, config=config),
-                torch.float32, DEVICE)
+                torch.float32, device)
     loss, _, grad = run(case, "triton")
 
     logits = case["logits"].clone().requires_grad_(True)
@@ -154,7 +153,7 @@ def test_same_as_token_path(divergence, layout):
     torch.testing.assert_close(grad, logits.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_compile_fullgraph_matches_eager():
+def test_compile_fullgraph_matches_eager(device):
     """`policy_loss_from_logits` inside torch.compile(fullgraph=True) (the custom op and its registered
     backward) gives the eager loss, metrics and logits gradient; the config built inside the compiled region
     (overrides). The three cases run in this order in one process: the shapes change between compiles, so
@@ -163,10 +162,10 @@ def test_compile_fullgraph_matches_eager():
                                            ("binary_kl", "padded", "tensor")):
         config = PolicyLossConfig(method="cppo", divergence=divergence, delta=0.1, delta_b_quantile=0.5)
         case = cast(random_logits_case(7, layout=layout, vocab=50, k=4, temperature=0.9, config=config),
-                    torch.float32, DEVICE)
+                    torch.float32, device)
         case.pop("config")
         logits = case.pop("logits")
-        count = 40 if normalizer == "number" else torch.tensor(40.0, device=DEVICE)
+        count = 40 if normalizer == "number" else torch.tensor(40.0, device=device)
 
         def step(x):
             return policy_loss_from_logits(x, **case, backend="triton", method="cppo", divergence=divergence,
@@ -187,8 +186,8 @@ def test_compile_fullgraph_matches_eager():
             torch.testing.assert_close(met_c[key], met_e[key], rtol=1e-6, atol=0)
 
 
-def test_compile_refuses_inplace_grad():
-    case = cast(random_logits_case(2, vocab=30), torch.float32, DEVICE)
+def test_compile_refuses_inplace_grad(device):
+    case = cast(random_logits_case(2, vocab=30), torch.float32, device)
     logits = case.pop("logits").requires_grad_(True)
 
     @torch.compile(fullgraph=True, backend="aot_eager")
@@ -199,11 +198,11 @@ def test_compile_refuses_inplace_grad():
         step(logits)
 
 
-def test_inplace_grad():
+def test_inplace_grad(device):
     """inplace_grad writes the same gradient into the logits buffer, bumps its version, and a graph that
     saved those logits for its own backward raises instead of using the overwritten values."""
     config = PolicyLossConfig(divergence="topk_kl")
-    case = cast(random_logits_case(5, vocab=100, k=4, config=config), torch.float32, DEVICE)
+    case = cast(random_logits_case(5, vocab=100, k=4, config=config), torch.float32, device)
     _, _, expected = run(case, "triton")
 
     source = case["logits"].clone().requires_grad_(True)
@@ -219,19 +218,19 @@ def test_inplace_grad():
         other_use.backward()
 
 
-def test_masked_and_empty():
+def test_masked_and_empty(backends, device):
     """Nothing valid: loss, metrics and gradient 0, never NaN (the garbage rows are not read); a NaN logit
     at a valid position shows in the loss."""
     case = random_logits_case(2, layout="padded", vocab=32, k=4, config=PolicyLossConfig(divergence="topk_tv"))
     empty = dict(case, response_mask=torch.zeros_like(case["response_mask"]))
-    for backend in ("reference", "triton"):
-        loss, metrics, grad = run(cast(empty, torch.float32, DEVICE), backend)
+    for backend in backends:
+        loss, metrics, grad = run(cast(empty, torch.float32, device), backend)
         assert loss.item() == 0 and all(v == 0 for v in metrics.values()) and (grad == 0).all()
     poisoned = dict(case, logits=case["logits"].clone())
     b, t = case["response_mask"].nonzero()[0].tolist()
     poisoned["logits"][b, t, 3] = float("nan")
-    for backend in ("reference", "triton"):
-        loss, metrics, _ = run(cast(poisoned, torch.float32, DEVICE), backend)
+    for backend in backends:
+        loss, metrics, _ = run(cast(poisoned, torch.float32, device), backend)
         assert math.isnan(loss.item()) and math.isnan(metrics["entropy"])
 
 
@@ -273,13 +272,13 @@ def test_errors_name_the_argument(change, match):
         policy_loss_from_logits(**case)
 
 
-def test_masked_positions_are_not_validated():
+def test_masked_positions_are_not_validated(backends, device):
     """ids -100 and repeated top-K ids at masked positions are padding, not errors (the case generator puts
     them there): both backends accept them."""
     case = _errors_case()
     assert (case["input_ids"] == -100).any()
-    for backend in ("reference", "triton"):
-        loss, _ = policy_loss_from_logits(**cast(case, torch.float32, DEVICE), backend=backend)
+    for backend in backends:
+        loss, _ = policy_loss_from_logits(**cast(case, torch.float32, device), backend=backend)
         assert math.isfinite(loss.item())
 
 

@@ -2,8 +2,9 @@
 run by a one-program grid itself, a carried state that did not come from `cp_shard_state`, a NaN divergence
 given from logits, double backward.
 
-On CPU the kernels run in the Triton interpreter (conftest.py); each check compares both backends or states
-the exact expected values.
+The kernels get CUDA tensors when a GPU is present, else they run on the CPU in the Triton interpreter (the
+fixtures `device`, `backends` and `on_backend_device` come from tests/conftest.py); each check compares both
+backends or states the exact expected values.
 """
 
 import math
@@ -20,39 +21,35 @@ from ptr_kernels.ops import reduce  # noqa: E402
 from ptr_kernels.ops.autograd import fused_forward, triton_policy_loss  # noqa: E402
 from ptr_kernels.ops.plan import kernel_plan  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ("reference", "triton")
-
-
-def _packed(n=12, seed=0):
+def _packed(device, n=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     lp = -torch.rand(n, generator=g)
-    return lp.to(DEVICE), (lp - 0.1).to(DEVICE), torch.randn(n, generator=g).to(DEVICE)
+    return lp.to(device), (lp - 0.1).to(device), torch.randn(n, generator=g).to(device)
 
 
 @pytest.mark.parametrize("offsets", [[2, 5, 12], [0, 5, 3, 12], [0, 5, 13], [0, 13, 12], [-1, 5, 12]])
 @pytest.mark.parametrize("method", ["cppo", "dppo", "ppo"])
 @pytest.mark.parametrize("block", [16, 1024])  # one program reducing its own sums; a program per sequence
-def test_bad_offsets_checked_in_the_kernel_give_nan_everywhere(offsets, method, block):
+def test_bad_offsets_checked_in_the_kernel_give_nan_everywhere(offsets, method, block, device):
     """The path an accelerator takes (no host-side check): loss, every metric and the whole gradient are NaN,
     and no position outside the tensors is read (the interpreter would raise)."""
-    lp, olp, adv = _packed()
+    lp, olp, adv = _packed(device)
     plan = kernel_plan(PolicyLossConfig(method=method))
-    cu = torch.tensor(offsets, device=DEVICE)
+    cu = torch.tensor(offsets, device=device)
     loss, aux, grad = fused_forward(lp, olp, adv, None, cu, None, None, plan=plan, adv_per_seq=False,
                                     loss_scale_factor=0.0, normalizers=(1, None, None), block=block)
     assert math.isnan(loss.item())
     for name, index in reduce.METRIC_POSITIONS[method]:
         assert math.isnan(aux[index].item()), name
-    out = reduce.scale_grad(grad, torch.ones((), device=DEVICE), aux, torch.float32)
+    out = reduce.scale_grad(grad, torch.ones((), device=device), aux, torch.float32)
     assert torch.isnan(out).all()
 
 
 @pytest.mark.parametrize("offsets,expected_nan", [([0, 3], True), ([1, 0], True), ([0, 0, 0], False), ([0], False)])
-def test_offsets_of_a_packed_batch_without_tokens_are_checked_too(offsets, expected_nan):
+def test_offsets_of_a_packed_batch_without_tokens_are_checked_too(offsets, expected_nan, device):
     """N = 0: the kernel still runs over the sequences, so bad offsets give a NaN loss and metrics (good ones 0)."""
-    empty = torch.empty(0, device=DEVICE)
-    cu = torch.tensor(offsets, device=DEVICE)
+    empty = torch.empty(0, device=device)
+    cu = torch.tensor(offsets, device=device)
     loss, aux, _ = fused_forward(empty, empty, empty, None, cu, None, None, plan=kernel_plan(PolicyLossConfig()),
                                  adv_per_seq=False, loss_scale_factor=0.0, normalizers=(1, None, None))
     assert math.isnan(loss.item()) == expected_nan and math.isnan(aux[1].item()) == expected_nan
@@ -62,21 +59,21 @@ def test_offsets_of_a_packed_batch_without_tokens_are_checked_too(offsets, expec
 
 @pytest.mark.parametrize("agg", LOSS_AGG_MODES)
 @pytest.mark.parametrize("normalizers", ["absent", "numbers", "tensors"])
-def test_the_last_program_reduces_every_sum(agg, normalizers):
+def test_the_last_program_reduces_every_sum(agg, normalizers, device):
     """Block 16 puts all 5 sequences in one program, block 1024 gives a program per sequence, whose last to
     finish runs the reduction: one launch forward either way, one backward. Both give the reference's loss,
     metrics and gradient, for every aggregation mode and every kind of global normalizer."""
     g = torch.Generator().manual_seed(1)
-    lp = (-torch.rand(5, 40, generator=g)).to(DEVICE)
-    olp = lp + 0.2 * torch.randn(5, 40, generator=g).to(DEVICE)
-    adv = torch.randn(5, generator=g).to(DEVICE)
-    mask = (torch.rand(5, 40, generator=g) < 0.8).to(DEVICE)
+    lp = (-torch.rand(5, 40, generator=g)).to(device)
+    olp = lp + 0.2 * torch.randn(5, 40, generator=g).to(device)
+    adv = torch.randn(5, generator=g).to(device)
+    mask = (torch.rand(5, 40, generator=g) < 0.8).to(device)
     mask[3] = False  # an empty sequence
     counts = dict(dp_size=2, batch_num_tokens=300, global_batch_size=9)
     if normalizers == "absent":
         counts = {}
     elif normalizers == "tensors":
-        counts = {k: torch.tensor(float(v), device=DEVICE) for k, v in counts.items()}
+        counts = {k: torch.tensor(float(v), device=device) for k, v in counts.items()}
     config = PolicyLossConfig(loss_agg_mode=agg, delta=0.1, delta_b_quantile=0.5)
     results = []
     for block in (None, 16, 1024):
@@ -102,9 +99,9 @@ def test_the_last_program_reduces_every_sum(agg, normalizers):
             assert launches["launches"] - before == expected
 
 
-def test_good_offsets_in_the_kernel_match_the_reference():
-    lp, olp, adv = _packed()
-    cu = torch.tensor([0, 5, 5, 12], device=DEVICE)
+def test_good_offsets_in_the_kernel_match_the_reference(device):
+    lp, olp, adv = _packed(device)
+    cu = torch.tensor([0, 5, 5, 12], device=device)
     plan = kernel_plan(PolicyLossConfig())
     loss, aux, _ = fused_forward(lp, olp, adv, None, cu, None, None, plan=plan, adv_per_seq=False,
                                  loss_scale_factor=0.0, normalizers=(1, None, None))
@@ -113,7 +110,7 @@ def test_good_offsets_in_the_kernel_match_the_reference():
 
 
 @pytest.mark.parametrize("gate", ["hard", "soft"])
-def test_any_carried_state_reads_the_same_on_both_backends(gate):
+def test_any_carried_state_reads_the_same_on_both_backends(gate, backends, on_backend_device):
     """A state whose slack is not delta_b W - S (built with another delta_b, or by hand): the hard gate reads
     the carried slack, the soft gate S and W, on both backends."""
     g = torch.Generator().manual_seed(0)
@@ -123,11 +120,12 @@ def test_any_carried_state_reads_the_same_on_both_backends(gate):
     adv, mask = torch.randn(B, generator=g), torch.rand(B, T, generator=g) > 0.1
     state = torch.tensor([[0.5, 1.0, 3.0], [-0.2, 0.4, 2.0], [0.0, 0.0, 0.0]])
     results = []
-    for backend in BACKENDS:
-        loss, metrics, final = policy_loss(lp, olp, adv, mask, initial_state=state, output_final_state=True,
+    for backend in backends:
+        loss, metrics, final = policy_loss(*on_backend_device(backend, (lp, olp, adv, mask)),
+                                           initial_state=on_backend_device(backend, state), output_final_state=True,
                                            backend=backend, delta_b_quantile=None, gate=gate)
         (grad,) = torch.autograd.grad(loss, lp)
-        results.append((loss, metrics["mask_frac"], grad, final))
+        results.append((loss.cpu(), metrics["mask_frac"].cpu(), grad, final.cpu()))
     (loss_r, frac_r, grad_r, final_r), (loss_t, frac_t, grad_t, final_t) = results
     assert frac_r.item() > 0.1  # the states bind
     torch.testing.assert_close(loss_t, loss_r, rtol=1e-5, atol=1e-7)
@@ -136,13 +134,14 @@ def test_any_carried_state_reads_the_same_on_both_backends(gate):
     torch.testing.assert_close(final_t, final_r, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_carried_state_with_calibrated_delta_b_needs_the_sequence_delta_b(backend):
+def test_carried_state_with_calibrated_delta_b_needs_the_sequence_delta_b(backend, on_backend_device):
     lp = -torch.rand(2, 8)
+    inputs = on_backend_device(backend, (lp, lp - 0.1, torch.ones(2)))
+    initial_state = on_backend_device(backend, torch.zeros(2, 3))
     with pytest.raises(ValueError, match="sequence_delta_b"):
-        policy_loss(lp, lp - 0.1, torch.ones(2), initial_state=torch.zeros(2, 3), backend=backend)
-    loss, _ = policy_loss(lp, lp - 0.1, torch.ones(2), initial_state=torch.zeros(2, 3), backend=backend,
-                          sequence_delta_b=torch.full((2,), 0.02))
+        policy_loss(*inputs, initial_state=initial_state, backend=backend)
+    loss, _ = policy_loss(*inputs, initial_state=initial_state, backend=backend,
+                          sequence_delta_b=on_backend_device(backend, torch.full((2,), 0.02)))
     assert math.isfinite(loss.item())
 
 
@@ -160,36 +159,38 @@ def _topk_case(nan_at=None):
 
 
 @pytest.mark.parametrize("method", ["cppo", "dppo", "ppo"])
-def test_nan_in_the_rollout_topk_shows_in_the_loss(method):
+def test_nan_in_the_rollout_topk_shows_in_the_loss(method, backends, on_backend_device):
     """A NaN Top-K divergence at a valid position is a NaN loss for the masked methods (ppo does not read D),
     on both backends, with the same metrics."""
     logits, ids, olp, adv, topk_ids, topk_lp = _topk_case(nan_at=(0, 2, 1))
-    results = [policy_loss_from_logits(logits, ids, olp, adv, rollout_topk_ids=topk_ids,
-                                       rollout_topk_log_probs=topk_lp, divergence="topk_tv", method=method,
-                                       backend=backend) for backend in BACKENDS]
+    results = [policy_loss_from_logits(*on_backend_device(backend, (logits, ids, olp, adv)),
+                                       rollout_topk_ids=on_backend_device(backend, topk_ids),
+                                       rollout_topk_log_probs=on_backend_device(backend, topk_lp),
+                                       divergence="topk_tv", method=method, backend=backend)
+               for backend in backends]
     for loss, _ in results:
         assert math.isnan(loss.item()) == (method != "ppo")
-    torch.testing.assert_close(results[1][1]["mask_frac"], results[0][1]["mask_frac"])
+    torch.testing.assert_close(results[1][1]["mask_frac"].cpu(), results[0][1]["mask_frac"])
 
 
-def test_double_backward_raises_instead_of_returning_zero():
-    lp = (-torch.rand(3, 5)).requires_grad_()
-    loss, _ = policy_loss(lp, lp.detach() - 0.1, torch.randn(3), backend="triton")
+def test_double_backward_raises_instead_of_returning_zero(device):
+    lp = (-torch.rand(3, 5, device=device)).requires_grad_()
+    loss, _ = policy_loss(lp, lp.detach() - 0.1, torch.randn(3, device=device), backend="triton")
     (grad,) = torch.autograd.grad(loss, lp, create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(grad.sum(), lp)
 
 
-def test_second_backward_needs_retain_graph():
+def test_second_backward_needs_retain_graph(device):
     """As with torch's own ops: without retain_graph a second backward raises (the saved gradient is freed);
     with it, the second backward adds the same gradient again."""
-    lp = (-torch.rand(3, 5, device=DEVICE)).requires_grad_()
-    loss, _ = policy_loss(lp, lp.detach() - 0.1, torch.randn(3, device=DEVICE), backend="triton")
+    lp = (-torch.rand(3, 5, device=device)).requires_grad_()
+    loss, _ = policy_loss(lp, lp.detach() - 0.1, torch.randn(3, device=device), backend="triton")
     loss.backward()
     with pytest.raises(RuntimeError, match="second time"):
         loss.backward()
     lp.grad = None
-    loss, _ = policy_loss(lp, lp.detach() - 0.1, torch.ones(3, device=DEVICE), backend="triton")
+    loss, _ = policy_loss(lp, lp.detach() - 0.1, torch.ones(3, device=device), backend="triton")
     loss.backward(retain_graph=True)
     first = lp.grad.clone()
     loss.backward()
@@ -197,7 +198,7 @@ def test_second_backward_needs_retain_graph():
 
 
 @pytest.mark.parametrize("divergence", ["binary_tv", "topk_kl"])
-def test_from_logits_takes_the_carried_state(divergence):
+def test_from_logits_takes_the_carried_state(divergence, backends, on_backend_device):
     """A shard through `policy_loss_from_logits`: both backends agree on loss, gradient and final state, and
     with a binary divergence they equal `policy_loss` on the gathered log-probs with the same state."""
     logits, ids, olp, adv, topk_ids, topk_lp = _topk_case()
@@ -206,13 +207,14 @@ def test_from_logits_takes_the_carried_state(divergence):
                  position_offset=torch.tensor([3, 7]), sequence_length=torch.tensor([12, 20]),
                  sequence_delta_b=torch.tensor([0.02, 0.03]), output_final_state=True)
     results = []
-    for backend in BACKENDS:
+    for backend in backends:
         lg = logits.clone().requires_grad_()
-        loss, metrics, final = policy_loss_from_logits(lg, ids, olp, adv, rollout_topk_ids=topk_ids,
-                                                       rollout_topk_log_probs=topk_lp, divergence=divergence,
-                                                       delta=0.05, backend=backend, **shard)
+        loss, metrics, final = policy_loss_from_logits(
+            *on_backend_device(backend, (lg, ids, olp, adv)), rollout_topk_ids=on_backend_device(backend, topk_ids),
+            rollout_topk_log_probs=on_backend_device(backend, topk_lp), divergence=divergence, delta=0.05,
+            backend=backend, **on_backend_device(backend, shard))
         (grad,) = torch.autograd.grad(loss, lg)
-        results.append((loss, metrics["mask_frac"], grad, final))
+        results.append((loss.cpu(), metrics["mask_frac"].cpu(), grad, final.cpu()))
     (loss_r, frac_r, grad_r, final_r), (loss_t, frac_t, grad_t, final_t) = results
     torch.testing.assert_close(loss_t, loss_r, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(frac_t, frac_r)

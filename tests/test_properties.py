@@ -1,7 +1,9 @@
 """Property-based tests (hypothesis): invariants every option must keep, over random shapes, masks, layouts,
 configs, dtypes and non-finite values. A new option added to `configs()` inherits all of them.
 
-Mostly against the reference; a few examples on the Triton kernel (interpreter on CPU), so CI time stays small.
+Mostly against the reference; a few examples on the Triton kernel (CUDA tensors when a GPU is present, else the
+interpreter on CPU), so CI time stays small. The fixtures `run_policy_loss` and `on_backend_device` come from
+conftest.py; hypothesis fills the arguments after them.
 """
 
 import importlib
@@ -75,15 +77,6 @@ def batches(draw, dtype=torch.float64):
     return kwargs
 
 
-def run(kwargs, backend="reference"):
-    """(loss, metrics, d loss / d log_prob)."""
-    kwargs = dict(kwargs)
-    log_prob = kwargs.pop("log_prob").clone().requires_grad_(True)
-    loss, metrics = policy_loss(log_prob, **kwargs, backend=backend)
-    (grad,) = torch.autograd.grad(loss, log_prob)
-    return loss, metrics, grad
-
-
 def to_packed(kwargs):
     """The same rows packed: every row a sequence of the full width T (so positions and T_w agree)."""
     B, T = kwargs["log_prob"].shape
@@ -133,40 +126,40 @@ def with_non_finite_at_a_valid_position(kwargs, data):
 
 @REFERENCE
 @given(batches(), st.data())
-def test_masked_garbage_changes_nothing(kwargs, data):
-    assert_same(run(kwargs), run(with_garbage(kwargs, data)))
+def test_masked_garbage_changes_nothing(run_policy_loss, kwargs, data):
+    assert_same(run_policy_loss(kwargs, "reference"), run_policy_loss(with_garbage(kwargs, data), "reference"))
 
 
 @REFERENCE
 @given(batches())
-def test_packed_equals_padded(kwargs):
-    padded = run(kwargs)
-    packed = run(to_packed(kwargs))
+def test_packed_equals_padded(run_policy_loss, kwargs):
+    padded = run_policy_loss(kwargs, "reference")
+    packed = run_policy_loss(to_packed(kwargs), "reference")
     assert_same((padded[0], padded[1], padded[2].reshape(-1)), packed, exact=False)
 
 
 @REFERENCE
 @given(batches(), st.data())
-def test_non_finite_at_a_valid_position_shows(kwargs, data):
+def test_non_finite_at_a_valid_position_shows(run_policy_loss, kwargs, data):
     if not kwargs["response_mask"].any():
         return
-    loss = run(with_non_finite_at_a_valid_position(kwargs, data))[0]
+    loss = run_policy_loss(with_non_finite_at_a_valid_position(kwargs, data), "reference")[0]
     assert torch.isnan(loss)
 
 
 @REFERENCE
 @given(batches(), st.data())
-def test_empty_batch_is_zero(kwargs, data):
+def test_empty_batch_is_zero(run_policy_loss, kwargs, data):
     kwargs = with_garbage(dict(kwargs, response_mask=torch.zeros_like(kwargs["response_mask"])), data)
-    loss, metrics, grad = run(kwargs)
+    loss, metrics, grad = run_policy_loss(kwargs, "reference")
     assert loss.item() == 0 and not grad.any()
     assert all(v.item() == 0 for v in metrics.values()), metrics
 
 
 @REFERENCE
 @given(batches())
-def test_finite_inputs_give_finite_results(kwargs):
-    loss, metrics, grad = run(kwargs)
+def test_finite_inputs_give_finite_results(run_policy_loss, kwargs):
+    loss, metrics, grad = run_policy_loss(kwargs, "reference")
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert all(torch.isfinite(v) for v in metrics.values()), metrics
 
@@ -182,11 +175,11 @@ def test_gradient_only_into_log_prob(kwargs):
 
 @REFERENCE
 @given(batches(dtype=torch.float32), st.sampled_from([torch.bfloat16, torch.float16]))
-def test_low_precision_inputs_match_their_float32_values(kwargs, dtype):
+def test_low_precision_inputs_match_their_float32_values(run_policy_loss, kwargs, dtype):
     """bf16/fp16 inputs compute in float32: the same as float32 inputs holding the rounded values."""
     low = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
     as_f32 = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in low.items()}
-    a, b = run(low), run(as_f32)
+    a, b = run_policy_loss(low, "reference"), run_policy_loss(as_f32, "reference")
     assert torch.equal(a[0], b[0]) and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
     assert a[2].dtype == dtype and torch.equal(a[2], b[2].to(dtype))
 
@@ -197,17 +190,17 @@ def test_low_precision_inputs_match_their_float32_values(kwargs, dtype):
 @needs_triton
 @TRITON
 @given(batches(dtype=torch.float32), st.data())
-def test_triton_masked_garbage_changes_nothing(kwargs, data):
-    assert_same(run(kwargs, "triton"), run(with_garbage(kwargs, data), "triton"))
+def test_triton_masked_garbage_changes_nothing(run_policy_loss, kwargs, data):
+    assert_same(run_policy_loss(kwargs, "triton"), run_policy_loss(with_garbage(kwargs, data), "triton"))
 
 
 @needs_triton
 @TRITON
 @given(batches(dtype=torch.float32))
-def test_triton_matches_reference_and_packed_equals_padded(kwargs):
-    ref = run(kwargs)
-    padded = run(kwargs, "triton")
-    packed = run(to_packed(kwargs), "triton")
+def test_triton_matches_reference_and_packed_equals_padded(run_policy_loss, kwargs):
+    ref = run_policy_loss(kwargs, "reference")
+    padded = run_policy_loss(kwargs, "triton")
+    packed = run_policy_loss(to_packed(kwargs), "triton")
     for got in (padded, packed):
         torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got[2].reshape(-1), ref[2].reshape(-1), rtol=1e-4, atol=1e-5)
@@ -216,19 +209,20 @@ def test_triton_matches_reference_and_packed_equals_padded(kwargs):
 @needs_triton
 @TRITON
 @given(batches(dtype=torch.float32), st.data())
-def test_triton_non_finite_at_a_valid_position_shows(kwargs, data):
+def test_triton_non_finite_at_a_valid_position_shows(run_policy_loss, kwargs, data):
     if not kwargs["response_mask"].any():
         return
-    assert torch.isnan(run(with_non_finite_at_a_valid_position(kwargs, data), "triton")[0])
+    assert torch.isnan(run_policy_loss(with_non_finite_at_a_valid_position(kwargs, data), "triton")[0])
 
 
 @needs_triton
 @TRITON
 @given(batches(dtype=torch.float32))
-def test_triton_gradient_only_into_log_prob_and_empty_is_zero(kwargs):
+def test_triton_gradient_only_into_log_prob_and_empty_is_zero(run_policy_loss, on_backend_device, kwargs):
     leaves = {k: kwargs[k].clone().requires_grad_(True) for k in INPUTS if kwargs[k] is not None}
-    loss, _ = policy_loss(**dict(kwargs, **leaves), backend="triton")
+    loss, _ = policy_loss(**on_backend_device("triton", dict(kwargs, **leaves)), backend="triton")
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     assert grads[0] is not None and all(g is None for g in grads[1:])
-    loss, metrics, grad = run(dict(kwargs, response_mask=torch.zeros_like(kwargs["response_mask"])), "triton")
+    empty = dict(kwargs, response_mask=torch.zeros_like(kwargs["response_mask"]))
+    loss, metrics, grad = run_policy_loss(empty, "triton")
     assert loss.item() == 0 and not grad.any() and all(v.item() == 0 for v in metrics.values())

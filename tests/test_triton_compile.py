@@ -1,6 +1,6 @@
 """`policy_loss(..., backend="triton")` inside `torch.compile(fullgraph=True)`.
 
-The kernel is the custom op `ptr_kernels::policy_loss_partials`: Dynamo traces around it with its fake
+The kernel is the custom op `ptr_kernels::policy_loss_fused`: Dynamo traces around it with its fake
 implementation, AOTAutograd traces its registered backward, and at run time the compiled graph calls the
 real op, which launches the Triton kernel (on CPU: in the Triton interpreter). So on CPU this test runs the
 whole compiled forward and backward end to end, the kernel included, and compares with eager.
@@ -18,29 +18,28 @@ pytest.importorskip("triton", reason="the Triton kernels: triton exists for Linu
 from ptr_kernels import PolicyLossConfig, policy_loss  # noqa: E402
 from ptr_kernels.testing.cases import random_case  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf * 0 in discarded branches
 
 
 @pytest.mark.parametrize("method", ["cppo", "ppo"])
 @pytest.mark.parametrize("normalizer", ["number", "tensor"])
-def test_compile_fullgraph_matches_eager(method, normalizer):
+def test_compile_fullgraph_matches_eager(method, normalizer, device):
     """Compiled (fullgraph, no graph break) loss, metrics and gradient equal the eager kernel's."""
     case = random_case(4, max_len=64, layout="padded", methods=(method,))
-    inputs = case.inputs(torch.float32, DEVICE)
+    inputs = case.inputs(torch.float32, device)
     config = inputs.pop("config").replace(loss_agg_mode="token-mean", delta_b_quantile=0.9)
     log_prob = inputs.pop("log_prob")
     for key in ("dp_size", "batch_num_tokens", "global_batch_size"):
         inputs.pop(key)
     # global normalizers as Python numbers or as 0-dim device tensors: neither may be read on the host
-    num_tokens = 50 if normalizer == "number" else torch.tensor(50.0, device=DEVICE)
+    num_tokens = 50 if normalizer == "number" else torch.tensor(50.0, device=device)
 
     def step(lp):
         loss, metrics = policy_loss(lp, **inputs, config=config, backend="triton", dp_size=2,
                                     batch_num_tokens=num_tokens)
         return loss * 3.0, metrics
 
-    compiled = torch.compile(step, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
     results = []
     for fn in (step, compiled):
         lp = log_prob.clone().requires_grad_(True)
@@ -55,11 +54,12 @@ def test_compile_fullgraph_matches_eager(method, normalizer):
         torch.testing.assert_close(met_c[key], met_e[key], rtol=1e-6, atol=0)
 
 
-def _compiled_matches_eager(seed: int, max_len: int, layout: str, compile_backend: str, **overrides) -> None:
+def _compiled_matches_eager(device: str, seed: int, max_len: int, layout: str, compile_backend: str,
+                            **overrides) -> None:
     """`policy_loss(..., backend="triton")` of a random cppo case under torch.compile(fullgraph=True) gives the
     eager loss and gradient."""
     case = random_case(seed, max_len=max_len, layout=layout, methods=("cppo",))
-    inputs = case.inputs(torch.float32, DEVICE)
+    inputs = case.inputs(torch.float32, device)
     config = inputs.pop("config").replace(**overrides)
     log_prob = inputs.pop("log_prob")
     for key in ("dp_size", "batch_num_tokens", "global_batch_size"):
@@ -78,30 +78,30 @@ def _compiled_matches_eager(seed: int, max_len: int, layout: str, compile_backen
     torch.testing.assert_close(lp_c.grad, lp_e.grad, rtol=1e-6, atol=0)
 
 
-def test_compile_inductor_cpu_graph():
+def test_compile_inductor_cpu_graph(device):
     """With the inductor backend the graph around the op is compiled too (C++ codegen on CPU, when a
     compiler is available): forward and backward run and match eager."""
-    _compiled_matches_eager(8, 32, "padded", "inductor", loss_agg_mode="seq-mean-token-mean")
+    _compiled_matches_eager(device, 8, 32, "padded", "inductor", loss_agg_mode="seq-mean-token-mean")
 
 
-def test_config_object_default():
+def test_config_object_default(device):
     """The default config (cppo, calibrated delta_b) compiles with the config passed as overrides."""
-    lp = torch.randn(2, 8, device=DEVICE).clamp(max=0)
+    lp = torch.randn(2, 8, device=device).clamp(max=0)
 
     def step(lp):
-        return policy_loss(lp, lp.detach() - 0.05, torch.ones(2, device=DEVICE), backend="triton",
+        return policy_loss(lp, lp.detach() - 0.05, torch.ones(2, device=device), backend="triton",
                            config=PolicyLossConfig(), delta=0.1)[0]
 
     torch.testing.assert_close(torch.compile(step, fullgraph=True)(lp), step(lp), rtol=1e-6, atol=0)
 
 
-def test_config_built_inside_the_compiled_region():
+def test_config_built_inside_the_compiled_region(device):
     """Overrides given inside the compiled function build the config during tracing: the kernel must run that
     config (not the default one), exactly as eager does, and the loss must differ from the default's."""
     g = torch.Generator().manual_seed(5)
-    lp = (-torch.rand(3, 16, generator=g)).to(DEVICE)
-    olp = (lp + 0.4 * torch.randn(3, 16, generator=g).to(DEVICE))
-    adv = torch.randn(3, generator=g).to(DEVICE)
+    lp = (-torch.rand(3, 16, generator=g)).to(device)
+    olp = (lp + 0.4 * torch.randn(3, 16, generator=g).to(device))
+    adv = torch.randn(3, generator=g).to(device)
 
     def step(x, **overrides):
         return policy_loss(x, olp, adv, backend="triton", **overrides)
@@ -123,11 +123,11 @@ def test_config_built_inside_the_compiled_region():
     assert not torch.allclose(loss_e, loss_default)
 
 
-def test_compile_packed():
+def test_compile_packed(device):
     """Packed input (length_mode="padded": the longest sequence read on device, and the backward's
     per-sequence expansion) compiles with fullgraph=True (cu_seqlens is checked by an async assert under
     compile) and matches eager."""
-    _compiled_matches_eager(3, 40, "packed", "aot_eager", length_mode="padded", loss_agg_mode="seq-mean-token-mean")
+    _compiled_matches_eager(device, 3, 40, "packed", "aot_eager", length_mode="padded", loss_agg_mode="seq-mean-token-mean")
 
 
 # Kernel variants for the ahead-of-time compile check: every constexpr value at least once (METHOD: cppo 0,

@@ -1,16 +1,17 @@
 """The Triton kernel (`backend="triton"`) against the float64 reference.
 
-Runs on CUDA when a GPU is present, otherwise on CPU in the Triton interpreter (the root conftest.py).
+Runs on CUDA when a GPU is present, otherwise on CPU in the Triton interpreter (the root conftest.py); the
+fixtures `device` and `run_policy_loss` come from tests/conftest.py.
 
 Tolerances, from the kernel's float32 error model (inputs are rounded to the tested dtype first, and the
 float64 reference sees the same rounded values):
 - gradient, per token: |g - g_ref| <= GRAD_RTOL |g_ref| + GRAD_ATOL * max|g_ref|;
 - loss: |loss - loss_ref| <= LOSS_RTOL * (the loss aggregated over |l_t|, the scale before cancellation);
 - float metrics: METRIC_RTOL relative to the scale of the mean (mean |old_log_prob - log_prob|, mean D, ...).
-A mask/clip decision may differ from the reference only at a near-tie: a token whose decision quantity lies
-within TIE_RTOL of the scale of its terms (+ TIE_ATOL for D's absolute float32 error). Every token whose
-gradient disagrees must be such a token; the loss may differ by those tokens' ungated contributions and the
-count metrics by their number. The near-tie set is computed from `reference.token_terms`.
+A mask/clip decision may differ from the reference only at a near-tie: the one near-tie rule of the fuzz
+(`ptr_kernels.testing.fuzz.literal_result`: the literal loop on the rounded inputs marks the tokens whose
+decision lies within the float32 tie tolerance of flipping). Every token whose gradient disagrees must be such a
+token; the loss may differ by those tokens' ungated contributions and the count metrics by their number.
 """
 
 import math
@@ -27,18 +28,18 @@ pytest.importorskip("triton", reason="the Triton kernels: triton exists for Linu
 from ptr_kernels import PolicyLossConfig, policy_loss  # noqa: E402
 from ptr_kernels.ops.autograd import triton_policy_loss  # noqa: E402
 from ptr_kernels.testing.cases import random_case  # noqa: E402
+from ptr_kernels.testing.fuzz import literal_result  # noqa: E402
 from ptr_kernels.config import LOSS_AGG_MODES  # noqa: E402
 from ptr_kernels.layout import mask_as_bool, max_seqlen, packed_to_rows  # noqa: E402
 from ptr_kernels.reference import aggregate, token_terms  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NORMALIZERS = ("dp_size", "batch_num_tokens", "global_batch_size")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GRAD_RTOL, GRAD_ATOL = 2e-5, 1e-6
 LOSS_RTOL = 2e-5
 METRIC_RTOL = 2e-5
-TIE_RTOL, TIE_ATOL = 3e-5, 1e-6
-FUZZ_CASES, FUZZ_PER_GROUP = 400, 25  # seeds 0..399 in groups of 25
+DIVERGENCE_ATOL = 1e-6  # D's absolute float32 error, in the metrics that average it
+FUZZ_CASES = 400  # seeds 0..399
 # On a GPU each new combination of options and dtypes compiles a kernel variant (the 400 cases draw about
 # 380, ~0.5 s each); PTR_KERNELS_FUZZ_CASES runs the first n cases only, to fit a time-limited GPU check.
 FUZZ_RUN = int(os.environ.get("PTR_KERNELS_FUZZ_CASES", FUZZ_CASES))
@@ -47,12 +48,12 @@ FUZZ_RUN = int(os.environ.get("PTR_KERNELS_FUZZ_CASES", FUZZ_CASES))
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
-def run_triton(inputs, block=0, tensor_normalizers=False):
-    """Kernel loss, metrics and d loss / d log_prob on DEVICE; `block` 0 lets the wrapper choose;
-    `tensor_normalizers` passes dp_size, batch_num_tokens, global_batch_size as 0-dim device tensors."""
-    inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+def run_triton(inputs, device, block=0, tensor_normalizers=False):
+    """Kernel loss, metrics and d loss / d log_prob on `device`, returned on the CPU; `block` 0 lets the wrapper
+    choose; `tensor_normalizers` passes dp_size, batch_num_tokens, global_batch_size as 0-dim device tensors."""
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     if tensor_normalizers:
-        inputs.update({k: torch.tensor(inputs[k], device=DEVICE) for k in NORMALIZERS if inputs[k] is not None})
+        inputs.update({k: torch.tensor(inputs[k], device=device) for k in NORMALIZERS if inputs[k] is not None})
     log_prob = inputs.pop("log_prob").clone().requires_grad_(True)
     if block:
         loss, metrics = triton_policy_loss(log_prob, **inputs, block=block)
@@ -61,14 +62,6 @@ def run_triton(inputs, block=0, tensor_normalizers=False):
     loss.backward()
     assert log_prob.grad.dtype == log_prob.dtype
     return loss.detach().cpu().double(), {k: v.cpu().double() for k, v in metrics.items()}, log_prob.grad.cpu()
-
-
-def run_reference(inputs):
-    """Reference loss, metrics and gradient (float64 inputs)."""
-    log_prob = inputs["log_prob"].clone().requires_grad_(True)
-    loss, metrics = policy_loss(**{**inputs, "log_prob": log_prob}, backend="reference")
-    (grad,) = torch.autograd.grad(loss, log_prob, allow_unused=True)
-    return loss.detach(), metrics, torch.zeros_like(log_prob) if grad is None else grad
 
 
 class Rows:
@@ -108,41 +101,15 @@ class Rows:
         (weight,) = torch.autograd.grad(loss, token_loss, allow_unused=True)
         return torch.zeros_like(token_loss) if weight is None else weight
 
-    def near_ties(self):
-        """Valid tokens whose mask/clip/clamp decision lies within the tie tolerance of flipping."""
-        t, c = self.terms, self.config
-        m = self.mask
-        near = torch.zeros_like(m)
-
-        def tie(a, b, scale):
-            return (a - b).abs() <= TIE_RTOL * scale + TIE_ATOL
-
-        if c.log_ratio_clamp is not None:  # the clamp's zero-gradient edge
-            diff = (self.log_prob - self.old_log_prob).abs()
-            near |= tie(diff, c.log_ratio_clamp, c.log_ratio_clamp)
-        if c.method == "cppo":
-            step = t.weight * t.divergence
-            prev_s = torch.cumsum(step, 1) - step
-            prev_w = torch.cumsum(t.weight, 1) - t.weight
-            scale = step + c.delta + t.delta_b[:, None] * prev_w + prev_s
-            near |= tie(step, t.threshold, scale) | tie(step, c.delta, step + c.delta)
-        elif c.method == "dppo":
-            near |= tie(t.divergence, t.threshold, t.divergence + t.threshold)
-        else:
-            lo, hi = 1 - c.clip_ratio_low, 1 + c.clip_ratio_high
-            near |= tie(t.ratio, lo, lo) | tie(t.ratio, hi, hi)
-            if c.clip_ratio_c is not None:
-                clipped = torch.maximum(t.ratio, t.ratio.clamp(lo, hi))
-                near |= tie(clipped, c.clip_ratio_c, c.clip_ratio_c)
-        return near & m
 
 
-def check_case(case, dtype, block=0):
+def check_case(case, dtype, device, run_policy_loss, block=0):
     """Kernel vs float64 reference on `case` rounded to `dtype`; every disagreement must be a near-tie."""
     what = f"{case.describe()} dtype={dtype} block={block or 'auto'}"
     ref_inputs = case.rounded(dtype).inputs(torch.float64)
-    loss, metrics, grad = run_triton(case.inputs(dtype), block, tensor_normalizers=case.seed % 4 == 3)
-    ref_loss, ref_metrics, ref_grad = run_reference(ref_inputs)
+    loss, metrics, grad = run_triton(case.inputs(dtype), device, block, tensor_normalizers=case.seed % 4 == 3)
+    ref_loss, ref_metrics, ref_grad = run_policy_loss(ref_inputs, "reference")
+    ref_loss = ref_loss.detach()
     assert torch.isfinite(loss), what
     # the gradient is returned in `dtype`: compare after that rounding (float16 can overflow, like the reference)
     rounded_ref = ref_grad.to(dtype)
@@ -154,7 +121,7 @@ def check_case(case, dtype, block=0):
     out_rtol, out_atol = (out.eps, out.eps * out.smallest_normal) if dtype != torch.float32 else (0.0, 0.0)
 
     rows = Rows(ref_inputs)
-    near = rows.near_ties()
+    near = rows.rows(literal_result(case, dtype).near_tie) & rows.mask
     weight = rows.agg_weight()
     grad_rows, ref_grad_rows = rows.rows(grad), rows.rows(ref_grad)
     masked = ~mask_as_bool(ref_inputs["response_mask"], ref_inputs["log_prob"])
@@ -184,28 +151,27 @@ def check_case(case, dtype, block=0):
     for key, value in metrics.items():
         expected = ref_metrics[key].item()
         if key in float_scales:
-            allowed = METRIC_RTOL * float_scales[key] + TIE_ATOL * (key != "ppo_kl")
+            allowed = METRIC_RTOL * float_scales[key] + DIVERGENCE_ATOL * (key != "ppo_kl")
         else:  # fractions of tokens: each near-tie may count on either side
             allowed = int(near.sum()) / n_tok + 1e-7
         assert abs(value.item() - expected) <= allowed, f"metric {key}: {value.item()!r} vs {expected!r}: {what}"
     return int(off.sum())
 
 
-@pytest.mark.parametrize("group", range(-(-FUZZ_RUN // FUZZ_PER_GROUP)))
-def test_fuzz_against_reference(group):
-    """400 seeded cases from `ptr_kernels.testing.cases`; dtypes cycle, half of them with 16-token blocks so the
-    prefix carry crosses many blocks, a quarter with the global normalizers as 0-dim tensors."""
-    for seed in range(group * FUZZ_PER_GROUP, min((group + 1) * FUZZ_PER_GROUP, FUZZ_RUN)):
-        case = random_case(seed, max_len=512)
-        check_case(case, DTYPES[seed % 3], block=16 if seed % 2 else 0)
+@pytest.mark.parametrize("seed", range(FUZZ_RUN))
+def test_fuzz_against_reference(seed, device, run_policy_loss):
+    """One of 400 seeded cases from `ptr_kernels.testing.cases`; dtypes cycle, half of them with 16-token blocks so
+    the prefix carry crosses many blocks, a quarter with the global normalizers as 0-dim tensors."""
+    case = random_case(seed, max_len=512)
+    check_case(case, DTYPES[seed % 3], device, run_policy_loss, block=16 if seed % 2 else 0)
 
 
-def test_soft_gate_with_rounding_negative_kl():
+def test_soft_gate_with_rounding_negative_kl(device, run_policy_loss):
     """Regression (seed 1050 of `ptr-kernels fuzz`): binary_kl of pi ~ mu rounds a hair below 0 in float32,
     and the soft gate min(1, 1/z) with such a z <= 0 must stay 1, not become a huge negative factor."""
     case = random_case(1050, max_len=512)
     assert case.config.divergence == "binary_kl" and case.config.gate == "soft"
-    check_case(case, torch.float32)
+    check_case(case, torch.float32, device, run_policy_loss)
 
 
 def test_fuzz_covers_every_option():
@@ -245,7 +211,7 @@ def _cppo_config(**kw):
 
 
 @pytest.mark.parametrize("quantile", [None, 0.9])
-def test_long_sequence_many_blocks(quantile):
+def test_long_sequence_many_blocks(quantile, device, run_policy_loss):
     """Two sequences of 65,536 tokens (packed, int64 offsets) and the same as a padded [2, 65536] batch:
     the prefix budget carries across 64 blocks of 1024 (128 blocks of 512 for the padded run)."""
     g = torch.Generator().manual_seed(7)
@@ -260,10 +226,10 @@ def test_long_sequence_many_blocks(quantile):
                   cu_seqlens=torch.tensor([0, n, 2 * n], dtype=torch.int64), rollout_is_weights=None,
                   config=config, dp_size=1, batch_num_tokens=None, global_batch_size=None)
     case = _as_case(packed)
-    assert check_case(case, torch.float32) <= 20
+    assert check_case(case, torch.float32, device, run_policy_loss) <= 20
     padded = dict(packed, log_prob=lp.view(2, n), old_log_prob=old.view(2, n), response_mask=mask.view(2, n),
                   cu_seqlens=None)
-    assert check_case(_as_case(padded), torch.float32, block=512) <= 20
+    assert check_case(_as_case(padded), torch.float32, device, run_policy_loss, block=512) <= 20
     rows = Rows(case.rounded(torch.float32).inputs(torch.float64))
     assert rows.terms.rejected_budget.sum() > 100  # the budget really binds, so the carry is exercised
 
@@ -279,7 +245,7 @@ def _as_case(inputs):
 
 
 @pytest.mark.parametrize("agg,quantile", [("token-mean", None), ("seq-mean-token-mean", 0.9)])
-def test_many_sequences(agg, quantile):
+def test_many_sequences(agg, quantile, device, run_policy_loss):
     """10,000 short packed sequences (lengths 0..12, int32 cu_seqlens), many per program."""
     g = torch.Generator().manual_seed(11)
     S = 10_000
@@ -292,12 +258,12 @@ def test_many_sequences(agg, quantile):
                   response_mask=torch.rand(N, generator=g) > 0.2, cu_seqlens=cu, rollout_is_weights=None,
                   config=_cppo_config(loss_agg_mode=agg, delta_b_quantile=quantile), dp_size=2,
                   batch_num_tokens=None, global_batch_size=None)
-    check_case(_as_case(inputs), torch.float32)
+    check_case(_as_case(inputs), torch.float32, device, run_policy_loss)
 
 
 @pytest.mark.parametrize("method", ["cppo", "dppo", "ppo"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_garbage_at_masked_positions(method, packed):
+def test_garbage_at_masked_positions(method, packed, device, run_policy_loss):
     """+-inf / NaN / 1e30 at masked positions never reach the loss, the gradient or a metric."""
     g = torch.Generator().manual_seed(3)
     B, T = 3, 40
@@ -316,38 +282,39 @@ def test_garbage_at_masked_positions(method, packed):
         inputs.update({k: inputs[k].reshape(-1) for k in ("log_prob", "old_log_prob", "advantages",
                                                            "response_mask", "rollout_is_weights")})
         inputs["cu_seqlens"] = torch.tensor([0, T, 2 * T, 3 * T], dtype=torch.int32)
-    check_case(_as_case(inputs), torch.float32)  # asserts finite loss and gradient, zero gradient where masked
+    # asserts finite loss and gradient, zero gradient where masked
+    check_case(_as_case(inputs), torch.float32, device, run_policy_loss)
 
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("agg", LOSS_AGG_MODES)
-def test_empty_batch(packed, agg):
+def test_empty_batch(packed, agg, device):
     """No valid token: loss 0, gradient 0, metrics 0, no NaN (all-masked rows, and zero-length input)."""
     shapes = [((0,), torch.tensor([0], dtype=torch.int32)), ((5,), torch.tensor([0, 2, 5], dtype=torch.int32))] \
         if packed else [((0, 4), None), ((2, 5), None), ((3, 0), None)]
     for shape, cu in shapes:
-        lp = torch.full(shape, -0.5, device=DEVICE, requires_grad=True)
-        kw = dict(cu_seqlens=None if cu is None else cu.to(DEVICE), method="cppo", loss_agg_mode=agg,
+        lp = torch.full(shape, -0.5, device=device, requires_grad=True)
+        kw = dict(cu_seqlens=None if cu is None else cu.to(device), method="cppo", loss_agg_mode=agg,
                   loss_scale_factor=4.0 if packed else None)
-        loss, metrics = policy_loss(lp, torch.full(shape, -0.4, device=DEVICE), torch.ones(shape, device=DEVICE),
-                                    torch.zeros(shape, dtype=torch.bool, device=DEVICE), backend="triton", **kw)
+        loss, metrics = policy_loss(lp, torch.full(shape, -0.4, device=device), torch.ones(shape, device=device),
+                                    torch.zeros(shape, dtype=torch.bool, device=device), backend="triton", **kw)
         loss.backward()
         assert loss.item() == 0.0 and (lp.grad == 0).all()
         assert all(v.item() == 0.0 for v in metrics.values())
 
 
-def test_cppo_reduces_to_dppo():
+def test_cppo_reduces_to_dppo(device):
     """docs/math.md section 3: cppo with w_min = 1 and a budget that never binds equals dppo with the same delta."""
     case = random_case(5, max_len=200, methods=("cppo",))
     cfg = case.config.replace(w_min=1.0, delta_b=1e6, delta_b_quantile=None, gate="hard")
-    a = run_triton(dict(case.inputs(torch.float32), config=cfg))
+    a = run_triton(dict(case.inputs(torch.float32), config=cfg), device)
     b = run_triton(dict(case.inputs(torch.float32), config=cfg.replace(method="dppo", delta_low=None,
-                                                                         delta_high=None)))
+                                                                         delta_high=None)), device)
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
     assert torch.equal(a[1]["mask_frac"], b[1]["mask_frac"])
 
 
-def test_quantile_selection_exact():
+def test_quantile_selection_exact(device):
     """The calibrated delta_b selects torch.quantile's order statistics: D on a grid of multiples of 1/64
     (with repeats), so a wrong rank would be off by at least frac / 64; lengths 1..40, q in [0, 1]."""
     rng = np.random.default_rng(0)
@@ -362,13 +329,13 @@ def test_quantile_selection_exact():
                       advantages=torch.ones(1, dtype=torch.float64), response_mask=mask, cu_seqlens=None,
                       rollout_is_weights=None, config=cfg, dp_size=1, batch_num_tokens=None,
                       global_batch_size=None)
-        _, metrics, _ = run_triton(_as_case(inputs).inputs(torch.float32), block=16)
+        _, metrics, _ = run_triton(_as_case(inputs).inputs(torch.float32), device, block=16)
         d = (1 - lp.exp())[mask]
         expected = torch.quantile(d, q).clamp(0.2, 0.8).item() if d.numel() else 0.0
         assert metrics["delta_b_mean"].item() == pytest.approx(expected, rel=1e-5, abs=1e-7), (n, q)
 
 
-def test_strided_inputs():
+def test_strided_inputs(device, run_policy_loss):
     """Non-contiguous views (a strided cu_seqlens, a transposed log_prob, expanded advantages, one-element
     tensor normalizers) give the reference's loss, metrics and gradient."""
     torch.manual_seed(0)
@@ -385,19 +352,19 @@ def test_strided_inputs():
                   config=PolicyLossConfig(method="ppo", clip_ratio_c=3.0, loss_agg_mode="seq-mean-token-mean"),
                   dp_size=torch.tensor([2]), batch_num_tokens=None, global_batch_size=None)
     for inputs in (packed, padded):
-        loss, metrics, grad = run_triton(inputs)
-        ref_loss, ref_metrics, ref_grad = run_reference(inputs)
+        loss, metrics, grad = run_triton(inputs, device)
+        ref_loss, ref_metrics, ref_grad = run_policy_loss(inputs, "reference")
         torch.testing.assert_close(loss, ref_loss, rtol=2e-5, atol=0)
         torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-5, atol=1e-7)
         for key in ref_metrics:
             torch.testing.assert_close(metrics[key], ref_metrics[key].double(), rtol=2e-5, atol=1e-7)
 
 
-def test_gradient_dtype():
+def test_gradient_dtype(device):
     """The gradient comes back in log_prob's dtype (float64 input is computed in float32)."""
     case = random_case(1, max_len=20)
     for dtype in DTYPES + (torch.float64,):
-        _, _, grad = run_triton(case.inputs(dtype))
+        _, _, grad = run_triton(case.inputs(dtype), device)
         assert grad.dtype == dtype
 
 
@@ -414,7 +381,7 @@ def test_cpu_without_interpreter_says_how():
         out.stdout + out.stderr
 
 
-def test_exact_ties_are_proven_near_ties():
+def test_exact_ties_are_proven_near_ties(device, run_policy_loss):
     """Thresholds placed exactly on a token's float64 D (dppo) or ratio (ppo clip-higher): float32 may
     decide either way there. The check must accept those disagreements as proven near-ties, and some
     disagreements must actually occur, so the proof above is exercised rather than vacuous."""
@@ -432,5 +399,5 @@ def test_exact_ties_are_proven_near_ties():
         dppo = PolicyLossConfig(method="dppo", delta=float(div[k]), loss_agg_mode="token-sum")
         ppo = PolicyLossConfig(method="ppo", clip_ratio_high=float(ratio[k]) - 1, loss_agg_mode="token-sum")
         for config in (dppo, ppo):
-            disagreements += check_case(_as_case(dict(base, config=config)), torch.float32)
+            disagreements += check_case(_as_case(dict(base, config=config)), torch.float32, device, run_policy_loss)
     assert disagreements > 0

@@ -158,7 +158,7 @@ def policy_loss_literal(log_prob, old_log_prob, advantages, response_mask=None, 
                 over_token = w * d > c.delta
                 if not toward_mu:
                     scale = c.delta + delta_b * W + S
-                    near_tie[k] |= _close(w * d, thr, scale, tie_rtol) or _close(w * d, c.delta, scale, tie_rtol)
+                    near_tie[k] |= _close(w * d, thr, scale, tie_rtol) or _close(w * d, c.delta, 0.0, tie_rtol)
                 if c.gate == "hard":
                     M = 1.0 if (toward_mu or inside) else 0.0
                 else:
