@@ -13,14 +13,13 @@ that case's values are not compared.
 
 from __future__ import annotations
 
-import math
 import random
 
 import torch
 
 from ..config import PolicyLossConfig
 from .fuzz import tolerances
-from .fuzz_logits import DIVERGENCES, METHODS
+from .fuzz_logits import DIVERGENCES, METHODS, decision_flips, run_cases
 from .hidden_cases import policy_loss_from_hidden_literal, random_hidden_case, rounding_bound
 from .logits_cases import cast
 
@@ -55,13 +54,10 @@ def check_case(case: dict, chunk_size, backend: str, dtype: torch.dtype, device)
     grads = torch.autograd.grad(loss, list(head.values()))
     grads = {name: g.detach().to("cpu", torch.float64) for name, g in zip(head, grads)}
     valid = rounded["response_mask"]
-    cut = (grads["hidden"] == 0).all(-1) & valid
-    flipped = cut != ((lit.grad_hidden == 0).all(-1) & valid)
-    numbers = dict(flipped=int(flipped.sum()), ties=int((flipped & lit.near_tie).sum()))
-    if (flipped & ~lit.near_tie).any():
-        return [f"{int((flipped & ~lit.near_tie).sum())} decision(s) differ away from a near tie"], numbers
-    if flipped.any():
-        return [], numbers
+    numbers, problems = decision_flips((grads["hidden"] == 0).all(-1) & valid,
+                                       (lit.grad_hidden == 0).all(-1) & valid, lit.near_tie)
+    if problems is not None:
+        return problems, numbers
     errors = {"loss": abs(loss.item() - lit.loss) / max(lit.loss_magnitude, 1e-30)}
     expected = dict(hidden=lit.grad_hidden, weight=lit.grad_weight, bias=lit.grad_bias)
     bounds = rounding_bound(lit, rounded, dtype)
@@ -77,27 +73,11 @@ def check_case(case: dict, chunk_size, backend: str, dtype: torch.dtype, device)
 
 def run(args, device, backend: str, dtype: torch.dtype) -> int:
     """The `--from-hidden` run of `ptr-kernels fuzz`: 0 when every case agrees with the oracle, 1 otherwise."""
-    print(f"ptr-kernels fuzz --from-hidden: backend={backend} device={device} "
-          f"dtype={str(dtype).removeprefix('torch.')} cases={args.cases}")
-    failures, max_error, ties = [], 0.0, 0
-    for seed in range(args.seed, args.seed + args.cases):
+    def seed_check(seed):
         case, chunk_size = random_case(seed, min(args.max_len, 64))
-        try:
-            problems, numbers = check_case(case, chunk_size, backend, dtype, device)
-        except Exception as exc:  # a crash on one case is a finding, not the end of the run
-            problems, numbers = [f"{type(exc).__name__}: {exc}"], {}
-        max_error = max(max_error, numbers.get("max_error", 0.0))
-        ties += numbers.get("ties", 0)
-        if problems:
-            c = case["config"]
-            failures.append(f"seed={seed} {c.method} {c.divergence} H={case['hidden'].shape[-1]} "
-                            f"V={case['weight'].shape[0]} K={case['rollout_topk_ids'].shape[-1]} "
-                            f"chunk_size={chunk_size}: " + "; ".join(problems))
-    print(f"max error {max_error:.3g} (tolerance {tolerances(dtype)[0]:.3g}); near ties decided the other way: {ties}")
-    for line in failures[:args.show]:
-        print("FAIL " + line)
-    if failures:
-        print(f"\nFAIL: {len(failures)} of {args.cases} cases disagree with the oracle")
-        return 1
-    print(f"\nPASS: {backend} agrees with the oracle on all {args.cases} from-hidden cases")
-    return 0 if not math.isnan(max_error) else 1
+        c = case["config"]
+        description = (f"{c.method} {c.divergence} H={case['hidden'].shape[-1]} V={case['weight'].shape[0]} "
+                       f"K={case['rollout_topk_ids'].shape[-1]} chunk_size={chunk_size}")
+        return description, lambda: check_case(case, chunk_size, backend, dtype, device)
+
+    return run_cases(args, "from-hidden", device, backend, dtype, seed_check)

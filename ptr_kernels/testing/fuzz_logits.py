@@ -48,13 +48,9 @@ def check_case(case: dict, backend: str, dtype: torch.dtype, device) -> tuple[li
     (grad,) = torch.autograd.grad(loss, logits)
     grad = grad.detach().to("cpu", torch.float64)
     valid = rounded["response_mask"]
-    cut = (grad == 0).all(-1) & valid
-    flipped = cut != ((lit.grad == 0).all(-1) & valid)
-    numbers = dict(flipped=int(flipped.sum()), ties=int((flipped & lit.near_tie).sum()))
-    if (flipped & ~lit.near_tie).any():
-        return [f"{int((flipped & ~lit.near_tie).sum())} decision(s) differ away from a near tie"], numbers
-    if flipped.any():
-        return [], numbers
+    numbers, problems = decision_flips((grad == 0).all(-1) & valid, (lit.grad == 0).all(-1) & valid, lit.near_tie)
+    if problems is not None:
+        return problems, numbers
     errors = {"loss": abs(loss.item() - lit.loss) / max(lit.loss_magnitude, 1e-30),
               "grad": (grad - lit.grad).abs().max().item() / max(lit.grad.abs().max().item(), 1e-30)}
     for key, value in lit.metrics.items():
@@ -63,28 +59,50 @@ def check_case(case: dict, backend: str, dtype: torch.dtype, device) -> tuple[li
     return [f"{k} error {v:.3g} > {rtol:.3g}" for k, v in errors.items() if not v <= rtol], numbers
 
 
-def run(args, device, backend: str, dtype: torch.dtype) -> int:
-    """The `--from-logits` run of `ptr-kernels fuzz`: 0 when every case agrees with the oracle, 1 otherwise."""
-    print(f"ptr-kernels fuzz --from-logits: backend={backend} device={device} "
+def decision_flips(cut: torch.Tensor, literal_cut: torch.Tensor, near_tie: torch.Tensor) -> tuple:
+    """(numbers, problems) of the trust-region decisions, read as the tokens whose gradient row is all zero: the
+    backend's `cut` against the oracle's. problems is None when no decision flipped (the values are compared
+    next), [] when every flip is at a near tie (the values are not), a message otherwise."""
+    flipped = cut != literal_cut
+    numbers = dict(flipped=int(flipped.sum()), ties=int((flipped & near_tie).sum()))
+    if (flipped & ~near_tie).any():
+        return numbers, [f"{int((flipped & ~near_tie).sum())} decision(s) differ away from a near tie"]
+    return numbers, ([] if flipped.any() else None)
+
+
+def run_cases(args, path: str, device, backend: str, dtype: torch.dtype, seed_check) -> int:
+    """The run of `ptr-kernels fuzz --<path>`: `seed_check(seed)` gives (a description of the case, a callable
+    returning (problems, numbers)); 0 when every case agrees with the oracle, 1 otherwise."""
+    print(f"ptr-kernels fuzz --{path}: backend={backend} device={device} "
           f"dtype={str(dtype).removeprefix('torch.')} cases={args.cases}")
     failures, max_error, ties = [], 0.0, 0
     for seed in range(args.seed, args.seed + args.cases):
-        case = random_case(seed, min(args.max_len, 64))
+        description, check = seed_check(seed)
         try:
-            problems, numbers = check_case(case, backend, dtype, device)
+            problems, numbers = check()
         except Exception as exc:  # a crash on one case is a finding, not the end of the run
             problems, numbers = [f"{type(exc).__name__}: {exc}"], {}
         max_error = max(max_error, numbers.get("max_error", 0.0))
         ties += numbers.get("ties", 0)
         if problems:
-            c = case["config"]
-            failures.append(f"seed={seed} {c.method} {c.divergence} V={case['logits'].shape[-1]} "
-                            f"K={case['rollout_topk_ids'].shape[-1]}: " + "; ".join(problems))
+            failures.append(f"seed={seed} {description}: " + "; ".join(problems))
     print(f"max error {max_error:.3g} (tolerance {tolerances(dtype)[0]:.3g}); near ties decided the other way: {ties}")
     for line in failures[:args.show]:
         print("FAIL " + line)
     if failures:
         print(f"\nFAIL: {len(failures)} of {args.cases} cases disagree with the oracle")
         return 1
-    print(f"\nPASS: {backend} agrees with the oracle on all {args.cases} from-logits cases")
+    print(f"\nPASS: {backend} agrees with the oracle on all {args.cases} {path} cases")
     return 0 if not math.isnan(max_error) else 1
+
+
+def run(args, device, backend: str, dtype: torch.dtype) -> int:
+    """The `--from-logits` run of `ptr-kernels fuzz`: 0 when every case agrees with the oracle, 1 otherwise."""
+    def seed_check(seed):
+        case = random_case(seed, min(args.max_len, 64))
+        c = case["config"]
+        description = (f"{c.method} {c.divergence} V={case['logits'].shape[-1]} "
+                       f"K={case['rollout_topk_ids'].shape[-1]}")
+        return description, lambda: check_case(case, backend, dtype, device)
+
+    return run_cases(args, "from-logits", device, backend, dtype, seed_check)
