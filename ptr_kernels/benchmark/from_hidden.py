@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..config import PolicyLossConfig
+from .results import measure_into
 from .timing import Timer, peak_memory_mib
 
 K = 20
@@ -178,15 +179,9 @@ def run(args, device: torch.device, out: Path) -> int:
 
     def record(row: dict, step, floor_ms=None) -> None:
         nonlocal failed
-        try:
-            time_ms, peak = measure(step, device, reps)
-            row.update(time_ms=f"{time_ms:.3f}", peak_mib=f"{peak:.0f}")
-            row["vs_floor"] = f"{time_ms / floor_ms:.2f}" if floor_ms else ""
-        except Exception as exc:  # e.g. out of memory for the materialized head at 32K: a result, not a crash
-            row["note"] = f"{type(exc).__name__}: {str(exc)[:120]}"
-            failed |= not isinstance(exc, torch.OutOfMemoryError)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        failed |= measure_into(row, lambda: measure(step, device, reps), device)  # the materialized head at 32K
+        if floor_ms and row["time_ms"]:
+            row["vs_floor"] = f"{float(row['time_ms']) / floor_ms:.2f}"
         rows.append(row)
         print(" ".join(f"{k}={row[k]}" for k in COLUMNS if row[k] != ""), flush=True)
 

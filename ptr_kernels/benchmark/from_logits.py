@@ -22,6 +22,7 @@ import torch
 from ..config import PolicyLossConfig
 from ..reference import policy_loss_reference
 from ..reference_logits import topk_divergence
+from .results import measure_into
 from .timing import Timer, peak_memory_mib
 
 K = 20
@@ -135,14 +136,8 @@ def run(args, device: torch.device, out: Path) -> int:
                 divergence = "binary_tv" if provider == "trl" else METHOD_DIVERGENCE[method]
                 row = dict(provider=provider, method=method, divergence=divergence, B=B, T=T, V=V,
                            time_ms="", peak_mib="", note="")
-                try:
-                    time_ms, peak = measure(fn, inp, device, reps)
-                    row.update(time_ms=f"{time_ms:.3f}", peak_mib=f"{peak:.0f}")
-                except Exception as exc:  # e.g. out of memory for eager at 16 x 2048 x 152k: a result, not a crash
-                    row["note"] = f"{type(exc).__name__}: {str(exc)[:120]}"
-                    failed |= not isinstance(exc, torch.OutOfMemoryError)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                # eager runs out of memory at 16 x 2048 x 152k: a row with a note
+                failed |= measure_into(row, lambda: measure(fn, inp, device, reps), device)
                 rows.append(row)
                 print(" ".join(f"{k}={row[k]}" for k in COLUMNS if row[k] != ""), flush=True)
         del inp

@@ -69,3 +69,17 @@ def load_rows(path) -> list:
     """The rows of a results CSV as dicts of strings."""
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def measure_into(row: dict, measure, device: torch.device) -> bool:
+    """`row`'s time_ms and peak_mib from `measure()` = (ms, peak MiB), or its note naming what went wrong; True
+    for an error other than running out of memory (at the largest shapes that is a result, not a failure)."""
+    try:
+        time_ms, peak = measure()
+    except Exception as exc:  # noqa: BLE001 - a crash of one provider is a row, not the end of the run
+        row["note"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return not isinstance(exc, torch.OutOfMemoryError)
+    row.update(time_ms=f"{time_ms:.3f}", peak_mib=f"{peak:.0f}")
+    return False

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .from_hidden import LOSS_PROVIDERS, make_inputs, make_loss, measure, write_table
+from .results import measure_into
 
 SIZES = {"full": dict(layers=4, size=1024, heads=16, vocab=152064, num_seqs=8, width=1024),
          "tiny": dict(layers=2, size=32, heads=4, vocab=256, num_seqs=2, width=16)}
@@ -72,14 +73,7 @@ def run(args, device: torch.device, out) -> int:
 
             row = dict(provider=provider, method=method, divergence=divergence, layers=sizes["layers"],
                        H=sizes["size"], V=sizes["vocab"], tokens=tokens.numel(), time_ms="", peak_mib="", note=note)
-            try:
-                time_ms, peak = measure(step, device, reps)
-                row.update(time_ms=f"{time_ms:.3f}", peak_mib=f"{peak:.0f}")
-            except Exception as exc:  # out of memory is a result
-                row["note"] = f"{type(exc).__name__}: {str(exc)[:120]}"
-                failed |= not isinstance(exc, torch.OutOfMemoryError)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            failed |= measure_into(row, lambda: measure(step, device, reps), device)
             rows.append(row)
             print(" ".join(f"{k}={row[k]}" for k in COLUMNS if row[k] != ""), flush=True)
     write_table(rows, out, "step", COLUMNS)
