@@ -9,8 +9,8 @@ import torch
 
 from .api import BACKENDS
 from .config import PolicyLossConfig, resolve_config
-from .from_logits import check_logits_inputs
-from .layout import FLOAT_DTYPES, Layout
+from .from_logits import check_logits_inputs, check_per_token_rows
+from .layout import Layout
 
 
 def policy_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
@@ -88,14 +88,7 @@ def check_hidden_inputs(hidden, weight, bias, input_ids, old_log_prob, advantage
     The head (hidden, weight, bias) and chunk_size here; the rest as `check_logits_inputs` does for logits of
     shape hidden.shape[:-1] + (V,), given as a one-element stand-in expanded to that shape (no memory).
     """
-    if not isinstance(hidden, torch.Tensor) or hidden.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"hidden must be a float16, bfloat16, float32 or float64 tensor, got "
-                         f"{getattr(hidden, 'dtype', type(hidden).__name__)}")
-    expected_dim = 2 if cu_seqlens is not None else 3
-    if hidden.dim() != expected_dim or hidden.shape[-1] < 1:
-        raise ValueError(f"hidden has shape {tuple(hidden.shape)}: expected "
-                         + ("[N, H] (packed, with cu_seqlens)" if cu_seqlens is not None else
-                            "[B, T, H] (padded; packed [N, H] input needs cu_seqlens)") + " with H >= 1")
+    check_per_token_rows("hidden", hidden, "H", cu_seqlens)
     size = hidden.shape[-1]
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != size or weight.shape[0] < 1:
         raise ValueError(f"weight has shape {tuple(getattr(weight, 'shape', ()))}, expected [V, H = {size}] "

@@ -95,6 +95,19 @@ def policy_loss_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, old_l
                                           layout=layout, inplace_grad=inplace_grad, **kwargs)
 
 
+def check_per_token_rows(name: str, value, width: str, cu_seqlens) -> None:
+    """`value` is a float tensor of a row of `width` per token: `[B, T, width]` padded, `[N, width]` packed."""
+    if not isinstance(value, torch.Tensor) or value.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got "
+                         f"{getattr(value, 'dtype', type(value).__name__)}")
+    expected_dim = 2 if cu_seqlens is not None else 3
+    if value.dim() != expected_dim or value.shape[-1] < 1:
+        raise ValueError(f"{name} has shape {tuple(value.shape)}: expected "
+                         + (f"[N, {width}] (packed, with cu_seqlens)" if cu_seqlens is not None else
+                            f"[B, T, {width}] (padded; packed [N, {width}] input needs cu_seqlens)")
+                         + f" with {width} >= 1")
+
+
 def check_logits_inputs(logits, input_ids, old_log_prob, advantages, response_mask, cu_seqlens, topk_ids,
                         topk_log_probs, temperature, config: PolicyLossConfig, inplace_grad: bool,
                         rollout_is_weights, dp_size, batch_num_tokens, global_batch_size, *,
@@ -105,14 +118,7 @@ def check_logits_inputs(logits, input_ids, old_log_prob, advantages, response_ma
     eagerly on the CPU, with an asynchronous device assert elsewhere (never a host sync). `source`: the
     argument the messages name as the tensor the token shape and device come from.
     """
-    if not isinstance(logits, torch.Tensor) or logits.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"logits must be a float16, bfloat16, float32 or float64 tensor, got "
-                         f"{getattr(logits, 'dtype', type(logits).__name__)}")
-    expected_dim = 2 if cu_seqlens is not None else 3
-    if logits.dim() != expected_dim or logits.shape[-1] < 1:
-        raise ValueError(f"logits has shape {tuple(logits.shape)}: expected "
-                         + ("[N, V] (packed, with cu_seqlens)" if cu_seqlens is not None else
-                            "[B, T, V] (padded; packed [N, V] input needs cu_seqlens)") + " with V >= 1")
+    check_per_token_rows("logits", logits, "V", cu_seqlens)
     if inplace_grad and logits.stride(-1) != 1:
         raise ValueError("inplace_grad=True needs logits with a contiguous last dimension (stride 1)")
     token_shape, vocab = tuple(logits.shape[:-1]), logits.shape[-1]

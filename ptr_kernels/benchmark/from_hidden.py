@@ -145,6 +145,16 @@ def measure(step, device: torch.device, reps: int) -> tuple:
     return median, peak
 
 
+def loss_paths(methods, providers, inp):
+    """(provider, method, loss function, divergence, note) of every path that runs here (`make_loss` gives None
+    for a peer that is not installed)."""
+    for method in methods:
+        for provider in providers:
+            made = make_loss(provider, method, inp)
+            if made is not None:
+                yield (provider, method, *made)
+
+
 def write_table(rows: list, out: Path, name: str, columns: tuple) -> None:
     """`name`.csv and `name`.md under `out`."""
     with open(out / f"{name}.csv", "w", newline="") as f:
@@ -193,14 +203,9 @@ def run(args, device: torch.device, out: Path) -> int:
         floor = dict(provider="floor", method="", divergence="", **shape, note="hidden @ W^T, its two gradient GEMMs")
         record(floor, lambda: floor_step(inp, upstream))
         del upstream
-        for method in args.methods:
-            for provider in providers:
-                made = make_loss(provider, method, inp)
-                if made is None:
-                    continue
-                fn, divergence, note = made
-                row = dict(provider=provider, method=method, divergence=divergence, **shape, note=note)
-                record(row, lambda: loss_step(fn, inp), float(floor["time_ms"]) if floor["time_ms"] else None)
+        for provider, method, fn, divergence, note in loss_paths(args.methods, providers, inp):
+            row = dict(provider=provider, method=method, divergence=divergence, **shape, note=note)
+            record(row, lambda: loss_step(fn, inp), float(floor["time_ms"]) if floor["time_ms"] else None)
         del inp
     write_table(rows, out, "from_hidden", COLUMNS)
     return 1 if failed else 0

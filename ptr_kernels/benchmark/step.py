@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .from_hidden import LOSS_PROVIDERS, make_inputs, make_loss, measure, write_table
+from .from_hidden import LOSS_PROVIDERS, loss_paths, make_inputs, measure, write_table
 from .results import measure_into
 
 SIZES = {"full": dict(layers=4, size=1024, heads=16, vocab=152064, num_seqs=8, width=1024),
@@ -60,21 +60,16 @@ def run(args, device: torch.device, out) -> int:
     from .cli import interpreter_ready
     providers = LOSS_PROVIDERS if device.type == "cuda" or interpreter_ready() else LOSS_PROVIDERS[2:]
     rows, failed = [], False
-    for method in args.methods:
-        for provider in providers:
-            made = make_loss(provider, method, inp)
-            if made is None:
-                continue
-            fn, divergence, note = made
+    for provider, method, fn, divergence, note in loss_paths(args.methods, providers, inp):
 
-            def step():
-                model.zero_grad(set_to_none=True)
-                fn(model(tokens), model.head.weight).backward()
+        def step():
+            model.zero_grad(set_to_none=True)
+            fn(model(tokens), model.head.weight).backward()
 
-            row = dict(provider=provider, method=method, divergence=divergence, layers=sizes["layers"],
-                       H=sizes["size"], V=sizes["vocab"], tokens=tokens.numel(), time_ms="", peak_mib="", note=note)
-            failed |= measure_into(row, lambda: measure(step, device, reps), device)
-            rows.append(row)
-            print(" ".join(f"{k}={row[k]}" for k in COLUMNS if row[k] != ""), flush=True)
+        row = dict(provider=provider, method=method, divergence=divergence, layers=sizes["layers"],
+                   H=sizes["size"], V=sizes["vocab"], tokens=tokens.numel(), time_ms="", peak_mib="", note=note)
+        failed |= measure_into(row, lambda: measure(step, device, reps), device)
+        rows.append(row)
+        print(" ".join(f"{k}={row[k]}" for k in COLUMNS if row[k] != ""), flush=True)
     write_table(rows, out, "step", COLUMNS)
     return 1 if failed else 0
