@@ -13,9 +13,10 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
+from .config import FLOAT32_MAX  # normalizers are float32 numbers in every backend
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NUMBER_TYPES = (int, float, np.integer, np.floating)  # what every backend computes with (numpy scalars included)
-FLOAT32_MAX = torch.finfo(torch.float32).max  # normalizers are float32 numbers in every backend
 
 
 class Layout(NamedTuple):
