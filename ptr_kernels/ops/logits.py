@@ -24,13 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference_logits
 from .reduce import AUX_SCALE
 
 TOPK_NONE = tl.constexpr(0)  # a binary divergence: the token kernel computes it from log_prob itself
 TOPK_TV = tl.constexpr(1)
 TOPK_KL = tl.constexpr(2)
 TOPK_IDS = {"topk_tv": TOPK_TV.value, "topk_kl": TOPK_KL.value}
-OTHER_FLOOR = tl.constexpr(1e-12)  # p(other) floor, for mu and pi alike (docs/math.md section 7)
+OTHER_FLOOR = tl.constexpr(reference_logits.OTHER_FLOOR)  # p(other) floor, for mu and pi (docs/math.md section 7)
 MAX_BLOCK_V = 4096
 
 
