@@ -170,6 +170,8 @@ def test_cppo_keys_from_the_actor_config_and_errors():
         cppo_fields({**base, "policy_loss": {"cppo": {"w_min": 0.6}}})
     with pytest.raises(ValueError, match="set one option twice"):
         cppo_fields({**base, "policy_loss": {"cppo_length_mode": "padded", "cppo": {"cppo_w_len_mode": "sequence"}}})
+    assert cppo_fields({**base, "policy_loss": {"cppo_w_len_mode": "512"}})["length_mode"] == 512
+    assert cppo_fields({**base, "cppo": {"cppo_w_min": 0.5}})["w_min"] == 0.5  # the actor's own sub-section
     old, new, adv, mask, _, _ = _verl_case(2)
     with pytest.raises(ValueError, match="w_min"):
         compute_policy_loss_cppo(old, new, adv, mask, "token-mean", {**base, "policy_loss": {"cppo_w_min": 1.5}})

@@ -226,3 +226,28 @@ def test_from_logits_takes_the_carried_state(divergence, backends, on_backend_de
                                                  backend="reference", **shard)
         torch.testing.assert_close(loss_r, loss_token.to(loss_r.dtype), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(final_r, final_token.to(final_r.dtype), rtol=1e-5, atol=1e-6)
+
+
+def test_the_loss_is_a_tensor_of_its_own(device):
+    """The loss may be changed in place before backward (`loss /= accumulation_steps`), as a torch op's result."""
+    g = torch.Generator().manual_seed(3)
+    lp = (-torch.rand(3, 9, generator=g)).to(device).requires_grad_(True)
+    olp = lp.detach() + 0.1
+    loss, _ = triton_policy_loss(lp, olp, torch.ones(3, device=device), config=PolicyLossConfig())
+    expected = torch.autograd.grad(loss, lp, retain_graph=True)[0] / 4
+    loss /= 4
+    (grad,) = torch.autograd.grad(loss, lp)
+    torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter's launches (CPU tensors)")
+def test_a_launch_stopped_part_way_does_not_poison_the_next():
+    """In the interpreter a launch can stop part-way (an exception, Ctrl-C) and leave the program counter
+    non-zero; the next call starts from zero again."""
+    counter = reduce.program_counter(torch.device("cpu"))
+    counter.fill_(7)
+    lp = -torch.rand(2, 5)
+    loss, _ = triton_policy_loss(lp, lp - 0.1, torch.ones(2), config=PolicyLossConfig())
+    ref, _ = policy_loss(lp, lp - 0.1, torch.ones(2), backend="reference")
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
+    assert counter.item() == 0

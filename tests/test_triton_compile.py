@@ -189,7 +189,8 @@ def _aot_compile_all():
         # masks of any dtype load as they are: bool (*i1), uint8, float
         mask_type = ("*i1", "*u8", "*fp32")[i % 3]
         types = dict(lp_ptr="*bf16", olp_ptr="*bf16", adv_ptr="*bf16", mask_ptr=mask_type, rw_ptr="*bf16",
-                     div_ptr="*fp32", cu_ptr="*i32", shard_ptr="*fp64", grad_ptr="*fp32", sums_ptr="*fp32",
+                     div_ptr="*fp32", cu_ptr="*i32", shard_ptr="*fp64", grad_ptr="*fp32", loss_ptr="*fp32",
+                     sums_ptr="*fp32",
                      counter_ptr="*i32", params_ptr="*fp32", dp_ptr="*i64", tokens_ptr="*fp32", seqs_ptr="*i32",
                      num_seqs="i32", extent="i64")
         constexprs = {**const, **{n: None for n in absent}, **{n: 1 for n in ones}}

@@ -20,8 +20,8 @@ This module never imports verl; `register()` does, to add the losses to verl's `
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import MISSING, is_dataclass
 from dataclasses import fields as dataclass_fields
-from dataclasses import is_dataclass
 from typing import Optional
 
 import torch
@@ -184,25 +184,26 @@ def _is_section(value) -> bool:
 
 def _cppo_sections(config) -> list:
     """Where `cppo_*` keys may be, as (name, section): `config.policy_loss` (the authors' place, and
-    `CPPOPolicyLossConfig`'s), its sub-section `cppo` (a later layout of their keys), and the actor config
-    itself (a dict or DictConfig)."""
+    `CPPOPolicyLossConfig`'s), the actor config itself (a dict or DictConfig), and the sub-section `cppo` of
+    either (a later layout of the authors' keys)."""
     sections = []
     policy_loss = config.get("policy_loss", None)
-    if _is_section(policy_loss):
-        sections.append(("policy_loss", policy_loss))
-        nested = policy_loss.get("cppo", None)
+    for where, section in (("policy_loss", policy_loss), ("actor", config)):
+        if not _is_section(section):
+            continue
+        sections.append((where, section))
+        nested = section.get("cppo", None)
         if nested is not None:
             if not _is_section(nested):
-                raise ValueError(f"policy_loss.cppo must be a section of cppo_* keys, got {nested!r}")
-            sections.append(("policy_loss.cppo", nested))
-    sections.append(("actor", config))
+                raise ValueError(f"{where}.cppo must be a section of cppo_* keys, got {nested!r}")
+            sections.append((f"{where}.cppo", nested))
     return sections
 
 
 def cppo_fields(config) -> dict:
     """PolicyLossConfig fields of `ptr_cppo` from verl's actor config: delta = `clip_ratio`, ratio_cap =
     `clip_ratio_c` (20 where absent), the authors' defaults (`CPPO_DEFAULTS`), and the `cppo_*` keys of `CPPO_KEYS`
-    from `config.policy_loss`, `config.policy_loss.cppo` or the actor config. An unknown `cppo_*` key (every key
+    from `config.policy_loss`, the actor config, or a `cppo` sub-section of either. An unknown `cppo_*` key (every key
     of the `cppo` sub-section must be one), or one option given in two places with two values, is a ValueError
     naming it; a key set to None is None (`cppo_delta_b_q: null` keeps delta_b fixed)."""
     delta, _, _ = _clip_range(config)
@@ -211,8 +212,8 @@ def cppo_fields(config) -> dict:
     given = {}  # field -> (where, key, value)
     for where, section in _cppo_sections(config):
         for key in _keys(section):
-            in_cppo_section = where == "policy_loss.cppo"
-            if key == "cppo" and where == "policy_loss":
+            in_cppo_section = where.endswith(".cppo")
+            if key == "cppo" and not in_cppo_section:
                 continue
             if not in_cppo_section and not (isinstance(key, str) and key.startswith("cppo_")):
                 continue
@@ -229,9 +230,11 @@ def cppo_fields(config) -> dict:
 
 
 def _keys(section) -> list:
-    """The keys of a dict, DictConfig or verl config dataclass (a Mapping of its fields)."""
+    """The keys of a dict or DictConfig; of a verl config dataclass (a Mapping of its fields) the fields set away
+    from their default (a default of `CPPOPolicyLossConfig` is the authors' default, not a choice)."""
     if is_dataclass(section):
-        return [f.name for f in dataclass_fields(section)]
+        return [f.name for f in dataclass_fields(section) if f.default is MISSING
+                or getattr(section, f.name) != f.default]
     return list(section.keys())
 
 
@@ -240,7 +243,7 @@ def cppo_value(key: str, value):
     given as a string (a command-line override)."""
     if key == "cppo_divergence" and value in ("tv", "kl"):
         return "binary_" + value
-    if key == "cppo_length_mode" and isinstance(value, str) and value.isdigit():
+    if CPPO_KEYS[key] == "length_mode" and isinstance(value, str) and value.isdigit():
         return int(value)
     return value
 

@@ -38,14 +38,16 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     `sequence_length [S]` (T_w), `sequence_delta_b [S]`, and `output_final_state`.
     Returns: loss `[]` f32; aux `[plan.aux_size]` f32 (the backward scale, then the metrics); grad
     `[like log_prob]` f32: d loss / d log_prob_t up to the backward scale (0 at masked positions); with
-    `output_final_state` also final_state `[S, 3]` float64 (a view of the shard's rows), the state after it.
+    `output_final_state` also final_state `[S, 3]` float64, the state after the shard.
     """
     packed = cu_seqlens is not None
     num_seqs = cu_seqlens.shape[0] - 1 if packed else log_prob.shape[0]
     numel = log_prob.numel()
-    # outputs: grad like log_prob (contiguous, as the kernel writes it; log_prob may be a view), and one buffer for
-    # the loss, aux and the per-sequence sums (a row at least: a batch without sequences still launches)
+    # outputs: grad like log_prob (contiguous, as the kernel writes it; log_prob may be a view), the loss (a tensor
+    # of its own: a user may modify it in place), and one buffer for aux and the per-sequence sums (a row at least:
+    # a batch without sequences still launches)
     grad = torch.empty_like(log_prob, dtype=torch.float32, memory_format=torch.contiguous_format)
+    loss = grad.new_empty(())
     sums = grad.new_empty(reduce.OUT_WIDTH.value + max(num_seqs, 1) * token.NUM_STATS.value)
     shard = None
     if output_final_state or initial_state is not None or position_offset is not None \
@@ -58,13 +60,14 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     # contiguous inputs (a mask of any dtype: != 0 is valid)
     inputs = map(contiguous, (log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, divergence,
                               cu_seqlens))
-    token.launch_token_kernel(*inputs, shard, grad, sums, reduce.program_counter(log_prob.device),
+    token.launch_token_kernel(*inputs, shard, grad, loss, sums, reduce.program_counter(log_prob.device),
                               plan.params(log_prob.device), num_seqs=num_seqs,
                               extent=numel if packed else log_prob.shape[1], constexprs=constexprs,
-                              reduction=reduce.reduction_arguments(loss_scale_factor, normalizers))
-    loss, aux = sums[reduce.OUT_LOSS.value], sums[reduce.OUT_AUX.value:reduce.OUT_AUX.value + plan.aux_size]
-    if output_final_state:
-        return loss, aux, grad, shard[:, carried_state.SHARD_FINAL:]
+                              reduction=reduce.reduction_arguments(constexprs["MODE"], loss_scale_factor,
+                                                                   normalizers))
+    aux = sums[:plan.aux_size]  # OUT_AUX = 0
+    if output_final_state:  # a tensor of its own, not a view that would keep the shard rows alive
+        return loss, aux, grad, shard[:, carried_state.SHARD_FINAL:].clone()
     return loss, aux, grad
 
 
@@ -129,11 +132,10 @@ def policy_loss_fused(
     batch_num_tokens, global_batch_size; NaN: absent or a tensor argument) and `ints` = (adv_per_seq, block)."""
     tensors = (dp_size_tensor, batch_num_tokens_tensor, global_batch_size_tensor)
     normalizers = tuple(t if t is not None else (None if math.isnan(n) else n) for t, n in zip(tensors, numbers[1:]))
-    loss, aux, grad = fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
+    return fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
                          divergence, plan=kernel_plan(decode_config(config), divergence is not None),
                          adv_per_seq=bool(ints[0]), loss_scale_factor=numbers[0], normalizers=normalizers,
                          block=ints[1])
-    return loss.clone(), aux, grad  # loss and aux are views of one buffer: a custom op's outputs may not alias
 
 
 @policy_loss_fused.register_fake

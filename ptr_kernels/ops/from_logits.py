@@ -104,7 +104,7 @@ def policy_loss_from_logits_fused(
         logits, input_ids, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, topk_ids,
         topk_log_probs, plan=kernel_plan(plan_config, topk), topk=_topk_id(plan_config), temperature=temperature,
         adv_per_seq=adv_per_seq, loss_scale_factor=loss_scale_factor, normalizers=normalizers, shard={})
-    return loss.clone(), aux, entropy, grad_log_prob, log_normalizer  # loss and aux: views of one buffer
+    return loss, aux, entropy, grad_log_prob, log_normalizer
 
 
 @policy_loss_from_logits_fused.register_fake

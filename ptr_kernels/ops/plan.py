@@ -47,7 +47,10 @@ class KernelPlan:
 
 @functools.lru_cache(maxsize=256)
 def _params(plan: KernelPlan, device: torch.device) -> torch.Tensor:
-    return torch.tensor(plan.param_values, dtype=torch.float32, device=device)
+    values = torch.tensor(plan.param_values, dtype=torch.float32)
+    if device.type == "cuda":  # from pinned memory, asynchronously: a copy from pageable memory waits for the stream
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
 
 
 @functools.lru_cache(maxsize=256)

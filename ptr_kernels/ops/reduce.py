@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from ..config import METHOD_METRICS
-from .common import (AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM, AGG_TOKEN_MEAN, AGG_TOKEN_SUM, METHOD_CPPO,
-                     METHOD_PPO, NUM_STATS, STAT_CLIP_DUAL, STAT_CLIP_HIGH,
+from .common import (AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM, AGG_SEQ_MEAN_TOKEN_SUM_NORM, AGG_TOKEN_MEAN,
+                     AGG_TOKEN_SUM, METHOD_CPPO, METHOD_PPO, NUM_STATS, STAT_CLIP_DUAL, STAT_CLIP_HIGH,
                      STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL, STAT_LOSS, STAT_RATIO_CAPPED, STAT_REJ_BUDGET,
                      STAT_REJ_TOKEN, STAT_TOKENS)
 
@@ -43,10 +43,9 @@ def aux_size(method: str) -> int:
 
 
 REDUCE_BLOCK = tl.constexpr(256)  # sequences per step of the reduction
-# the token kernel's `sums`: the loss, then aux (at most 8 entries: cppo's), then a row of NUM_STATS per sequence
-OUT_LOSS = tl.constexpr(0)
-OUT_AUX = tl.constexpr(1)
-OUT_WIDTH = tl.constexpr(1 + max(aux_size(method) for method in METHOD_METRICS))
+# the token kernel's `sums`: aux (at most 8 entries: cppo's), then a row of NUM_STATS per sequence
+OUT_AUX = tl.constexpr(0)
+OUT_WIDTH = tl.constexpr(max(aux_size(method) for method in METHOD_METRICS))
 SCALE_BLOCK = 1024
 STATS_POW2 = tl.constexpr(1 << (NUM_STATS.value - 1).bit_length())
 
@@ -68,8 +67,9 @@ def _column(totals, cols, j):
 
 @triton.jit
 def reduce_stats(
-    sums_ptr,  # [OUT_WIDTH + S * NUM_STATS]: the loss and aux written here, the stats read from OUT_WIDTH on
-    num_seqs, dp_ptr, dp, tokens_ptr, tokens, seqs_ptr, seqs, loss_scale_factor,
+    sums_ptr,  # [OUT_WIDTH + S * NUM_STATS]: aux written here, the stats read from OUT_WIDTH on
+    loss_ptr,  # []: the loss
+    num_seqs, dp_ptr, dp_factor, tokens_ptr, tokens, seqs_ptr, seqs,
     METHOD: tl.constexpr, MODE: tl.constexpr,
 ):
     """The loss of aggregation MODE (docs/math.md section 6) and the metrics (section 9) from the per-sequence
@@ -100,7 +100,11 @@ def reduce_stats(
     n_tok = _column(totals, cols, STAT_TOKENS)
     n_seq = tl.sum(non_empty, axis=0)
 
-    dp = _normalizer(dp_ptr, dp, 1.0)
+    # dp_size (a tensor at dp_ptr, times dp_factor; or the number dp_factor), over loss_scale_factor when MODE is
+    # seq-mean-token-sum-norm: the host folds that division into dp_factor (`reduction_arguments`)
+    dp = dp_factor
+    if dp_ptr is not None:
+        dp = tl.load(dp_ptr).to(tl.float32) * dp_factor
     if MODE == AGG_TOKEN_MEAN:
         numerator = sum_loss_s
         denominator = _normalizer(tokens_ptr, tokens, n_tok)
@@ -115,11 +119,11 @@ def reduce_stats(
         denominator = _normalizer(seqs_ptr, seqs, n_seq)
     else:  # seq-mean-token-sum-norm; a zero width (empty batch) gives 0 like a zero count
         numerator = sum_loss_s
-        denominator = _normalizer(seqs_ptr, seqs, n_seq) * loss_scale_factor
+        denominator = _normalizer(seqs_ptr, seqs, n_seq)
     scale = tl.where(denominator > 0, dp / tl.where(denominator > 0, denominator, 1.0), 0.0)
     # bad offsets left gradient positions unwritten: a NaN scale makes every one of them NaN
     scale = tl.where(tl.sum(bad_offsets, axis=0) > 0, float("nan"), scale)
-    tl.store(sums_ptr + OUT_LOSS, numerator * scale)
+    tl.store(loss_ptr, numerator * scale)
     tl.store(aux_ptr + AUX_SCALE, scale)
 
     # per-token means of the columns (0 for an empty batch; totals * 0 keeps the NaN of bad offsets)
@@ -153,20 +157,25 @@ def scale_grad_kernel(grad_ptr, upstream_ptr, scale_ptr, out_ptr, numel, BLOCK: 
     tl.store(out_ptr + offs, (grad * factor).to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def reduction_arguments(loss_scale_factor: float, normalizers: tuple) -> tuple:
-    """The run-time arguments of `reduce_stats` after `num_seqs`: (dp_ptr, dp, tokens_ptr, tokens, seqs_ptr,
-    seqs, loss_scale_factor). `normalizers` = (dp_size, batch_num_tokens, global_batch_size), each None, a
-    number or a 0-dim tensor: a tensor travels as a pointer (its number None), a number as a float (its pointer
-    None); absent counts are -1, an absent dp_size 1."""
+def reduction_arguments(agg_mode: int, loss_scale_factor: float, normalizers: tuple) -> tuple:
+    """The run-time arguments of `reduce_stats` after `num_seqs`: (dp_ptr, dp_factor, tokens_ptr, tokens,
+    seqs_ptr, seqs). `normalizers` = (dp_size, batch_num_tokens, global_batch_size), each None, a number or a
+    0-dim tensor: a tensor travels as a pointer, a number as a float; absent counts are -1. dp_factor is the
+    number dp_size (1 when absent or a tensor), divided by `loss_scale_factor` for seq-mean-token-sum-norm (a
+    zero width gives 0, as a zero count does)."""
     dp, tokens, seqs = normalizers
     if isinstance(dp, torch.Tensor) or isinstance(tokens, torch.Tensor) or isinstance(seqs, torch.Tensor):
-        return _reduction_arguments(loss_scale_factor, dp, tokens, seqs)
-    return _number_reduction_arguments(loss_scale_factor, dp, tokens, seqs)  # the common case, cached
+        return _reduction_arguments(agg_mode, loss_scale_factor, dp, tokens, seqs)
+    return _number_reduction_arguments(agg_mode, loss_scale_factor, dp, tokens, seqs)  # the common case, cached
 
 
-def _reduction_arguments(loss_scale_factor: float, dp, tokens, seqs) -> tuple:
-    return (*_normalizer_args(dp, 1.0), *_normalizer_args(tokens, -1.0), *_normalizer_args(seqs, -1.0),
-            float(loss_scale_factor))
+def _reduction_arguments(agg_mode: int, loss_scale_factor: float, dp, tokens, seqs) -> tuple:
+    dp_ptr, dp_factor = _normalizer_args(dp, 1.0)
+    if isinstance(dp, torch.Tensor):
+        dp_factor = 1.0
+    if agg_mode == AGG_SEQ_MEAN_TOKEN_SUM_NORM.value:
+        dp_factor = dp_factor / loss_scale_factor if loss_scale_factor else 0.0
+    return (dp_ptr, dp_factor, *_normalizer_args(tokens, -1.0), *_normalizer_args(seqs, -1.0))
 
 
 # normalizers that are numbers or None: the arguments once per combination
@@ -189,6 +198,8 @@ def program_counter(device: torch.device) -> torch.Tensor:
     counter = _COUNTERS.get(device)
     if counter is None:
         counter = _COUNTERS[device] = torch.zeros((), dtype=torch.int32, device=device)
+    elif device.type == "cpu":  # the interpreter: a launch stopped part-way (an exception, Ctrl-C) left a count
+        counter.zero_()
     return counter
 
 

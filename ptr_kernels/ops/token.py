@@ -143,9 +143,9 @@ def _longest(cu_ptr, num_seqs):
 def token_kernel(
     lp_ptr, olp_ptr, adv_ptr, mask_ptr, rw_ptr, div_ptr, cu_ptr,  # inputs; mask, rw, div, cu may be None
     shard_ptr,  # a shard of longer sequences: [S, SHARD_WIDTH] f64 in and out (carried_state.py), or None
-    grad_ptr, sums_ptr, counter_ptr,  # out: [like log_prob] f32; [OUT_WIDTH + S * NUM_STATS] f32; [] i32 (0)
+    grad_ptr, loss_ptr, sums_ptr, counter_ptr,  # out: [like log_prob], [], [OUT_WIDTH + S * NUM_STATS] f32; [] i32
     params_ptr,  # [NUM_PARAMS] f32: the config's numbers (ops/plan.py)
-    dp_ptr, dp, tokens_ptr, tokens, seqs_ptr, seqs, loss_scale_factor,  # the normalizers (reduce.reduce_stats)
+    dp_ptr, dp_factor, tokens_ptr, tokens, seqs_ptr, seqs,  # the normalizers (reduce.reduce_stats)
     num_seqs, extent,  # S; the padded row width T, or N of packed input
     METHOD: tl.constexpr, DIVERGENCE: tl.constexpr, GATE: tl.constexpr, SURROGATE: tl.constexpr,
     BUDGET: tl.constexpr, HORIZON: tl.constexpr, ADV_PER_SEQ: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr,
@@ -155,8 +155,8 @@ def token_kernel(
     finish turns every sequence's sums into the loss and the metrics (`reduce.reduce_stats`), so the forward is
     one launch at every shape: `counter_ptr` counts the programs done, and that program sets it back to 0.
 
-    `sums` holds the loss, aux (the backward scale, then the metrics) and from OUT_WIDTH on a row of NUM_STATS
-    per sequence. A shard of a longer sequence (docs/math.md section 8) reads its carried state, the global
+    `sums` holds aux (the backward scale, then the metrics) and from OUT_WIDTH on a row of NUM_STATS per
+    sequence; the loss has its own `[]`. A shard of a longer sequence (docs/math.md section 8) reads its carried state, the global
     position of its first token, T_w (HORIZON_GIVEN) and delta_b_i (BUDGET_GIVEN) from its row of `shard`, and
     writes the state after the shard there.
     """
@@ -336,8 +336,7 @@ def token_kernel(
     tl.debug_barrier()  # every thread's stats stores are issued before this program counts itself done
     done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if done == tl.num_programs(0) - 1:
-        reduce_stats(sums_ptr, num_seqs, dp_ptr, dp, tokens_ptr, tokens, seqs_ptr, seqs, loss_scale_factor, METHOD,
-                     MODE)
+        reduce_stats(sums_ptr, loss_ptr, num_seqs, dp_ptr, dp_factor, tokens_ptr, tokens, seqs_ptr, seqs, METHOD, MODE)
         tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch
 
 
@@ -348,16 +347,16 @@ def block_size(num_tokens: int, num_seqs: int) -> int:
 
 
 def launch_token_kernel(log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens, shard,
-                        grad, sums, counter, params, *, num_seqs: int, extent: int, constexprs: dict,
+                        grad, loss, sums, counter, params, *, num_seqs: int, extent: int, constexprs: dict,
                         reduction: tuple):
     """One launch of `token_kernel` on contiguous inputs (the mask of any dtype, or None) and preallocated outputs:
-    `grad` like log_prob and `sums [OUT_WIDTH + S * NUM_STATS]` (loss, aux, the per-sequence stats) f32.
+    `grad` like log_prob, `loss []` and `sums [OUT_WIDTH + S * NUM_STATS]` (aux, the per-sequence stats) f32.
 
     `shard`: `carried_state.pack_shard(...)` for shards of longer sequences, else None; `counter`:
     `reduce.program_counter(device)`; `params`: `plan.params(device)`; `extent` the padded width T or N (packed);
     `constexprs` from `plan.layout_constexprs`; `reduction` from `reduce.reduction_arguments`.
     """
     token_kernel[(max(-(-num_seqs // (TILE.value // constexprs["BLOCK"])), 1),)](
-        log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens, shard, grad, sums,
-        counter, params, *reduction, num_seqs, extent, **constexprs,
+        log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens, shard, grad, loss,
+        sums, counter, params, *reduction, num_seqs, extent, **constexprs,
     )

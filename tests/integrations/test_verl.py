@@ -233,6 +233,9 @@ def test_verl_config_refuses_a_misspelt_or_bad_cppo_key():
 
     from ptr_kernels.integrations.verl_config import CPPOPolicyLossConfig
 
+    # the dataclass's defaults are not choices: an actor-level key of a dict config still applies
+    assert ptr_verl.cppo_fields({"clip_ratio": 0.2, "cppo_w_min": 0.6,
+                                 "policy_loss": CPPOPolicyLossConfig()})["w_min"] == 0.6
     with pytest.raises(TypeError, match="cppo_w_mn"):
         CPPOPolicyLossConfig(cppo_w_mn=0.7)
     with pytest.raises(ValueError, match="policy_loss.cppo_delta_b_k"):
