@@ -6,13 +6,12 @@ from typing import Optional
 
 import torch
 
-from .config import LOGIT_DIVERGENCES, PolicyLossConfig, resolve_config
+from .config import DEFAULT_CONFIG, LOGIT_DIVERGENCES, PolicyLossConfig, resolve_config
 from .reference import policy_loss_reference
 
 BACKENDS = ("auto", "reference", "triton")
 
 
-_DEFAULT_CONFIG = PolicyLossConfig()
 _NO_STATE = {}  # the carried-state keywords when none is given (never mutated)
 
 
@@ -60,7 +59,7 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
         `(loss, metrics, final_state)` with `output_final_state`.
     """
     if config is None and not overrides:
-        config = _DEFAULT_CONFIG
+        config = DEFAULT_CONFIG
     elif overrides or not isinstance(config, PolicyLossConfig):  # a given config was validated when built
         config = resolve_config(config, overrides)
     if config.divergence in LOGIT_DIVERGENCES:

@@ -169,12 +169,13 @@ class PolicyLossConfig:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig))
+DEFAULT_CONFIG = PolicyLossConfig()  # the defaults of docs/math.md, validated once
 
 
 def resolve_config(config: Optional[PolicyLossConfig], overrides: dict) -> PolicyLossConfig:
     """`config` (default: the defaults of docs/math.md) with keyword `overrides` applied, validated."""
     if config is None:
-        config = PolicyLossConfig()
+        config = DEFAULT_CONFIG
     elif not isinstance(config, PolicyLossConfig):
         raise ValueError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
     if not overrides:
@@ -232,7 +233,5 @@ def unused_fields(config: PolicyLossConfig) -> tuple:
     delta_b's `delta_b_max_mult`, ...), in field order: a caller warns about them."""
     applies = _applies(config)
     return tuple(name for name in FIELDS
-                 if not applies[name] and getattr(config, name) != getattr(_DEFAULTS, name))
+                 if not applies[name] and getattr(config, name) != getattr(DEFAULT_CONFIG, name))
 
-
-_DEFAULTS = PolicyLossConfig()

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ..api import policy_loss
-from ..config import PolicyLossConfig, resolve_config
+from ..config import resolve_config
 
 # verl's ActorConfig default; verl's DPPO losses fall back to 20 only for a config without the field
 CLIP_RATIO_C_DEFAULT = 3.0
@@ -50,9 +50,6 @@ CPPO_KEYS = {
 CPPO_DEFAULTS = {"length_mode": "padded", "surrogate": "logp"}
 # the authors' CPPO caps the ratio at 20 for a config without clip_ratio_c (verl's ActorConfig has 3.0)
 CPPO_CLIP_RATIO_C_DEFAULT = 20.0
-
-
-_VERL_DEFAULTS = PolicyLossConfig()  # the base each call's fields replace (validated once per distinct set)
 
 
 def _config_get(config, key: str, default=None):
@@ -94,7 +91,7 @@ def _run(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, confi
          **fields):
     """`policy_loss` with verl's argument order and normalizers; `fields` are PolicyLossConfig fields."""
     keywords, loss_scale_factor = _normalizers(config, loss_agg_mode)
-    loss_config = resolve_config(_VERL_DEFAULTS, dict(fields, loss_agg_mode=loss_agg_mode,
+    loss_config = resolve_config(None, dict(fields, loss_agg_mode=loss_agg_mode,
                                                       loss_scale_factor=loss_scale_factor))
     return policy_loss(log_prob, old_log_prob, advantages, response_mask, config=loss_config,
                        rollout_is_weights=rollout_is_weights, **keywords)

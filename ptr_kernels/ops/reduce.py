@@ -171,8 +171,6 @@ def reduction_arguments(agg_mode: int, loss_scale_factor: float, normalizers: tu
 
 def _reduction_arguments(agg_mode: int, loss_scale_factor: float, dp, tokens, seqs) -> tuple:
     dp_ptr, dp_factor = _normalizer_args(dp, 1.0)
-    if isinstance(dp, torch.Tensor):
-        dp_factor = 1.0
     if agg_mode == AGG_SEQ_MEAN_TOKEN_SUM_NORM.value:
         dp_factor = dp_factor / loss_scale_factor if loss_scale_factor else 0.0
     return (dp_ptr, dp_factor, *_normalizer_args(tokens, -1.0), *_normalizer_args(seqs, -1.0))
@@ -183,11 +181,10 @@ _number_reduction_arguments = functools.lru_cache(maxsize=1024)(_reduction_argum
 
 
 def _normalizer_args(value, absent: float) -> tuple:
-    """(pointer, number) of one global normalizer for `reduce_stats`."""
-    if value is None:
-        return None, absent
-    if isinstance(value, torch.Tensor):
-        return value, 0.0
+    """(pointer, number) of one global normalizer for `reduce_stats`: a tensor's pointer, or the number (`absent`
+    where there is none; beside a pointer only dp_size's is read, as a factor of 1)."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value, absent
     return None, float(value)
 
 
