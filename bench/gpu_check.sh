@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One prepared command for a CUDA machine, at most 8 minutes on an H200 (GPU_CHECK_SECONDS, default 465, is a
+# One prepared command for a CUDA machine, at most 8 minutes on an H200 (GPU_CHECK_SECONDS, default 480, is a
 # deadline no step runs past; every step also has its own time limit, so a slow step cannot eat the rest):
 #   1. in parallel, about 150 s:
-#      - the CUDA tests: the kernel tests against the reference, torch.compile, the edge behaviour (NaN/inf at
+#      - the CUDA tests: the kernel tests against the reference, long sequences over many programs (chunk
+#        boundaries, the state across chunks, the same bits twice), torch.compile, the edge behaviour (NaN/inf at
 #        valid positions, bad packed offsets checked in the kernel, the carried state), reliability, bad inputs,
 #        the from-logits kernels and the property tests, all handing the kernels CUDA tensors (pytest, parallel
 #        with pytest-xdist where installed: every test compiles its own kernel specializations, and compiling
@@ -10,14 +11,17 @@
 #      - the ahead-of-time compile of every kernel variant for sm_90 (registers and spills per variant);
 #      - a short correctness fuzz on CUDA (float32 up to 4096 tokens, and bfloat16) against the literal loop;
 #   2. `ptr-kernels bench --host`: wall-clock per fwd+bwd call, fused vs eager, at 8x512 and packed 8 / 4096;
-#   3. the float32 benchmark sweep (BENCH_BUDGET seconds, default 170): torch.compile of the reference first,
+#   3. the float32 benchmark sweep (BENCH_BUDGET seconds, default 130): torch.compile of the reference first,
 #      the eager baseline, the fused kernel (the packed 8 x 131,072 shape first), the loop and verl; the
 #      targets in results.md;
 #   4. `ptr-kernels bench --from-logits` (FROM_LOGITS_BUDGET seconds, default 45): the fused loss from logits
 #      against eager log_softmax and, when their wheels were carried in .whl/ (the GPU machine reaches no
 #      package index: `pip download --no-deps liger-kernel trl -d .whl` here, then carry `.whl`), Liger-Kernel's
 #      triton_grpo_loss and TRL's selective_log_softmax_and_entropy;
-#   5. optionally (BF16_BUDGET seconds, off by default: it does not fit the 8 minutes) the fused kernel and eager
+#   5. `ptr-kernels bench --from-hidden` (FROM_HIDDEN_BUDGET seconds, default 90): the loss from hidden states,
+#      the LM head included (N 8192 and 32768, H 3584, V 152064, bf16), against the materialized logits, the
+#      head's GEMMs alone and, when carried, Liger's and TRL's heads;
+#   6. optionally (BF16_BUDGET seconds, off by default: it does not fit the 8 minutes) the fused kernel and eager
 #      with bfloat16 inputs.
 # Everything goes to one folder $OUT/<date>-<card>-<commit>/ (default OUT=bench/results), named as the folders of
 # docs/gpu-results/ and ready to be committed there: gpu_check.log (date, card, commit, versions, the end of each
@@ -33,7 +37,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-deadline=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-465} ))
+deadline=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-480} ))
 
 commit=${PTR_KERNELS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 if [ "$commit" != unknown ] && ! git diff --quiet HEAD 2>/dev/null && [ -z "${PTR_KERNELS_COMMIT:-}" ]; then
@@ -82,7 +86,8 @@ if [ -z "${BENCH_ONLY:-}" ]; then
     run_step aot_compile 150 bash -c "python3 tests/test_triton_compile.py && python3 tests/test_from_logits.py" &
     # each seeded case of the kernel tests compiles its own kernel variant: the first 160 of the 400 fit the limit
     PTR_KERNELS_FUZZ_CASES=${PTR_KERNELS_FUZZ_CASES:-160} run_step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider $xdist \
-        tests/test_triton_kernel.py tests/test_triton_compile.py tests/test_kernel_edges.py tests/test_reliability.py \
+        tests/test_triton_kernel.py tests/test_chunks.py tests/test_triton_compile.py tests/test_kernel_edges.py \
+        tests/test_reliability.py \
         tests/test_bad_inputs.py tests/test_from_logits.py tests/test_properties.py
     wait
     report cuda_tests 20
@@ -95,7 +100,7 @@ fi
 run_step host 45 python3 -m ptr_kernels bench --host --device cuda --out "$dir"
 report host 12
 
-budget=${BENCH_BUDGET:-170}
+budget=${BENCH_BUDGET:-130}
 run_step bench $(( budget + 30 )) python3 -m ptr_kernels bench --device cuda --full --out "$dir" --time-budget "$budget"
 report bench 60
 
@@ -104,6 +109,10 @@ if [ -d .whl ]; then  # wheels carried to the GPU machine (no index there): the 
 fi
 run_step from_logits "${FROM_LOGITS_BUDGET:-45}" python3 -m ptr_kernels bench --device cuda --from-logits --out "$dir"
 report from_logits 30
+
+run_step from_hidden "${FROM_HIDDEN_BUDGET:-90}" python3 -m ptr_kernels bench --device cuda --from-hidden --max-reps 5 \
+    --out "$dir"
+report from_hidden 30
 
 if [ "${BF16_BUDGET:-0}" -gt 0 ]; then
     run_step bench_bf16 $(( BF16_BUDGET + 30 )) python3 -m ptr_kernels bench --device cuda --full --dtype bfloat16 \

@@ -17,7 +17,7 @@ pytest.importorskip("triton", reason="the Triton kernels: triton exists for Linu
 from ptr_kernels import PolicyLossConfig, policy_loss, policy_loss_from_logits  # noqa: E402
 from ptr_kernels.benchmark.host import stubbed_triton_launches  # noqa: E402
 from ptr_kernels.config import LOSS_AGG_MODES  # noqa: E402
-from ptr_kernels.ops import reduce  # noqa: E402
+from ptr_kernels.ops import chunks  # noqa: E402
 from ptr_kernels.ops.autograd import fused_forward, triton_policy_loss  # noqa: E402
 from ptr_kernels.ops.plan import kernel_plan  # noqa: E402
 
@@ -243,11 +243,11 @@ def test_the_loss_is_a_tensor_of_its_own(device):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter's launches (CPU tensors)")
 def test_a_launch_stopped_part_way_does_not_poison_the_next():
     """In the interpreter a launch can stop part-way (an exception, Ctrl-C) and leave the program counter
-    non-zero; the next call starts from zero again."""
-    counter = reduce.program_counter(torch.device("cpu"))
-    counter.fill_(7)
+    non-zero (the launch state: counts, ticket, flags); the next call starts from zero again."""
+    state = chunks.launch_state(torch.device("cpu"), 1)
+    state.fill_(7)
     lp = -torch.rand(2, 5)
     loss, _ = triton_policy_loss(lp, lp - 0.1, torch.ones(2), config=PolicyLossConfig())
     ref, _ = policy_loss(lp, lp - 0.1, torch.ones(2), backend="reference")
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
-    assert counter.item() == 0
+    assert not state.any()

@@ -155,7 +155,7 @@ def loss_paths(methods, providers, inp):
                 yield (provider, method, *made)
 
 
-def write_table(rows: list, out: Path, name: str, columns: tuple) -> None:
+def write_table(rows: list, out: Path, name: str, columns: tuple, quiet: bool = False) -> None:
     """`name`.csv and `name`.md under `out`."""
     with open(out / f"{name}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -164,7 +164,8 @@ def write_table(rows: list, out: Path, name: str, columns: tuple) -> None:
     lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / (name + '.csv')} and {out / (name + '.md')}")
+    if not quiet:
+        print(f"wrote {out / (name + '.csv')} and {out / (name + '.md')}")
 
 
 def run(args, device: torch.device, out: Path) -> int:
@@ -194,6 +195,7 @@ def run(args, device: torch.device, out: Path) -> int:
             row["vs_floor"] = f"{float(row['time_ms']) / floor_ms:.2f}"
         rows.append(row)
         print(" ".join(f"{k}={row[k]}" for k in COLUMNS if row[k] != ""), flush=True)
+        write_table(rows, out, "from_hidden", COLUMNS, quiet=True)  # so far: a step stopped at its limit keeps them
 
     for num_tokens, size, vocab in SHAPES[sweep]:
         width = min(SEQ_LEN[sweep], num_tokens)

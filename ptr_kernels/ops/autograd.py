@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 from .. import carried_state
 from ..carried_state import check_carried_state
 from ..layout import check_inputs, resolve_loss_scale_factor
-from . import reduce, token
+from . import chunks, reduce, token
 from .plan import KernelPlan, decode_config, encode_config, kernel_plan, layout_constexprs
 
 
@@ -46,23 +46,29 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     # outputs: grad like log_prob (contiguous, as the kernel writes it; log_prob may be a view), the loss (a tensor
     # of its own: a user may modify it in place), and one buffer for aux and the per-sequence sums (a row at least:
     # a batch without sequences still launches)
+    constexprs = layout_constexprs(plan, packed, adv_per_seq, sequence_length is not None,
+                                   sequence_delta_b is not None, block or token.block_size(numel, num_seqs))
+    extent = numel if packed else log_prob.shape[1]
+    grid = token.grid_size(packed, num_seqs, extent, response_mask is not None, constexprs)
+    # outputs: grad like log_prob (contiguous, as the kernel writes it; log_prob may be a view), the loss (a tensor
+    # of its own: a user may modify it in place), and one buffer for aux, the per-sequence sums (a row at least:
+    # a batch without sequences still launches) and the work items' rows
     grad = torch.empty_like(log_prob, dtype=torch.float32, memory_format=torch.contiguous_format)
     loss = grad.new_empty(())
-    sums = grad.new_empty(reduce.OUT_WIDTH.value + max(num_seqs, 1) * token.NUM_STATS.value)
+    sums = grad.new_empty(reduce.OUT_WIDTH.value + max(num_seqs, 1) * token.NUM_STATS.value
+                          + token.scratch_size(grid, constexprs))
     shard = None
     if output_final_state or initial_state is not None or position_offset is not None \
             or sequence_length is not None or sequence_delta_b is not None:
         shard = carried_state.pack_shard(num_seqs, log_prob.device, initial_state=initial_state,
                                          position_offset=position_offset, sequence_length=sequence_length,
                                          sequence_delta_b=sequence_delta_b)
-    constexprs = layout_constexprs(plan, packed, adv_per_seq, sequence_length is not None,
-                                   sequence_delta_b is not None, block or token.block_size(numel, num_seqs))
     # contiguous inputs (a mask of any dtype: != 0 is valid)
     inputs = map(contiguous, (log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, divergence,
                               cu_seqlens))
-    token.launch_token_kernel(*inputs, shard, grad, loss, sums, reduce.program_counter(log_prob.device),
-                              plan.params(log_prob.device), num_seqs=num_seqs,
-                              extent=numel if packed else log_prob.shape[1], constexprs=constexprs,
+    token.launch_token_kernel(*inputs, shard, grad, loss, sums, chunks.launch_state(log_prob.device, grid),
+                              plan.params(log_prob.device), grid=grid, num_seqs=num_seqs, extent=extent,
+                              constexprs=constexprs,
                               reduction=reduce.reduction_arguments(constexprs["MODE"], loss_scale_factor,
                                                                    normalizers))
     aux = sums[:plan.aux_size]  # OUT_AUX = 0

@@ -69,12 +69,14 @@ def _column(totals, cols, j):
 def reduce_stats(
     sums_ptr,  # [OUT_WIDTH + S * NUM_STATS]: aux written here, the stats read from OUT_WIDTH on
     loss_ptr,  # []: the loss
-    num_seqs, dp_ptr, dp_factor, tokens_ptr, tokens, seqs_ptr, seqs,
+    num_seqs, cu_ptr, extent, dp_ptr, dp_factor, tokens_ptr, tokens, seqs_ptr, seqs,
     METHOD: tl.constexpr, MODE: tl.constexpr,
 ):
     """The loss of aggregation MODE (docs/math.md section 6) and the metrics (section 9) from the per-sequence
     sums, REDUCE_BLOCK sequences at a time. aux = [d loss / d L_i (times n_i for seq-mean-token-mean), metrics...].
-    The sums come from other programs: loaded from L2 (`.cg`), never from a stale L1 line."""
+    The sums come from other programs: loaded from L2 (`.cg`), never from a stale L1 line. Packed offsets
+    (`cu_ptr`, N = `extent`) are checked once more here, all of them: offsets out of order can leave a
+    sequence's row unwritten, and every output must then be NaN."""
     stats_ptr = sums_ptr + OUT_WIDTH
     aux_ptr = sums_ptr + OUT_AUX
     cols = tl.arange(0, STATS_POW2)
@@ -96,6 +98,17 @@ def reduce_stats(
         sum_mean += tl.where(n > 0, loss / tl.maximum(n, 1.0), loss)
         non_empty += (n > 0).to(tl.float32)
         bad_offsets += (n != n).to(tl.int32)
+    if cu_ptr is not None:
+        for off in range(0, num_seqs, REDUCE_BLOCK):
+            seq = off + tl.arange(0, REDUCE_BLOCK)
+            ok = seq < num_seqs
+            begin = tl.load(cu_ptr + seq, mask=ok, other=0).to(tl.int64)
+            end = tl.load(cu_ptr + seq + 1, mask=ok, other=0).to(tl.int64)
+            wrong = (begin < 0) | (end < begin) | (end > extent) | ((seq == 0) & (begin != 0))
+            wrong |= (seq == num_seqs - 1) & (end != extent)
+            bad_offsets += (ok & wrong).to(tl.int32)
+    offsets_ok = tl.sum(bad_offsets, axis=0) == 0
+    totals = tl.where(offsets_ok, totals, float("nan"))
     sum_loss_s = tl.sum(sum_loss, axis=0)
     n_tok = _column(totals, cols, STAT_TOKENS)
     n_seq = tl.sum(non_empty, axis=0)
@@ -122,7 +135,7 @@ def reduce_stats(
         denominator = _normalizer(seqs_ptr, seqs, n_seq)
     scale = tl.where(denominator > 0, dp / tl.where(denominator > 0, denominator, 1.0), 0.0)
     # bad offsets left gradient positions unwritten: a NaN scale makes every one of them NaN
-    scale = tl.where(tl.sum(bad_offsets, axis=0) > 0, float("nan"), scale)
+    scale = tl.where(offsets_ok, scale, float("nan"))
     tl.store(loss_ptr, numerator * scale)
     tl.store(aux_ptr + AUX_SCALE, scale)
 
@@ -186,21 +199,6 @@ def _normalizer_args(value, absent: float) -> tuple:
     if value is None or isinstance(value, torch.Tensor):
         return value, absent
     return None, float(value)
-
-
-def program_counter(device: torch.device) -> torch.Tensor:
-    """The token kernel's count of finished programs on `device`: a zero int32 `[]`, allocated on the first call
-    (make that call outside a CUDA graph capture) and left at zero by every launch. Launches in one stream run in
-    order and share it; two losses running at once on two streams of one device would not (docs/kernels.md)."""
-    counter = _COUNTERS.get(device)
-    if counter is None:
-        counter = _COUNTERS[device] = torch.zeros((), dtype=torch.int32, device=device)
-    elif device.type == "cpu":  # the interpreter: a launch stopped part-way (an exception, Ctrl-C) left a count
-        counter.zero_()
-    return counter
-
-
-_COUNTERS = {}
 
 
 def scale_grad(grad: torch.Tensor, upstream: torch.Tensor, aux: torch.Tensor, dtype: torch.dtype):

@@ -1,14 +1,17 @@
 """The token kernel: docs/math.md sections 2-5 and the per-sequence sums of sections 6 and 9.
 
 Design (docs/kernels.md has the long form):
-- 1-D grid over tiles of ROWS sequences (padded rows or packed sequences); a program walks its sequences
-  together in blocks of BLOCK positions, `[ROWS, BLOCK]` at a time, up to its longest one, so any length and
-  any number of sequences work (offsets in int64). ROWS * BLOCK = TILE: short sequences share a program.
-- pass A (only when needed): n_i, the last valid position (T_w of length_mode="sequence" with a mask) and, for
-  the calibrated delta_b, #{D <= lo}, #{D < hi} and the range of D. The quantile is clamped to
-  [lo, hi] = [delta_b, delta_b_max_mult * delta_b], so the counts settle the common cases; otherwise the two
-  order statistics are selected by bisection on order-preserving int32 keys of the float32 D.
-- pass B: per token `common.trust_region_step` (mask or gate, loss, d L_i / d log_prob), per-sequence sums.
+- 1-D grid of work items (chunks.py): CHUNK positions of a tile of ROWS sequences (padded rows or packed
+  sequences), walked in blocks of BLOCK positions, `[ROWS, BLOCK]` at a time; ROWS * BLOCK = TILE, so short
+  sequences share a program and a long one spreads over many (offsets in int64).
+- the pre-pass items (only when `chunks.needs_prepass`): n_i, the last valid position (T_w of
+  length_mode="sequence" with a mask) and, for the calibrated delta_b, #{D <= lo}, #{D < hi} and the range of D.
+  The quantile is clamped to [lo, hi] = [delta_b, delta_b_max_mult * delta_b], so the counts settle the common
+  cases; otherwise chunk 0 selects the two order statistics by bisection on order-preserving int32 keys of the
+  float32 D, over the whole sequence, and hands delta_b_i to the later chunks.
+- the deciding items: cppo's budget sums of the earlier chunks (the carried state of docs/math.md section 8),
+  then per token `common.trust_region_step` (mask or gate, loss, d L_i / d log_prob); the tile's last chunk adds
+  the chunks' sums into the sequences' rows.
 Packed `cu_seqlens` are checked here, per sequence, at no extra launch: a sequence whose offsets are out of
 order or out of [0, N] is read as empty and poisons its loss and statistics with NaN (docs/kernels.md).
 """
@@ -26,7 +29,11 @@ from .common import (AGG_SEQ_MEAN_TOKEN_MEAN, BUDGET_GIVEN, BUDGET_QUANTILE, DIV
                      STAT_LOSS, STAT_RATIO_CAPPED, STAT_REJ_BUDGET, STAT_REJ_TOKEN, STAT_TOKENS, STATE_S, STATE_SLACK,
                      STATE_W, binary_divergence, finite_or_nan, key_value, load_zeroed, log_ratio, nan_min, order_key,
                      position_weight, trust_region_step, valid_positions)
-from .reduce import OUT_WIDTH, reduce_stats
+from .chunks import (CHUNK, COUNT_DONE, COUNT_TICKET, DONE, ITEM_DELTA_B, ITEM_HI, ITEM_KEY_MAX, ITEM_KEY_MIN,
+                     ITEM_LAST, ITEM_LO, ITEM_N, ITEM_S, ITEM_SLACK, ITEM_STATS, ITEM_W, READY_DELTA_B, READY_STATS,
+                     READY_SUMS, ITEM_WIDTH, item_index, needs_prepass, num_items, publish, reset_launch_state, scratch_rows, wait_for,
+                     work_item)
+from .reduce import OUT_WIDTH, STATS_POW2, reduce_stats
 
 MAX_BLOCK = tl.constexpr(1024)
 MIN_BLOCK = 16
@@ -140,25 +147,88 @@ def _longest(cu_ptr, num_seqs):
 
 
 @triton.jit
+def _prepass(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, lo_pos, hi_pos, delta_b, delta_b_hi, quantile_scale,
+             DIVERGENCE: tl.constexpr, HAS_MASK: tl.constexpr, QUANTILE: tl.constexpr, ROWS: tl.constexpr,
+             BLOCK: tl.constexpr):
+    """Per row over positions [lo_pos, hi_pos): n, the last valid position + 1, and for the calibrated delta_b
+    #{k D <= lo}, #{k D < hi} and the range of D's order keys (the clamp applies to k * Quantile_q(D): compare k * D
+    with its bounds, monotone in D)."""
+    last_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    n_acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
+    lo_acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
+    hi_acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
+    kmin_acc = tl.full([ROWS, BLOCK], INT32_MAX, dtype=tl.int32)
+    kmax_acc = tl.full([ROWS, BLOCK], INT32_MIN, dtype=tl.int32)
+    for off in range(lo_pos, hi_pos, BLOCK):
+        pos, inside, offs = _tile(start, length, off, BLOCK)
+        valid = valid_positions(mask_ptr, offs, inside, HAS_MASK)
+        last_acc = tl.maximum(last_acc, tl.where(valid, (pos + 1).to(tl.float32), 0.0))
+        n_acc += valid.to(tl.int32)
+        if QUANTILE:
+            d = _divergence_tile(lp_ptr, olp_ptr, div_ptr, offs, valid, DIVERGENCE)
+            key = order_key(d)
+            lo_acc += (valid & (d * quantile_scale <= delta_b)).to(tl.int32)
+            hi_acc += (valid & (d * quantile_scale < delta_b_hi)).to(tl.int32)
+            kmin_acc = tl.minimum(kmin_acc, tl.where(valid, key, INT32_MAX))
+            kmax_acc = tl.maximum(kmax_acc, tl.where(valid, key, INT32_MIN))
+    return (tl.sum(n_acc, axis=1), tl.max(last_acc, axis=1), tl.sum(lo_acc, axis=1), tl.sum(hi_acc, axis=1),
+            tl.min(kmin_acc, axis=1), tl.max(kmax_acc, axis=1))
+
+
+@triton.jit
+def _budget_sums(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, lo_pos, hi_pos, offset, span, w_min, db,
+                 DIVERGENCE: tl.constexpr, HAS_MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Per row over positions [lo_pos, hi_pos): sum w (delta_b_i - D), S = sum w D and W = sum w, the carried
+    state a chunk hands to the later chunks of its sequence (docs/math.md section 8)."""
+    slack_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    s_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    w_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    for off in range(lo_pos, hi_pos, BLOCK):
+        pos, inside, offs = _tile(start, length, off, BLOCK)
+        valid = valid_positions(mask_ptr, offs, inside, HAS_MASK)
+        d = _divergence_tile(lp_ptr, olp_ptr, div_ptr, offs, valid, DIVERGENCE)
+        weight = tl.where(valid, position_weight(pos + offset[:, None], span[:, None], w_min), 0.0)
+        slack_acc += weight * (db[:, None] - d)
+        s_acc += weight * d
+        w_acc += weight
+    return tl.sum(slack_acc, axis=1), tl.sum(s_acc, axis=1), tl.sum(w_acc, axis=1)
+
+
+@triton.jit
+def _stats_row(cols, loss, tokens, rej_token, rej_budget, clip_low, clip_high, clip_dual, kl, div, capped):
+    """One `[ROWS, STATS_POW2]` block of per-sequence sums, in the columns STAT_* (STAT_DELTA_B left 0)."""
+    row = tl.where(cols == STAT_LOSS, loss[:, None], 0.0)
+    row = tl.where(cols == STAT_TOKENS, tokens[:, None], row)
+    row = tl.where(cols == STAT_REJ_TOKEN, rej_token[:, None], row)
+    row = tl.where(cols == STAT_REJ_BUDGET, rej_budget[:, None], row)
+    row = tl.where(cols == STAT_CLIP_LOW, clip_low[:, None], row)
+    row = tl.where(cols == STAT_CLIP_HIGH, clip_high[:, None], row)
+    row = tl.where(cols == STAT_CLIP_DUAL, clip_dual[:, None], row)
+    row = tl.where(cols == STAT_KL, kl[:, None], row)
+    row = tl.where(cols == STAT_DIV, div[:, None], row)
+    return tl.where(cols == STAT_RATIO_CAPPED, capped[:, None], row)
+
+
+@triton.jit
 def token_kernel(
     lp_ptr, olp_ptr, adv_ptr, mask_ptr, rw_ptr, div_ptr, cu_ptr,  # inputs; mask, rw, div, cu may be None
     shard_ptr,  # a shard of longer sequences: [S, SHARD_WIDTH] f64 in and out (carried_state.py), or None
-    grad_ptr, loss_ptr, sums_ptr, counter_ptr,  # out: [like log_prob], [], [OUT_WIDTH + S * NUM_STATS] f32; [] i32
+    grad_ptr, loss_ptr, sums_ptr, counter_ptr,  # out: [like log_prob], [], sums (below); the launch state (chunks.py)
     params_ptr,  # [NUM_PARAMS] f32: the config's numbers (ops/plan.py)
     dp_ptr, dp_factor, tokens_ptr, tokens, seqs_ptr, seqs,  # the normalizers (reduce.reduce_stats)
     num_seqs, extent,  # S; the padded row width T, or N of packed input
     METHOD: tl.constexpr, DIVERGENCE: tl.constexpr, GATE: tl.constexpr, SURROGATE: tl.constexpr,
     BUDGET: tl.constexpr, HORIZON: tl.constexpr, ADV_PER_SEQ: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """A tile of ROWS = TILE // BLOCK sequences per program, walked in blocks of BLOCK positions: pass A (T_w,
-    quantile counts) when needed, then pass B (mask, loss, gradient, per-sequence sums). The last program to
-    finish turns every sequence's sums into the loss and the metrics (`reduce.reduce_stats`), so the forward is
-    one launch at every shape: `counter_ptr` counts the programs done, and that program sets it back to 0.
+    """One work item (chunks.py) per program: CHUNK positions of a tile of ROWS = TILE // BLOCK sequences, walked in
+    blocks of BLOCK positions (mask, loss, gradient, per-sequence sums). The last program to finish turns every
+    sequence's sums into the loss and the metrics (`reduce.reduce_stats`), so the forward is one launch at every
+    shape.
 
-    `sums` holds aux (the backward scale, then the metrics) and from OUT_WIDTH on a row of NUM_STATS per
-    sequence; the loss has its own `[]`. A shard of a longer sequence (docs/math.md section 8) reads its carried state, the global
-    position of its first token, T_w (HORIZON_GIVEN) and delta_b_i (BUDGET_GIVEN) from its row of `shard`, and
-    writes the state after the shard there.
+    `sums` holds aux (the backward scale, then the metrics), from OUT_WIDTH on a row of NUM_STATS per sequence,
+    then the items' scratch rows; the loss has its own `[]`. A shard of a longer sequence (docs/math.md section
+    8) reads its carried state, the global position of its first token, T_w (HORIZON_GIVEN) and delta_b_i
+    (BUDGET_GIVEN) from its row of `shard`, and its last chunk writes the state after the shard there.
     """
     PACKED: tl.constexpr = cu_ptr is not None
     HAS_MASK: tl.constexpr = mask_ptr is not None
@@ -166,178 +236,236 @@ def token_kernel(
     ROWS: tl.constexpr = TILE // BLOCK
     QUANTILE: tl.constexpr = BUDGET == BUDGET_QUANTILE
     PER_SEQ_MEAN: tl.constexpr = MODE == AGG_SEQ_MEAN_TOKEN_MEAN  # d loss / d L_i has a factor 1 / n_i
-    # pass A counts what pass B needs before its first token: n_i (1 / n_i), the last valid position (T_w), the
-    # quantile's counts; without a mask the first two are the sequence's length
-    SCAN_FIRST: tl.constexpr = QUANTILE or (HAS_MASK and (PER_SEQ_MEAN or (METHOD == METHOD_CPPO and HORIZON == HORIZON_LAST)))
-    seq = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    PREPASS: tl.constexpr = needs_prepass(METHOD, BUDGET, HORIZON, MODE, HAS_MASK)
+    ticket = tl.atomic_add(counter_ptr + COUNT_TICKET, 1)
+    if PREPASS:  # the pre-pass items first, then the deciding ones
+        items = tl.num_programs(0) // 2
+        is_prepass = ticket < items
+        item = tl.where(is_prepass, ticket, ticket - items)
+        decide_base = items
+    else:
+        items = tl.num_programs(0)
+        is_prepass = ticket < 0
+        item = ticket
+        decide_base = 0
+    num_tiles = tl.cdiv(num_seqs, ROWS)
+    tile, chunk, first_over = work_item(cu_ptr, item, num_tiles, extent, ROWS, PACKED)
+    seq = tile * ROWS + tl.arange(0, ROWS)
     seq_ok = seq < num_seqs
     start, length, bad = _sequences(cu_ptr, seq, seq_ok, num_seqs, extent, PACKED)
-    tile_len = tl.max(length, axis=0)  # the tile walks its longest sequence
-    w_min = tl.load(params_ptr + P_W_MIN)
+    tile_len = tl.max(length, axis=0)
+    num_chunks = tl.maximum(tl.cdiv(tile_len, CHUNK), 1)
+    lo_pos = chunk * CHUNK
+    hi_pos = tl.minimum(lo_pos + CHUNK, tile_len)
+    scratch = sums_ptr + OUT_WIDTH + tl.maximum(num_seqs, 1).to(tl.int64) * NUM_STATS
+    own = scratch_rows(scratch, ticket, ROWS)
     delta_b = tl.load(params_ptr + P_DELTA_B)
     delta_b_hi = tl.load(params_ptr + P_DELTA_B_HI)
     quantile_scale = tl.load(params_ptr + P_QUANTILE_SCALE)
-    ratio_cap = tl.load(params_ptr + P_RATIO_CAP)
-    log_ratio_clamp = tl.load(params_ptr + P_LOG_RATIO_CLAMP)
-    if HAS_SHARD:
-        shard_row = shard_ptr + seq.to(tl.int64) * SHARD_WIDTH
 
-    # ---- pass A: n_i, the last valid position and the counts of the calibrated delta_b ----
-    last = length.to(tl.float32)
-    n_valid = length.to(tl.int32)
-    if SCAN_FIRST:
-        last_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-        n_acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
-        lo_acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
-        hi_acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
-        kmin_acc = tl.full([ROWS, BLOCK], INT32_MAX, dtype=tl.int32)
-        kmax_acc = tl.full([ROWS, BLOCK], INT32_MIN, dtype=tl.int32)
-        for off in range(0, tile_len, BLOCK):
+    if (tile >= num_tiles) | (chunk >= num_chunks) | (chunk < 0):  # a gap: no chunk here
+        publish(counter_ptr, ticket, DONE)
+    elif is_prepass:
+        if PREPASS:
+            n, last, n_lo, n_hi, key_min, key_max = _prepass(
+                lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, lo_pos, hi_pos, delta_b, delta_b_hi,
+                quantile_scale, DIVERGENCE, HAS_MASK, QUANTILE, ROWS, BLOCK)
+            tl.store(own + ITEM_N, n.to(tl.float32))
+            tl.store(own + ITEM_LAST, last)
+            tl.store(own + ITEM_LO, n_lo.to(tl.float32))
+            tl.store(own + ITEM_HI, n_hi.to(tl.float32))
+            tl.store(own + ITEM_KEY_MIN, key_min.to(tl.float32, bitcast=True))
+            tl.store(own + ITEM_KEY_MAX, key_max.to(tl.float32, bitcast=True))
+        publish(counter_ptr, ticket, DONE)
+    else:
+        w_min = tl.load(params_ptr + P_W_MIN)
+        ratio_cap = tl.load(params_ptr + P_RATIO_CAP)
+        log_ratio_clamp = tl.load(params_ptr + P_LOG_RATIO_CLAMP)
+        if HAS_SHARD:
+            shard_row = shard_ptr + seq.to(tl.int64) * SHARD_WIDTH
+        # ---- n_i, the last valid position and the quantile's counts: the sums of the tile's pre-pass items ----
+        last = length.to(tl.float32)
+        n_valid = length.to(tl.int32)
+        if PREPASS:
+            n_valid = tl.zeros([ROWS], dtype=tl.int32)
+            last_max = tl.zeros([ROWS], dtype=tl.float32)
+            n_lo = tl.zeros([ROWS], dtype=tl.int32)
+            n_hi = tl.zeros([ROWS], dtype=tl.int32)
+            key_lo = tl.full([ROWS], INT32_MAX, dtype=tl.int32)
+            key_hi = tl.full([ROWS], INT32_MIN, dtype=tl.int32)
+            for c in range(0, num_chunks):
+                index = item_index(tile, c, first_over, num_tiles)
+                wait_for(counter_ptr, index, DONE)
+                rows = scratch_rows(scratch, index, ROWS)
+                n_valid += tl.load(rows + ITEM_N, cache_modifier=".cg").to(tl.int32)
+                last_max = tl.maximum(last_max, tl.load(rows + ITEM_LAST, cache_modifier=".cg"))
+                if QUANTILE:
+                    n_lo += tl.load(rows + ITEM_LO, cache_modifier=".cg").to(tl.int32)
+                    n_hi += tl.load(rows + ITEM_HI, cache_modifier=".cg").to(tl.int32)
+                    key_lo = tl.minimum(key_lo, tl.load(rows + ITEM_KEY_MIN, cache_modifier=".cg")
+                                        .to(tl.int32, bitcast=True))
+                    key_hi = tl.maximum(key_hi, tl.load(rows + ITEM_KEY_MAX, cache_modifier=".cg")
+                                        .to(tl.int32, bitcast=True))
+            if HAS_MASK:
+                last = last_max
+        offset = tl.zeros([ROWS], dtype=tl.int64)
+        if HAS_SHARD:  # positions are global: the shard starts at position offset + 1
+            offset = tl.load(shard_row + SHARD_OFFSET, mask=seq_ok, other=0).to(tl.int64)
+            last = tl.where(last > 0, last + offset.to(tl.float32), 0.0)
+
+        # ---- T_w and the per-sequence budget delta_b_i, `[ROWS]` ----
+        if HORIZON == HORIZON_ARG:
+            horizon = tl.load(params_ptr + P_HORIZON)
+        elif HORIZON == HORIZON_WIDTH:
+            horizon = tl.cast(extent, tl.float32)
+        elif HORIZON == HORIZON_MAX_LEN:
+            horizon = _longest(cu_ptr, num_seqs)
+        elif HORIZON == HORIZON_GIVEN:
+            horizon = tl.load(shard_row + SHARD_LENGTH, mask=seq_ok, other=0).to(tl.float32)
+        else:
+            horizon = last
+        span = tl.maximum(horizon - 1.0, 1.0) + tl.zeros([ROWS], dtype=tl.float32)
+        db = delta_b + tl.zeros([ROWS], dtype=tl.float32)
+        if BUDGET == BUDGET_GIVEN:
+            db = finite_or_nan(tl.load(shard_row + SHARD_DELTA_B, mask=seq_ok, other=0.0).to(tl.float32))
+        if QUANTILE:
+            n = n_valid
+            # torch.quantile: position q (n - 1), linear interpolation between ranks floor and ceil
+            rank = tl.load(params_ptr + P_QUANTILE) * (n - 1).to(tl.float32)
+            kb = tl.floor(rank).to(tl.int32)
+            frac = rank - kb.to(tl.float32)
+            ka = kb + (frac > 0).to(tl.int32)
+            # k d_(ka) <= lo: k * quantile clamps to lo; k d_(kb) >= hi: to hi (an empty row keeps lo, unused)
+            at_lo = (n == 0) | (n_lo >= ka + 1)
+            db = tl.where(at_lo, delta_b, delta_b_hi)
+            need = seq_ok & ~at_lo & (n_hi > kb)
+            if tl.max(need.to(tl.int32), axis=0) > 0:  # the tile's chunk 0 selects, the later ones read it
+                if chunk == 0:
+                    value = _select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, need, kb,
+                                             ka, frac, key_lo, key_hi, DIVERGENCE, HAS_MASK, ROWS, BLOCK)
+                    db = tl.where(need, tl.minimum(tl.maximum(quantile_scale * value, delta_b), delta_b_hi), db)
+                    tl.store(own + ITEM_DELTA_B, db)
+                    publish(counter_ptr, ticket, READY_DELTA_B)
+                else:
+                    wait_for(counter_ptr, decide_base + tile, READY_DELTA_B)
+                    db = tl.load(scratch_rows(scratch, decide_base + tile, ROWS) + ITEM_DELTA_B,
+                                 cache_modifier=".cg")
+
+        # ---- the carried state before this chunk: the shard's, plus the budget sums of the earlier chunks ----
+        if HAS_SHARD:
+            carry_slack = finite_or_nan(tl.load(shard_row + STATE_SLACK, mask=seq_ok, other=0.0).to(tl.float32))
+            carry_s = finite_or_nan(tl.load(shard_row + STATE_S, mask=seq_ok, other=0.0).to(tl.float32))
+            carry_w = finite_or_nan(tl.load(shard_row + STATE_W, mask=seq_ok, other=0.0).to(tl.float32))
+        else:
+            carry_slack = tl.zeros([ROWS], dtype=tl.float32)  # sum of w (delta_b_i - D) = delta_b_i W - S
+            carry_s = tl.zeros([ROWS], dtype=tl.float32)  # S (soft gate, and the state)
+            carry_w = tl.zeros([ROWS], dtype=tl.float32)  # W (soft gate, and the state)
+        if METHOD == METHOD_CPPO:
+            if chunk < num_chunks - 1:  # the later chunks start from these sums
+                slack, s, w = _budget_sums(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, lo_pos, hi_pos,
+                                           offset, span, w_min, db, DIVERGENCE, HAS_MASK, ROWS, BLOCK)
+                tl.store(own + ITEM_SLACK, slack)
+                tl.store(own + ITEM_S, s)
+                tl.store(own + ITEM_W, w)
+                publish(counter_ptr, ticket, READY_SUMS)
+            for c in range(0, chunk):  # in chunk order: every chunk of a sequence adds the same numbers alike
+                index = decide_base + item_index(tile, c, first_over, num_tiles)
+                wait_for(counter_ptr, index, READY_SUMS)
+                rows = scratch_rows(scratch, index, ROWS)
+                carry_slack += tl.load(rows + ITEM_SLACK, cache_modifier=".cg")
+                carry_s += tl.load(rows + ITEM_S, cache_modifier=".cg")
+                carry_w += tl.load(rows + ITEM_W, cache_modifier=".cg")
+
+        # ---- per-token mask, loss and gradient; the chunk's per-sequence sums ----
+        if ADV_PER_SEQ:
+            adv_seq = finite_or_nan(tl.load(adv_ptr + seq, mask=seq_ok, other=0.0).to(tl.float32))
+        if PER_SEQ_MEAN:
+            inv_n = 1.0 / tl.maximum(n_valid, 1).to(tl.float32)
+        # per-position accumulators, reduced once at the end; those a method never adds to stay constant 0
+        loss_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        tok_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        rej_tok_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        rej_bud_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        clip_lo_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        clip_hi_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        clip_du_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        kl_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        capped_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        div_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        for off in range(lo_pos, hi_pos, BLOCK):
             pos, inside, offs = _tile(start, length, off, BLOCK)
             valid = valid_positions(mask_ptr, offs, inside, HAS_MASK)
-            last_acc = tl.maximum(last_acc, tl.where(valid, (pos + 1).to(tl.float32), 0.0))
-            n_acc += valid.to(tl.int32)
-            if QUANTILE:
-                d = _divergence_tile(lp_ptr, olp_ptr, div_ptr, offs, valid, DIVERGENCE)
-                key = order_key(d)
-                # the clamp applies to k * Quantile_q(D): compare k * D with its bounds (monotone in D)
-                lo_acc += (valid & (d * quantile_scale <= delta_b)).to(tl.int32)
-                hi_acc += (valid & (d * quantile_scale < delta_b_hi)).to(tl.int32)
-                kmin_acc = tl.minimum(kmin_acc, tl.where(valid, key, INT32_MAX))
-                kmax_acc = tl.maximum(kmax_acc, tl.where(valid, key, INT32_MIN))
-        n_valid = tl.sum(n_acc, axis=1)
-        if HAS_MASK:
-            last = tl.max(last_acc, axis=1)
-    if HAS_SHARD:  # positions are global: the shard starts at position offset + 1
-        offset = tl.load(shard_row + SHARD_OFFSET, mask=seq_ok, other=0).to(tl.int64)
-        last = tl.where(last > 0, last + offset.to(tl.float32), 0.0)
-
-    # ---- T_w and the per-sequence budget delta_b_i, `[ROWS]` ----
-    if HORIZON == HORIZON_ARG:
-        horizon = tl.load(params_ptr + P_HORIZON)
-    elif HORIZON == HORIZON_WIDTH:
-        horizon = tl.cast(extent, tl.float32)
-    elif HORIZON == HORIZON_MAX_LEN:
-        horizon = _longest(cu_ptr, num_seqs)
-    elif HORIZON == HORIZON_GIVEN:
-        horizon = tl.load(shard_row + SHARD_LENGTH, mask=seq_ok, other=0).to(tl.float32)
-    else:
-        horizon = last
-    span = tl.maximum(horizon - 1.0, 1.0) + tl.zeros([ROWS], dtype=tl.float32)
-    db = delta_b + tl.zeros([ROWS], dtype=tl.float32)
-    if BUDGET == BUDGET_GIVEN:
-        db = finite_or_nan(tl.load(shard_row + SHARD_DELTA_B, mask=seq_ok, other=0.0).to(tl.float32))
-    if QUANTILE:
-        n = n_valid
-        n_lo = tl.sum(lo_acc, axis=1)
-        n_hi = tl.sum(hi_acc, axis=1)
-        # torch.quantile: position q (n - 1), linear interpolation between ranks floor and ceil
-        rank = tl.load(params_ptr + P_QUANTILE) * (n - 1).to(tl.float32)
-        kb = tl.floor(rank).to(tl.int32)
-        frac = rank - kb.to(tl.float32)
-        ka = kb + (frac > 0).to(tl.int32)
-        # k d_(ka) <= lo: k * quantile clamps to lo; k d_(kb) >= hi: to hi (an empty row keeps lo, unused)
-        at_lo = (n == 0) | (n_lo >= ka + 1)
-        db = tl.where(at_lo, delta_b, delta_b_hi)
-        need = seq_ok & ~at_lo & (n_hi > kb)
-        if tl.max(need.to(tl.int32), axis=0) > 0:
-            value = _select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, need, kb, ka,
-                                     frac, tl.min(kmin_acc, axis=1), tl.max(kmax_acc, axis=1),
-                                     DIVERGENCE, HAS_MASK, ROWS, BLOCK)
-            db = tl.where(need, tl.minimum(tl.maximum(quantile_scale * value, delta_b), delta_b_hi), db)
-
-    # ---- pass B: per-token mask, loss and gradient; per-sequence sums ----
-    if ADV_PER_SEQ:
-        adv_seq = finite_or_nan(tl.load(adv_ptr + seq, mask=seq_ok, other=0.0).to(tl.float32))
-    if PER_SEQ_MEAN:
-        inv_n = 1.0 / tl.maximum(n_valid, 1).to(tl.float32)
-    if HAS_SHARD:  # the prefix of the earlier shards
-        carry_slack = finite_or_nan(tl.load(shard_row + STATE_SLACK, mask=seq_ok, other=0.0).to(tl.float32))
-        carry_s = finite_or_nan(tl.load(shard_row + STATE_S, mask=seq_ok, other=0.0).to(tl.float32))
-        carry_w = finite_or_nan(tl.load(shard_row + STATE_W, mask=seq_ok, other=0.0).to(tl.float32))
-    else:
-        carry_slack = tl.zeros([ROWS], dtype=tl.float32)  # sum of w (delta_b_i - D) = delta_b_i W - S
-        carry_s = tl.zeros([ROWS], dtype=tl.float32)  # S (soft gate, and the state)
-        carry_w = tl.zeros([ROWS], dtype=tl.float32)  # W (soft gate, and the state)
-    # per-position accumulators, reduced once at the end; those a method never adds to stay constant 0
-    loss_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    tok_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    rej_tok_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    rej_bud_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    clip_lo_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    clip_hi_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    clip_du_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    kl_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    capped_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    div_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    for off in range(0, tile_len, BLOCK):
-        pos, inside, offs = _tile(start, length, off, BLOCK)
-        valid = valid_positions(mask_ptr, offs, inside, HAS_MASK)
-        lp = load_zeroed(lp_ptr, offs, valid)
-        olp = load_zeroed(olp_ptr, offs, valid)
-        if ADV_PER_SEQ:
-            adv = tl.where(valid, adv_seq[:, None], 0.0)
-        else:
-            adv = load_zeroed(adv_ptr, offs, valid)
-        x, dx = log_ratio(lp, olp, log_ratio_clamp)
-        # r_t; a zero-advantage token contributes 0 whatever its ratio: no exp overflow there (NaN stays NaN)
-        r = tl.exp(tl.where(adv == 0.0, nan_min(x, 0.0), x))
-        d = _divergence_tile(lp_ptr, olp_ptr, div_ptr, offs, valid, DIVERGENCE)
-        weight = valid.to(tl.float32)
-        if METHOD == METHOD_CPPO:
-            if HAS_SHARD:
-                weight = tl.where(valid, position_weight(pos + offset[:, None], span[:, None], w_min), 0.0)
+            lp = load_zeroed(lp_ptr, offs, valid)
+            olp = load_zeroed(olp_ptr, offs, valid)
+            if ADV_PER_SEQ:
+                adv = tl.where(valid, adv_seq[:, None], 0.0)
             else:
-                weight = tl.where(valid, position_weight(pos, span[:, None], w_min), 0.0)
-        loss, grad, rej_tok, rej_bud, clip_lo, clip_hi, clip_du, carry_slack, carry_s, carry_w = \
-            trust_region_step(lp, x, dx, r, d, adv, valid, weight, db, carry_slack, carry_s, carry_w, params_ptr,
-                              METHOD, GATE, SURROGATE, HAS_SHARD)
-        if rw_ptr is not None:
-            rw = load_zeroed(rw_ptr, offs, valid)
-            loss = loss * rw
-            grad = grad * rw  # a NaN weight: NaN loss and NaN gradient at the token
-        if PER_SEQ_MEAN:
-            grad = grad * inv_n[:, None]
-        tl.store(grad_ptr + offs, grad, mask=inside)
+                adv = load_zeroed(adv_ptr, offs, valid)
+            x, dx = log_ratio(lp, olp, log_ratio_clamp)
+            # r_t; a zero-advantage token contributes 0 whatever its ratio: no exp overflow there (NaN stays NaN)
+            r = tl.exp(tl.where(adv == 0.0, nan_min(x, 0.0), x))
+            d = _divergence_tile(lp_ptr, olp_ptr, div_ptr, offs, valid, DIVERGENCE)
+            weight = valid.to(tl.float32)
+            if METHOD == METHOD_CPPO:
+                weight = tl.where(valid, position_weight(pos + offset[:, None], span[:, None], w_min), 0.0)
+            loss, grad, rej_tok, rej_bud, clip_lo, clip_hi, clip_du, carry_slack, carry_s, carry_w = \
+                trust_region_step(lp, x, dx, r, d, adv, valid, weight, db, carry_slack, carry_s, carry_w,
+                                  params_ptr, METHOD, GATE, SURROGATE, HAS_SHARD)
+            if rw_ptr is not None:
+                rw = load_zeroed(rw_ptr, offs, valid)
+                loss = loss * rw
+                grad = grad * rw  # a NaN weight: NaN loss and NaN gradient at the token
+            if PER_SEQ_MEAN:
+                grad = grad * inv_n[:, None]
+            tl.store(grad_ptr + offs, grad, mask=inside)
 
-        loss_acc += loss
-        tok_acc += valid.to(tl.float32)
-        rej_tok_acc += rej_tok.to(tl.float32)
-        rej_bud_acc += rej_bud.to(tl.float32)
-        clip_lo_acc += clip_lo.to(tl.float32)
-        clip_hi_acc += clip_hi.to(tl.float32)
-        clip_du_acc += clip_du.to(tl.float32)
-        kl_acc -= x  # masked positions: x = 0
-        if METHOD != METHOD_PPO:  # kept, with the ratio over the logp surrogate's cap (r of A = 0 uncapped here)
-            capped_acc += (valid & ~(rej_tok | rej_bud) & (tl.exp(x) > ratio_cap)).to(tl.float32)
-        div_acc += d
-
-    n_tokens = tl.sum(tok_acc, axis=1)
-    # bad cu_seqlens: NaN loss, metrics and (through a NaN n_i, which the reduction turns into a NaN scale)
-    # gradient, never a plausible number
-    poison = tl.where(bad, float("nan"), 0.0)
-    row = sums_ptr + OUT_WIDTH + seq.to(tl.int64) * NUM_STATS
-    tl.store(row + STAT_LOSS, tl.sum(loss_acc, axis=1) + poison, mask=seq_ok)
-    tl.store(row + STAT_TOKENS, n_tokens + poison, mask=seq_ok)
-    tl.store(row + STAT_REJ_TOKEN, tl.sum(rej_tok_acc, axis=1) + poison, mask=seq_ok)
-    tl.store(row + STAT_REJ_BUDGET, tl.sum(rej_bud_acc, axis=1) + poison, mask=seq_ok)
-    tl.store(row + STAT_CLIP_LOW, tl.sum(clip_lo_acc, axis=1) + poison, mask=seq_ok)
-    tl.store(row + STAT_CLIP_HIGH, tl.sum(clip_hi_acc, axis=1) + poison, mask=seq_ok)
-    tl.store(row + STAT_CLIP_DUAL, tl.sum(clip_du_acc, axis=1) + poison, mask=seq_ok)
-    tl.store(row + STAT_KL, tl.sum(kl_acc, axis=1) + poison, mask=seq_ok)
-    tl.store(row + STAT_DIV, tl.sum(div_acc, axis=1) + poison, mask=seq_ok)
-    tl.store(row + STAT_RATIO_CAPPED, tl.sum(capped_acc, axis=1) + poison, mask=seq_ok)
-    tl.store(row + STAT_DELTA_B, tl.where(n_tokens > 0, db, 0.0) + poison, mask=seq_ok)
-    if HAS_SHARD:
-        tl.store(shard_row + SHARD_FINAL + STATE_SLACK, carry_slack + poison, mask=seq_ok)
-        tl.store(shard_row + SHARD_FINAL + STATE_S, carry_s + poison, mask=seq_ok)
-        tl.store(shard_row + SHARD_FINAL + STATE_W, carry_w + poison, mask=seq_ok)
+            loss_acc += loss
+            tok_acc += valid.to(tl.float32)
+            rej_tok_acc += rej_tok.to(tl.float32)
+            rej_bud_acc += rej_bud.to(tl.float32)
+            clip_lo_acc += clip_lo.to(tl.float32)
+            clip_hi_acc += clip_hi.to(tl.float32)
+            clip_du_acc += clip_du.to(tl.float32)
+            kl_acc -= x  # masked positions: x = 0
+            if METHOD != METHOD_PPO:  # kept, with the ratio over the logp surrogate's cap (r of A = 0 uncapped)
+                capped_acc += (valid & ~(rej_tok | rej_bud) & (tl.exp(x) > ratio_cap)).to(tl.float32)
+            div_acc += d
+        cols = tl.arange(0, STATS_POW2)[None, :]
+        stats = _stats_row(cols, tl.sum(loss_acc, axis=1), tl.sum(tok_acc, axis=1), tl.sum(rej_tok_acc, axis=1),
+                           tl.sum(rej_bud_acc, axis=1), tl.sum(clip_lo_acc, axis=1), tl.sum(clip_hi_acc, axis=1),
+                           tl.sum(clip_du_acc, axis=1), tl.sum(kl_acc, axis=1), tl.sum(div_acc, axis=1),
+                           tl.sum(capped_acc, axis=1))
+        in_stats = cols < NUM_STATS
+        if chunk < num_chunks - 1:  # the tile's last chunk adds these
+            tl.store(own[:, None] + ITEM_STATS + cols, stats, mask=in_stats)
+            publish(counter_ptr, ticket, READY_STATS)
+        else:
+            total = tl.zeros([ROWS, STATS_POW2], dtype=tl.float32)
+            for c in range(0, chunk):  # in chunk order
+                index = decide_base + item_index(tile, c, first_over, num_tiles)
+                wait_for(counter_ptr, index, READY_STATS)
+                total += tl.load(scratch_rows(scratch, index, ROWS)[:, None] + ITEM_STATS + cols, mask=in_stats,
+                                 other=0.0, cache_modifier=".cg")
+            total += stats
+            n_tokens = tl.sum(tl.where(cols == STAT_TOKENS, total, 0.0), axis=1)
+            total = tl.where(cols == STAT_DELTA_B, tl.where(n_tokens > 0, db, 0.0)[:, None], total)
+            # bad cu_seqlens: NaN loss, metrics and (through a NaN n_i, which the reduction turns into a NaN
+            # scale) gradient, never a plausible number
+            poison = tl.where(bad, float("nan"), 0.0)
+            row = sums_ptr + OUT_WIDTH + seq.to(tl.int64) * NUM_STATS
+            tl.store(row[:, None] + cols, total + poison[:, None], mask=seq_ok[:, None] & in_stats)
+            if HAS_SHARD:
+                tl.store(shard_row + SHARD_FINAL + STATE_SLACK, carry_slack + poison, mask=seq_ok)
+                tl.store(shard_row + SHARD_FINAL + STATE_S, carry_s + poison, mask=seq_ok)
+                tl.store(shard_row + SHARD_FINAL + STATE_W, carry_w + poison, mask=seq_ok)
+            publish(counter_ptr, ticket, DONE)
     # ---- the reduction, by the last program to finish (the others' stats are then in memory) ----
-    tl.debug_barrier()  # every thread's stats stores are issued before this program counts itself done
-    done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    tl.debug_barrier()  # every thread's stores are issued before this program counts itself done
+    done = tl.atomic_add(counter_ptr + COUNT_DONE, 1, sem="acq_rel")
     if done == tl.num_programs(0) - 1:
-        reduce_stats(sums_ptr, loss_ptr, num_seqs, dp_ptr, dp_factor, tokens_ptr, tokens, seqs_ptr, seqs, METHOD, MODE)
-        tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch
+        reduce_stats(sums_ptr, loss_ptr, num_seqs, cu_ptr, extent, dp_ptr, dp_factor, tokens_ptr, tokens, seqs_ptr,
+                     seqs, METHOD, MODE)
+        reset_launch_state(counter_ptr, tl.num_programs(0))
 
 
 def block_size(num_tokens: int, num_seqs: int) -> int:
@@ -346,17 +474,33 @@ def block_size(num_tokens: int, num_seqs: int) -> int:
     return min(max(1 << (mean - 1).bit_length(), MIN_BLOCK), MAX_BLOCK.value)  # plain Python: host time per call
 
 
+def grid_size(packed: bool, num_seqs: int, extent: int, has_mask: bool, constexprs: dict) -> int:
+    """Programs of one launch (shapes only, no sync): every work item, twice when the kernel needs a pre-pass."""
+    c = constexprs
+    items = num_items(packed, num_seqs, extent, TILE.value // c["BLOCK"])
+    if needs_prepass(c["METHOD"], c["BUDGET"], c["HORIZON"], c["MODE"], has_mask):
+        items *= 2
+    return max(items, 1)
+
+
+def scratch_size(grid: int, constexprs: dict) -> int:
+    """Floats of the items' scratch rows after the per-sequence rows of `sums`."""
+    return grid * (TILE.value // constexprs["BLOCK"]) * ITEM_WIDTH.value
+
+
 def launch_token_kernel(log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens, shard,
-                        grad, loss, sums, counter, params, *, num_seqs: int, extent: int, constexprs: dict,
+                        grad, loss, sums, state, params, *, grid: int, num_seqs: int, extent: int, constexprs: dict,
                         reduction: tuple):
     """One launch of `token_kernel` on contiguous inputs (the mask of any dtype, or None) and preallocated outputs:
-    `grad` like log_prob, `loss []` and `sums [OUT_WIDTH + S * NUM_STATS]` (aux, the per-sequence stats) f32.
+    `grad` like log_prob, `loss []` and `sums [OUT_WIDTH + max(S, 1) * NUM_STATS + scratch_size]` (aux, the
+    per-sequence stats, the items' rows) f32.
 
-    `shard`: `carried_state.pack_shard(...)` for shards of longer sequences, else None; `counter`:
-    `reduce.program_counter(device)`; `params`: `plan.params(device)`; `extent` the padded width T or N (packed);
-    `constexprs` from `plan.layout_constexprs`; `reduction` from `reduce.reduction_arguments`.
+    `shard`: `carried_state.pack_shard(...)` for shards of longer sequences, else None; `state`:
+    `chunks.launch_state(device, grid)`; `params`: `plan.params(device)`; `grid` from `grid_size`; `extent` the
+    padded width T or N (packed); `constexprs` from `plan.layout_constexprs`; `reduction` from
+    `reduce.reduction_arguments`.
     """
-    token_kernel[(max(-(-num_seqs // (TILE.value // constexprs["BLOCK"])), 1),)](
+    token_kernel[(grid,)](
         log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens, shard, grad, loss,
-        sums, counter, params, *reduction, num_seqs, extent, **constexprs,
+        sums, state, params, *reduction, num_seqs, extent, **constexprs,
     )

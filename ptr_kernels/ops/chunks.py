@@ -1,0 +1,163 @@
+"""The token kernel's work items and how its programs hand results to each other (docs/kernels.md).
+
+A work item is one chunk of CHUNK positions of a tile of ROWS sequences, so that a long sequence is spread over
+many programs and the cost follows the tokens, not the longest sequence. Chunk 0 of every tile is a "main" item
+(item = tile); the later chunks of long tiles are "overflow" items after them. A chunk hands on what its
+successors need through a row of `scratch` per item and sequence, and a flag per item that only grows
+(READY_*); the tile's last chunk sums the chunks' statistics in chunk order (deterministic) into the sequence's row.
+
+Deadlock freedom: a program takes its item from a ticket (an atomic count in start order), and an item only
+waits for items of smaller tickets, which have started and wait only for smaller ones still. In the Triton
+interpreter, which runs the programs one after another in order, every wait is already satisfied. When the
+kernel needs a whole sequence before deciding any token (`needs_prepass`: the calibrated delta_b, n_i or the last
+valid position under a mask), the grid holds every item twice: the pre-pass items first (tickets below `items`),
+then the deciding ones, which read the pre-pass rows of their tile.
+
+The flags, the ticket and the count of finished programs live in one int32 buffer per device (`launch_state`),
+all zero between launches: the last program to finish sets them back.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import AGG_SEQ_MEAN_TOKEN_MEAN, BUDGET_QUANTILE, HORIZON_LAST, METHOD_CPPO, NUM_STATS
+
+CHUNK = tl.constexpr(4096)  # positions of a sequence per work item (a multiple of every BLOCK)
+# the int32 launch state: the count of finished programs, the next ticket, then a flag per ticket
+COUNT_DONE = tl.constexpr(0)
+COUNT_TICKET = tl.constexpr(1)
+FLAGS = tl.constexpr(2)
+# an item's flag: delta_b_i published (chunk 0, when it selected the quantile), the chunk's budget sums, its
+# statistics; DONE (= READY_STATS) ends every item, pre-pass or gap, so a wait never outlives its item
+READY_DELTA_B = tl.constexpr(1)
+READY_SUMS = tl.constexpr(2)
+READY_STATS = tl.constexpr(3)
+DONE = tl.constexpr(3)
+# scratch per item and sequence (float32; counts and order keys as their bits): the pre-pass' counts, or the
+# budget sums, delta_b_i and the statistics of a deciding item
+ITEM_N = tl.constexpr(0)
+ITEM_LAST = tl.constexpr(1)
+ITEM_LO = tl.constexpr(2)
+ITEM_HI = tl.constexpr(3)
+ITEM_KEY_MIN = tl.constexpr(4)
+ITEM_KEY_MAX = tl.constexpr(5)
+ITEM_SLACK = tl.constexpr(0)
+ITEM_S = tl.constexpr(1)
+ITEM_W = tl.constexpr(2)
+ITEM_DELTA_B = tl.constexpr(3)
+ITEM_STATS = tl.constexpr(4)
+ITEM_WIDTH = tl.constexpr(4 + NUM_STATS.value)
+MIN_FLAGS = 1 << 16
+
+
+@triton.constexpr_function
+def needs_prepass(method, budget, horizon, mode, has_mask):
+    """Whether a token's decision needs its whole sequence first: the calibrated delta_b_i, or (under a mask) n_i
+    for seq-mean-token-mean or cppo's T_w = the last valid position."""
+    return budget == BUDGET_QUANTILE.value or (has_mask and (
+        mode == AGG_SEQ_MEAN_TOKEN_MEAN.value or (method == METHOD_CPPO.value and horizon == HORIZON_LAST.value)))
+
+
+@triton.jit
+def tile_start(cu_ptr, tile, extent, ROWS: tl.constexpr, PACKED: tl.constexpr):
+    """Offset of the tile's first token: cu[tile * ROWS], or tile * ROWS * T of padded rows."""
+    if PACKED:
+        return tl.load(cu_ptr + tile * ROWS).to(tl.int64)
+    return tile.to(tl.int64) * ROWS * extent
+
+
+@triton.jit
+def work_item(cu_ptr, item, num_tiles, extent, ROWS: tl.constexpr, PACKED: tl.constexpr):
+    """(tile, chunk, first overflow index) of `item`.
+
+    Items below num_tiles are chunk 0 of that tile. The overflow items of tile t are num_tiles + o(t) + c - 1
+    for its chunks c >= 1: o(t) = t (chunks per row - 1) for padded rows (every tile has the same chunks),
+    or start(t) // CHUNK for packed ones, which leaves room for them (a tile of sum L tokens has at most
+    L // CHUNK chunks beyond its first), found by bisection over the tiles. An overflow item beyond its tile's
+    chunks is a gap (chunk >= the tile's chunks)."""
+    is_main = item < num_tiles
+    over = (item - num_tiles).to(tl.int64)
+    tile = item.to(tl.int64)
+    if PACKED:
+        if item >= num_tiles:
+            lo = tl.zeros([], dtype=tl.int64)  # the last tile whose o(t) <= over
+            hi = tl.maximum(num_tiles - 1, 0).to(tl.int64)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                below = tile_start(cu_ptr, mid, extent, ROWS, PACKED) // CHUNK <= over
+                lo = tl.where(below, mid, lo)
+                hi = tl.where(below, hi, mid - 1)
+            tile = lo
+        first_over = tile_start(cu_ptr, tile, extent, ROWS, PACKED) // CHUNK
+    else:
+        later = tl.maximum(tl.cdiv(extent, CHUNK), 1).to(tl.int64) - 1  # chunks per row after the first
+        if item >= num_tiles:
+            tile = over // tl.maximum(later, 1)
+        first_over = tile * later
+    chunk = tl.where(is_main, 0, over - first_over + 1)
+    return tile, chunk, first_over
+
+
+@triton.jit
+def item_index(tile, chunk, first_over, num_tiles):
+    """The item (within its stage) of chunk `chunk` of the tile whose overflow items start at first_over."""
+    return tl.where(chunk == 0, tile, num_tiles + first_over + chunk - 1)
+
+
+@triton.jit
+def scratch_rows(scratch_ptr, index, ROWS: tl.constexpr):
+    """Pointers `[ROWS]` to the scratch rows of item `index` (a ticket: pre-pass and deciding items apart)."""
+    return scratch_ptr + (index.to(tl.int64) * ROWS + tl.arange(0, ROWS)) * ITEM_WIDTH
+
+
+@triton.jit
+def publish(counter_ptr, index, state):
+    """Raise item `index`'s flag to `state` once every thread's stores before are issued (release)."""
+    tl.debug_barrier()
+    tl.atomic_xchg(counter_ptr + FLAGS + index, state, sem="release")
+
+
+@triton.jit
+def wait_for(counter_ptr, index, state):
+    """Spin until item `index`'s flag is at least `state` (acquire); read its rows with `.cg` loads after."""
+    seen = tl.atomic_add(counter_ptr + FLAGS + index, 0, sem="acquire")
+    while seen < state:
+        seen = tl.atomic_add(counter_ptr + FLAGS + index, 0, sem="acquire")
+
+
+@triton.jit
+def reset_launch_state(counter_ptr, num_flags):
+    """The last program: every flag, the ticket and the count back to 0 for the next launch."""
+    for off in range(0, num_flags, 1024):
+        i = off + tl.arange(0, 1024)
+        tl.store(counter_ptr + FLAGS + i, tl.zeros([1024], dtype=tl.int32), mask=i < num_flags)
+    tl.atomic_xchg(counter_ptr + COUNT_TICKET, 0)
+    tl.atomic_xchg(counter_ptr + COUNT_DONE, 0)
+
+
+def num_items(packed: bool, num_seqs: int, extent: int, rows: int) -> int:
+    """Work items of one stage (shapes only, no sync): a main item per tile, and room for the later chunks."""
+    tiles = -(-num_seqs // rows)
+    if packed:
+        return tiles + extent // CHUNK.value
+    return tiles * max(-(-extent // CHUNK.value), 1)
+
+
+def launch_state(device: torch.device, grid: int) -> torch.Tensor:
+    """The int32 launch state of `device` (the count, the ticket, a flag per program), zero, with room for `grid`
+    programs: allocated on the first call and when a larger grid comes (make those calls outside a CUDA graph
+    capture). Launches in one stream run in order and share it; two losses running at once on two streams of
+    one device would not (docs/kernels.md)."""
+    state = _STATES.get(device)
+    if state is None or state.numel() < FLAGS.value + grid:
+        state = _STATES[device] = torch.zeros(FLAGS.value + max(2 * grid, MIN_FLAGS), dtype=torch.int32,
+                                              device=device)
+    elif device.type == "cpu":  # the interpreter: a launch stopped part-way (an exception, Ctrl-C) left counts
+        state.zero_()
+    return state
+
+
+_STATES = {}

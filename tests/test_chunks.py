@@ -1,0 +1,148 @@
+"""Long sequences over many programs (ops/chunks.py): exactness at chunk boundaries against the float64
+reference (through the fuzz's near-tie rule), the carried state across chunks, bad offsets, the launch counts
+and grids, and the same bits from two runs."""
+
+import pytest
+import torch
+
+from ptr_kernels import PolicyLossConfig, policy_loss
+from ptr_kernels.benchmark.host import stubbed_triton_launches
+from ptr_kernels.ops import chunks, token
+from ptr_kernels.ops.autograd import triton_policy_loss
+from ptr_kernels.testing.cases import Case
+
+from test_triton_kernel import check_case
+
+CHUNK = chunks.CHUNK.value
+# sequences of one token to several chunks, and an empty one, each boundary on both sides
+LENGTHS = (1, CHUNK - 1, CHUNK, CHUNK + 1, 0, 2 * CHUNK + 5)
+CONFIGS = {
+    "cppo": dict(method="cppo", delta=0.2, delta_b=0.01),
+    "cppo-quantile": dict(method="cppo", delta=0.2, delta_b=0.005, delta_b_quantile=0.6, delta_b_max_mult=3.0),
+    "cppo-soft-sequence": dict(method="cppo", delta=0.2, delta_b=0.01, gate="soft", length_mode="sequence",
+                               loss_agg_mode="seq-mean-token-mean"),
+    "cppo-padded-logp": dict(method="cppo", delta=0.2, delta_b=0.01, length_mode="padded", surrogate="logp"),
+    "dppo": dict(method="dppo", loss_agg_mode="seq-mean-token-mean"),
+    "ppo": dict(method="ppo", clip_ratio_c=3.0),
+}
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def _case(lengths, packed: bool, config: dict, seed: int = 0) -> Case:
+    """float64 inputs with holes in the mask: packed `[N]` with `cu_seqlens`, or padded rows as wide as the
+    longest sequence, each row's mask ending at its length."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths)
+    width = int(lengths.max())
+    count = int(lengths.sum()) if packed else len(lengths) * width
+    old = -torch.rand(count, generator=g, dtype=torch.float64) * 3
+    lp = (old + torch.randn(count, generator=g, dtype=torch.float64) * 0.05).clamp(max=0)
+    mask = torch.rand(count, generator=g) > 0.1
+    adv = torch.randn(len(lengths), generator=g, dtype=torch.float64)
+    cu = None
+    if packed:
+        cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(torch.int32)
+    else:
+        lp, old, mask = lp.view(-1, width), old.view(-1, width), mask.view(-1, width)
+        mask &= torch.arange(width)[None, :] < lengths[:, None]
+    return Case(seed=-1, log_prob=lp, old_log_prob=old, advantages=adv, response_mask=mask, cu_seqlens=cu,
+                rollout_is_weights=None, config=PolicyLossConfig(**config),
+                kwargs=dict(dp_size=1, batch_num_tokens=None, global_batch_size=None))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_chunk_boundaries_match_the_reference(name, packed, device, run_policy_loss):
+    """Lengths 1, CHUNK - 1, CHUNK, CHUNK + 1, 0 and 2 CHUNK + 5: the budget, n_i, T_w, delta_b_i and every sum
+    cross chunk boundaries, and agree with the float64 reference up to near-ties."""
+    check_case(_case(LENGTHS, packed, CONFIGS[name]), torch.float32, device, run_policy_loss)
+
+
+def test_small_blocks_share_a_tile_with_a_long_sequence(device, run_policy_loss):
+    """Blocks of 16 put 64 sequences in a tile; one of them spans three chunks, so the tile's later chunks run
+    with 63 empty rows."""
+    lengths = [5] * 40 + [2 * CHUNK + 7] + [3] * 30
+    case = _case(lengths, True, dict(CONFIGS["cppo-quantile"], loss_agg_mode="seq-mean-token-mean"), seed=3)
+    check_case(case, torch.float32, device, run_policy_loss, block=16)
+
+
+@pytest.mark.parametrize("gate", ["hard", "soft"])
+def test_a_shard_spanning_chunks_hands_on_its_state(gate, device):
+    """A shard of three chunks starting mid-sequence (initial state, position offset, T_w and delta_b_i given):
+    the loss, the gradient and the state after it agree with the reference's."""
+    case = _case([2 * CHUNK + 100, 300], True, dict(CONFIGS["cppo"], gate=gate), seed=5)
+    inputs = case.inputs(torch.float64)
+    shard = dict(initial_state=torch.tensor([[0.3, 2.0, 40.0], [0.0, 0.0, 0.0]], dtype=torch.float64),
+                 position_offset=torch.tensor([1000, 0]), sequence_length=torch.tensor([12000, 300]),
+                 sequence_delta_b=torch.tensor([0.01, 0.02], dtype=torch.float64), output_final_state=True)
+    results = []
+    for backend, dtype, where in (("reference", torch.float64, "cpu"), ("triton", torch.float32, device)):
+        args = {k: v.to(where, dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else
+                v.to(where) if isinstance(v, torch.Tensor) else v for k, v in {**inputs, **shard}.items()}
+        lp = args.pop("log_prob").requires_grad_(True)
+        loss, metrics, final = policy_loss(lp, **args, backend=backend)
+        (grad,) = torch.autograd.grad(loss, lp)
+        results.append((loss.double().cpu(), metrics["mask_frac"].double().cpu(), grad.double().cpu(),
+                        final.double().cpu()))
+    (loss_r, frac_r, grad_r, final_r), (loss_t, frac_t, grad_t, final_t) = results
+    assert frac_r > 0.05  # the budget binds
+    torch.testing.assert_close(loss_t, loss_r, rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(frac_t, frac_r, rtol=0, atol=2e-4)  # a near-tie may flip one token
+    torch.testing.assert_close(grad_t, grad_r, rtol=2e-5, atol=1e-6 * grad_r.abs().max().item())
+    torch.testing.assert_close(final_t, final_r, rtol=2e-5, atol=1e-4)
+
+
+def test_bad_offsets_poison_every_output_in_the_kernel(device):
+    """Offsets out of order make the items' map of tiles meaningless: no hang, no read outside the tensors, and
+    the loss and every metric are NaN (the kernel directly: on CPU tensors the API raises before the launch)."""
+    from ptr_kernels.ops.autograd import fused_forward
+    from ptr_kernels.ops.plan import kernel_plan
+    n = 3 * CHUNK
+    lp = -torch.rand(n, device=device)
+    cu = torch.tensor([0, 2 * CHUNK, CHUNK, n], dtype=torch.int32, device=device)
+    for method in ("cppo", "dppo", "ppo"):
+        loss, aux, _ = fused_forward(lp, lp - 0.1, torch.ones(3, device=device), None, cu, None, None,
+                                     plan=kernel_plan(PolicyLossConfig(method=method)), adv_per_seq=True,
+                                     loss_scale_factor=0.0, normalizers=(1, None, None))
+        assert torch.isnan(loss) and torch.isnan(aux).all(), method
+
+
+def test_two_runs_give_the_same_bits(device):
+    """The chunks of a sequence add their sums in chunk order, whatever order the programs finish in."""
+    case = _case(LENGTHS, True, CONFIGS["cppo-quantile"], seed=9)
+    outs = []
+    for _ in range(2):
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                  for k, v in case.inputs(torch.float32).items()}
+        lp = inputs.pop("log_prob").requires_grad_(True)
+        loss, metrics = policy_loss(lp, **inputs, backend="triton")
+        (grad,) = torch.autograd.grad(loss, lp)
+        outs.append((loss, torch.stack(list(metrics.values())), grad))
+    for first, second in zip(*outs):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("method", ["cppo", "dppo", "ppo"])
+@pytest.mark.parametrize("quantile", [None, 0.9])
+def test_long_packed_sequences_spread_over_many_programs(method, quantile):
+    """8 x 131,072 packed tokens: two launches per forward + backward, and every launch of more than one
+    program has at least 128 (launches stubbed: only the grids are recorded)."""
+    n, S = 131_072, 8
+    lp = torch.zeros(S * n)
+    cu = torch.arange(S + 1, dtype=torch.int32) * n
+    grids = []
+    original = token.token_kernel.__class__.__getitem__
+
+    def recording(kernel, grid):
+        grids.append(grid[0])
+        return original(kernel, grid)
+
+    config = PolicyLossConfig(method=method, delta_b_quantile=quantile if method == "cppo" else None)
+    with stubbed_triton_launches() as launches, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(token.token_kernel.__class__, "__getitem__", recording)
+        x = lp.clone().requires_grad_(True)
+        triton_policy_loss(x, lp, torch.ones(S), torch.ones(S * n, dtype=torch.bool), cu_seqlens=cu,
+                           config=config)[0].backward()
+        assert launches["launches"] == 2
+    assert grids and all(g >= 128 for g in grids if g > 1), grids
