@@ -60,11 +60,11 @@ def test_chunk_boundaries_match_the_reference(name, packed, device, run_policy_l
 
 
 def test_small_blocks_share_a_tile_with_a_long_sequence(device, run_policy_loss):
-    """Blocks of 16 put 64 sequences in a tile; one of them spans three chunks, so the tile's later chunks run
-    with 63 empty rows."""
-    lengths = [5] * 40 + [2 * CHUNK + 7] + [3] * 30
-    case = _case(lengths, True, dict(CONFIGS["cppo-quantile"], loss_agg_mode="seq-mean-token-mean"), seed=3)
-    check_case(case, torch.float32, device, run_policy_loss, block=16)
+    """Blocks of 64 put 16 sequences in a tile; one of them spans two chunks, so the tile's second chunk runs
+    with 15 empty rows."""
+    lengths = [5] * 20 + [CHUNK + 7] + [3] * 10
+    case = _case(lengths, True, CONFIGS["cppo-soft-sequence"], seed=3)
+    check_case(case, torch.float32, device, run_policy_loss, block=64)
 
 
 @pytest.mark.parametrize("gate", ["hard", "soft"])

@@ -17,7 +17,7 @@ pytest.importorskip("triton", reason="the Triton kernels: triton exists for Linu
 from ptr_kernels import PolicyLossConfig, policy_loss, policy_loss_from_logits  # noqa: E402
 from ptr_kernels.benchmark.host import stubbed_triton_launches  # noqa: E402
 from ptr_kernels.config import LOSS_AGG_MODES  # noqa: E402
-from ptr_kernels.ops import chunks  # noqa: E402
+from ptr_kernels.ops import chunks, reduce  # noqa: E402
 from ptr_kernels.ops.autograd import fused_forward, triton_policy_loss  # noqa: E402
 from ptr_kernels.ops.plan import kernel_plan  # noqa: E402
 

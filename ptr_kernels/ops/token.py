@@ -38,6 +38,7 @@ from .reduce import OUT_WIDTH, STATS_POW2, reduce_stats
 MAX_BLOCK = tl.constexpr(1024)
 MIN_BLOCK = 16
 TILE = tl.constexpr(1024)  # ROWS * BLOCK positions per program step: ROWS = TILE // BLOCK
+RESIDENT_BLOCKS = tl.constexpr(4)  # a tile of at most 4 blocks per row selects its quantile in registers
 NUM_WARPS = 8  # 4 positions per thread: no register spills on sm_90 (4 warps: up to 255 registers and spills)
 
 
@@ -68,46 +69,60 @@ def _tile_keys(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, off,
 
 
 @triton.jit
-def _count_le(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, bound,
-              DIVERGENCE: tl.constexpr, HAS_MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """Per row: #{valid t : key(D_t) <= bound} `[ROWS]`."""
-    acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
-    for off in range(0, tile_len, BLOCK):
-        key, valid = _tile_keys(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, off, DIVERGENCE, HAS_MASK,
-                                BLOCK)
-        acc += (valid & (key <= bound[:, None])).to(tl.int32)
-    return tl.sum(acc, axis=1)
+def _rank_counts(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, bound, keys, valid,
+                 DIVERGENCE: tl.constexpr, HAS_MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                 RESIDENT: tl.constexpr):
+    """Per row `[ROWS]`: #{valid t : key(D_t) <= bound} and the smallest valid key above `bound` (INT32_MAX if
+    none), from the keys in registers (RESIDENT: `keys`, `valid` hold the whole tile) or a pass over memory."""
+    if RESIDENT:
+        count = tl.sum((valid & (keys <= bound[:, None])).to(tl.int32), axis=1)
+        above = tl.min(tl.where(valid & (keys > bound[:, None]), keys, INT32_MAX), axis=1)
+    else:
+        count_acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
+        above_acc = tl.full([ROWS, BLOCK], INT32_MAX, dtype=tl.int32)
+        for off in range(0, tile_len, BLOCK):
+            key, ok = _tile_keys(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, off, DIVERGENCE, HAS_MASK,
+                                 BLOCK)
+            count_acc += (ok & (key <= bound[:, None])).to(tl.int32)
+            above_acc = tl.minimum(above_acc, tl.where(ok & (key > bound[:, None]), key, INT32_MAX))
+        count = tl.sum(count_acc, axis=1)
+        above = tl.min(above_acc, axis=1)
+    return count, above
 
 
 @triton.jit
 def _select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, need, kb, ka, frac,
                      key_lo, key_hi,
-                     DIVERGENCE: tl.constexpr, HAS_MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                     DIVERGENCE: tl.constexpr, HAS_MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                     RESIDENT: tl.constexpr):
     """Per row: d_(kb) + frac * (d_(ka) - d_(kb)) from the order statistics kb <= ka (0-based) of the valid D.
 
     Bisection on the int32 keys in [key_lo, key_hi] (the range of the row's keys) for the smallest key with
-    at least kb + 1 keys <= it, one counting pass per step, all rows of the tile together (rows where
-    `need` is False do not iterate); then d_(ka) is the same value or the next larger key.
+    at least kb + 1 keys <= it, all rows of the tile together (rows where `need` is False do not iterate);
+    then d_(ka) is the same value or the next larger key. RESIDENT (a tile of at most RESIDENT_BLOCKS * BLOCK
+    positions per row): the keys are loaded once and every step counts in registers; else one counting pass
+    over memory per step.
     """
+    keys = key_lo
+    valid = need
+    if RESIDENT:
+        keys, valid = _tile_keys(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, 0, DIVERGENCE, HAS_MASK,
+                                 RESIDENT_BLOCKS * BLOCK)
     key_lo = tl.where(need, key_lo, 0)
     key_hi = tl.where(need, key_hi, 0)
     while tl.max((key_lo < key_hi).to(tl.int32), axis=0) > 0:
         active = key_lo < key_hi
         mid = ((key_lo.to(tl.int64) + key_hi.to(tl.int64)) >> 1).to(tl.int32)  # floor, no int32 overflow
-        enough = _count_le(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, mid,
-                           DIVERGENCE, HAS_MASK, ROWS, BLOCK) >= kb + 1
+        count, _ = _rank_counts(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, mid, keys, valid,
+                                DIVERGENCE, HAS_MASK, ROWS, BLOCK, RESIDENT)
+        enough = count >= kb + 1
         key_hi = tl.where(active & enough, mid, key_hi)
         key_lo = tl.where(active & ~enough, mid + 1, key_lo)
     key_b = key_lo
-    # one more pass: how many keys tie with d_(kb), and the next larger key
-    n_le = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
-    above = tl.full([ROWS, BLOCK], INT32_MAX, dtype=tl.int32)
-    for off in range(0, tile_len, BLOCK):
-        key, valid = _tile_keys(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, off, DIVERGENCE, HAS_MASK,
-                                BLOCK)
-        n_le += (valid & (key <= key_b[:, None])).to(tl.int32)
-        above = tl.minimum(above, tl.where(valid & (key > key_b[:, None]), key, INT32_MAX))
-    key_a = tl.where(tl.sum(n_le, axis=1) >= ka + 1, key_b, tl.min(above, axis=1))
+    # how many keys tie with d_(kb), and the next larger key
+    n_le, above = _rank_counts(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, key_b, keys, valid,
+                               DIVERGENCE, HAS_MASK, ROWS, BLOCK, RESIDENT)
+    key_a = tl.where(n_le >= ka + 1, key_b, above)
     d_b = key_value(key_b)
     d_a = key_value(key_a)
     return d_b + frac * (d_a - d_b)
@@ -341,8 +356,14 @@ def token_kernel(
             need = seq_ok & ~at_lo & (n_hi > kb)
             if tl.max(need.to(tl.int32), axis=0) > 0:  # the tile's chunk 0 selects, the later ones read it
                 if chunk == 0:
-                    value = _select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, need, kb,
-                                             ka, frac, key_lo, key_hi, DIVERGENCE, HAS_MASK, ROWS, BLOCK)
+                    if tile_len <= RESIDENT_BLOCKS * BLOCK:
+                        value = _select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, need,
+                                                 kb, ka, frac, key_lo, key_hi, DIVERGENCE, HAS_MASK, ROWS, BLOCK,
+                                                 True)
+                    else:
+                        value = _select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, need,
+                                                 kb, ka, frac, key_lo, key_hi, DIVERGENCE, HAS_MASK, ROWS, BLOCK,
+                                                 False)
                     db = tl.where(need, tl.minimum(tl.maximum(quantile_scale * value, delta_b), delta_b_hi), db)
                     tl.store(own + ITEM_DELTA_B, db)
                     publish(counter_ptr, ticket, READY_DELTA_B)
