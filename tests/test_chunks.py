@@ -125,12 +125,12 @@ def test_two_runs_give_the_same_bits(device):
 
 @pytest.mark.parametrize("method", ["cppo", "dppo", "ppo"])
 @pytest.mark.parametrize("quantile", [None, 0.9])
-def test_long_packed_sequences_spread_over_many_programs(method, quantile):
+def test_long_packed_sequences_spread_over_many_programs(method, quantile, device):
     """8 x 131,072 packed tokens: two launches per forward + backward, and every launch of more than one
     program has at least 128 (launches stubbed: only the grids are recorded)."""
     n, S = 131_072, 8
-    lp = torch.zeros(S * n)
-    cu = torch.arange(S + 1, dtype=torch.int32) * n
+    lp = torch.zeros(S * n, device=device)
+    cu = torch.arange(S + 1, dtype=torch.int32, device=device) * n
     grids = []
     original = token.token_kernel.__class__.__getitem__
 
@@ -142,7 +142,7 @@ def test_long_packed_sequences_spread_over_many_programs(method, quantile):
     with stubbed_triton_launches() as launches, pytest.MonkeyPatch.context() as patch:
         patch.setattr(token.token_kernel.__class__, "__getitem__", recording)
         x = lp.clone().requires_grad_(True)
-        triton_policy_loss(x, lp, torch.ones(S), torch.ones(S * n, dtype=torch.bool), cu_seqlens=cu,
-                           config=config)[0].backward()
+        triton_policy_loss(x, lp, torch.ones(S, device=device), torch.ones(S * n, dtype=torch.bool, device=device),
+                           cu_seqlens=cu, config=config)[0].backward()
         assert launches["launches"] == 2
     assert grids and all(g >= 128 for g in grids if g > 1), grids

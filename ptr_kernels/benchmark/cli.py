@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     parser.add_argument("--layouts", type=_list(LAYOUTS), default=list(LAYOUTS),
                         help=f"comma-separated subset of {','.join(LAYOUTS)} (default: both)")
+    parser.add_argument("--shapes", type=_list(sorted({s.name for shapes in SWEEPS.values() for s in shapes})),
+                        default=None, help="comma-separated shape names of the sweep to run (default: all of it), "
+                                           "e.g. 256x4096,8seq/1048576tok")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="dtype of log_prob, old_log_prob and advantages (default: float32)")
     parser.add_argument("--out", type=Path, default=None,

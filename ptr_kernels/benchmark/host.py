@@ -141,6 +141,8 @@ def measure(device: torch.device, methods, layouts, dtype: str, reps: int, out: 
             _alternating(case, reps, lambda call, inp: timer.wall_batch(lambda _: _run(call, inp),
                                                                         CUDA_CALLS_PER_BATCH))
         notes = {"": f"{reps} rounds of a batch of {CUDA_CALLS_PER_BATCH} back-to-back calls"}
+        if cases:
+            profile_fused(cases[0], out / "host_profile.txt")
     else:
         with stubbed_triton_launches() as stub, _one_thread():
             for case in cases:
@@ -170,6 +172,28 @@ def measure(device: torch.device, methods, layouts, dtype: str, reps: int, out: 
                              note=f"{provider} / eager, each quantile")
     sink.close()
     return sink.rows
+
+
+def profile_fused(case: _Case, path: Path, calls: int = 200) -> None:
+    """cProfile of `calls` back-to-back fused fwd+bwd calls of `case` (the Python path on this host: where the
+    wall-clock per call goes), the top functions by own time and by cumulative time, into `path`."""
+    import cProfile
+    import io
+    import pstats
+
+    call = case.calls["fused"]
+    for _ in range(WARMUP_CALLS):
+        _run(call, case.inputs)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        _run(call, case.inputs)
+    profiler.disable()
+    text = io.StringIO()
+    text.write(f"{calls} fused fwd+bwd calls, {case.method} {case.shape.layout} {case.shape.name}\n")
+    for order in ("tottime", "cumulative"):
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(30)
+    path.write_text(text.getvalue())
 
 
 class _StandInModel:

@@ -205,7 +205,7 @@ def sweep(args, device: torch.device, out: Path, deadline: float = math.inf) -> 
 
     dtype = getattr(torch, args.dtype)
     cuda = device.type == "cuda"
-    shapes = SWEEPS[args.sweep]
+    shapes = [s for s in SWEEPS[args.sweep] if not getattr(args, "shapes", None) or s.name in args.shapes]
     providers = args.providers
     if "fused" in providers and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         print("skipping provider 'fused': on CPU the Triton kernel runs only in the Triton interpreter, and triton "

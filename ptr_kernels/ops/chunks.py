@@ -26,6 +26,7 @@ import triton.language as tl
 from .common import AGG_SEQ_MEAN_TOKEN_MEAN, BUDGET_QUANTILE, HORIZON_LAST, METHOD_CPPO, NUM_STATS
 
 CHUNK = tl.constexpr(4096)  # positions of a sequence per work item (a multiple of every BLOCK)
+CHUNK_ROWS = tl.constexpr(256)  # chunks x rows read at once when a chunk reads the rows of the earlier ones
 # the int32 launch state: the count of finished programs, the next ticket, then a flag per ticket
 COUNT_DONE = tl.constexpr(0)
 COUNT_TICKET = tl.constexpr(1)
@@ -121,6 +122,13 @@ def publish(counter_ptr, index, state):
 
 
 @triton.jit
+def finish_item(counter_ptr, index):
+    """Item `index` is DONE with nothing more to hand on (relaxed: no data is published with it); a flag that
+    only ends the waits of items mapped onto it by bad packed offsets."""
+    tl.atomic_xchg(counter_ptr + FLAGS + index, DONE, sem="relaxed")
+
+
+@triton.jit
 def wait_for(counter_ptr, index, state):
     """Spin until item `index`'s flag is at least `state` (acquire); read its rows with `.cg` loads after."""
     seen = tl.atomic_add(counter_ptr + FLAGS + index, 0, sem="acquire")
@@ -129,13 +137,28 @@ def wait_for(counter_ptr, index, state):
 
 
 @triton.jit
+def wait_for_chunks(counter_ptr, scratch_ptr, base, tile, first_over, num_tiles, c0, count, state,
+                    ROWS: tl.constexpr, CHUNK_STEP: tl.constexpr):
+    """The scratch rows `[CHUNK_STEP, ROWS]` of a tile's chunks c0 .. c0 + CHUNK_STEP - 1 (those below `count`,
+    the mask `[CHUNK_STEP]`) in the stage whose items start at `base`, once every one's flag is at least
+    `state`: one vector of acquire loads per spin, so waiting for many chunks costs one round trip, not one each."""
+    c = c0 + tl.arange(0, CHUNK_STEP)
+    ok = c < count
+    index = base + item_index(tile, c, first_over, num_tiles)
+    seen = tl.atomic_add(counter_ptr + FLAGS + index, 0, mask=ok, sem="acquire")
+    while tl.min(tl.where(ok, seen, state), axis=0) < state:
+        seen = tl.atomic_add(counter_ptr + FLAGS + index, 0, mask=ok, sem="acquire")
+    return scratch_ptr + (index.to(tl.int64)[:, None] * ROWS + tl.arange(0, ROWS)[None, :]) * ITEM_WIDTH, ok
+
+
+@triton.jit
 def reset_launch_state(counter_ptr, num_flags):
     """The last program: every flag, the ticket and the count back to 0 for the next launch."""
     for off in range(0, num_flags, 1024):
         i = off + tl.arange(0, 1024)
         tl.store(counter_ptr + FLAGS + i, tl.zeros([1024], dtype=tl.int32), mask=i < num_flags)
-    tl.atomic_xchg(counter_ptr + COUNT_TICKET, 0)
-    tl.atomic_xchg(counter_ptr + COUNT_DONE, 0)
+    tl.store(counter_ptr + COUNT_TICKET, 0)  # the launch's end makes these visible to the next one
+    tl.store(counter_ptr + COUNT_DONE, 0)
 
 
 def num_items(packed: bool, num_seqs: int, extent: int, rows: int) -> int:

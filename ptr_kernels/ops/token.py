@@ -22,17 +22,17 @@ import triton
 import triton.language as tl
 
 from .common import (AGG_SEQ_MEAN_TOKEN_MEAN, BUDGET_GIVEN, BUDGET_QUANTILE, DIV_GIVEN, HORIZON_ARG, HORIZON_GIVEN,
-                     HORIZON_LAST, HORIZON_MAX_LEN, HORIZON_WIDTH, INT32_MAX, INT32_MIN, METHOD_CPPO, METHOD_PPO,
-                     NUM_STATS, P_DELTA_B, P_DELTA_B_HI, P_HORIZON, P_LOG_RATIO_CLAMP, P_QUANTILE,
-                     P_QUANTILE_SCALE, P_RATIO_CAP, P_W_MIN, SHARD_DELTA_B, SHARD_FINAL, SHARD_LENGTH, SHARD_OFFSET,
-                     SHARD_WIDTH, STAT_CLIP_DUAL, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL,
-                     STAT_LOSS, STAT_RATIO_CAPPED, STAT_REJ_BUDGET, STAT_REJ_TOKEN, STAT_TOKENS, STATE_S, STATE_SLACK,
-                     STATE_W, binary_divergence, finite_or_nan, key_value, load_zeroed, log_ratio, nan_min, order_key,
-                     position_weight, trust_region_step, valid_positions)
-from .chunks import (CHUNK, COUNT_DONE, COUNT_TICKET, DONE, ITEM_DELTA_B, ITEM_HI, ITEM_KEY_MAX, ITEM_KEY_MIN,
-                     ITEM_LAST, ITEM_LO, ITEM_N, ITEM_S, ITEM_SLACK, ITEM_STATS, ITEM_W, READY_DELTA_B, READY_STATS,
-                     READY_SUMS, ITEM_WIDTH, item_index, needs_prepass, num_items, publish, reset_launch_state, scratch_rows, wait_for,
-                     work_item)
+                     HORIZON_MAX_LEN, HORIZON_WIDTH, INT32_MAX, INT32_MIN, METHOD_CPPO, METHOD_PPO, NUM_STATS,
+                     P_DELTA_B, P_DELTA_B_HI, P_HORIZON, P_LOG_RATIO_CLAMP, P_QUANTILE, P_QUANTILE_SCALE, P_RATIO_CAP,
+                     P_W_MIN, SHARD_DELTA_B, SHARD_FINAL, SHARD_LENGTH, SHARD_OFFSET, SHARD_WIDTH, STAT_CLIP_DUAL,
+                     STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL, STAT_LOSS, STAT_RATIO_CAPPED,
+                     STAT_REJ_BUDGET, STAT_REJ_TOKEN, STAT_TOKENS, STATE_S, STATE_SLACK, STATE_W, binary_divergence,
+                     finite_or_nan, key_value, load_zeroed, log_ratio, nan_min, order_key, position_weight,
+                     trust_region_step, valid_positions)
+from .chunks import (CHUNK, CHUNK_ROWS, COUNT_DONE, COUNT_TICKET, DONE, ITEM_DELTA_B, ITEM_HI, ITEM_KEY_MAX,
+                     ITEM_KEY_MIN, ITEM_LAST, ITEM_LO, ITEM_N, ITEM_S, ITEM_SLACK, ITEM_STATS, ITEM_W, ITEM_WIDTH,
+                     READY_DELTA_B, READY_STATS, READY_SUMS, finish_item, needs_prepass, num_items, publish,
+                     reset_launch_state, scratch_rows, wait_for, wait_for_chunks, work_item)
 from .reduce import OUT_WIDTH, STATS_POW2, reduce_stats
 
 MAX_BLOCK = tl.constexpr(1024)
@@ -252,7 +252,8 @@ def token_kernel(
     QUANTILE: tl.constexpr = BUDGET == BUDGET_QUANTILE
     PER_SEQ_MEAN: tl.constexpr = MODE == AGG_SEQ_MEAN_TOKEN_MEAN  # d loss / d L_i has a factor 1 / n_i
     PREPASS: tl.constexpr = needs_prepass(METHOD, BUDGET, HORIZON, MODE, HAS_MASK)
-    ticket = tl.atomic_add(counter_ptr + COUNT_TICKET, 1)
+    ticket = tl.atomic_add(counter_ptr + COUNT_TICKET, 1, sem="relaxed")  # start order, nothing published
+    CHUNK_STEP: tl.constexpr = CHUNK_ROWS // ROWS  # earlier chunks read at once
     if PREPASS:  # the pre-pass items first, then the deciding ones
         items = tl.num_programs(0) // 2
         is_prepass = ticket < items
@@ -279,7 +280,7 @@ def token_kernel(
     quantile_scale = tl.load(params_ptr + P_QUANTILE_SCALE)
 
     if (tile >= num_tiles) | (chunk >= num_chunks) | (chunk < 0):  # a gap: no chunk here
-        publish(counter_ptr, ticket, DONE)
+        finish_item(counter_ptr, ticket)
     elif is_prepass:
         if PREPASS:
             n, last, n_lo, n_hi, key_min, key_max = _prepass(
@@ -308,19 +309,25 @@ def token_kernel(
             n_hi = tl.zeros([ROWS], dtype=tl.int32)
             key_lo = tl.full([ROWS], INT32_MAX, dtype=tl.int32)
             key_hi = tl.full([ROWS], INT32_MIN, dtype=tl.int32)
-            for c in range(0, num_chunks):
-                index = item_index(tile, c, first_over, num_tiles)
-                wait_for(counter_ptr, index, DONE)
-                rows = scratch_rows(scratch, index, ROWS)
-                n_valid += tl.load(rows + ITEM_N, cache_modifier=".cg").to(tl.int32)
-                last_max = tl.maximum(last_max, tl.load(rows + ITEM_LAST, cache_modifier=".cg"))
+            for c0 in range(0, num_chunks, CHUNK_STEP):
+                rows, ok = wait_for_chunks(counter_ptr, scratch, 0, tile, first_over, num_tiles, c0, num_chunks,
+                                           DONE, ROWS, CHUNK_STEP)
+                ok = ok[:, None]
+                n_valid += tl.sum(tl.load(rows + ITEM_N, mask=ok, other=0.0, cache_modifier=".cg").to(tl.int32),
+                                  axis=0)
+                last_max = tl.maximum(last_max, tl.max(tl.load(rows + ITEM_LAST, mask=ok, other=0.0,
+                                                               cache_modifier=".cg"), axis=0))
                 if QUANTILE:
-                    n_lo += tl.load(rows + ITEM_LO, cache_modifier=".cg").to(tl.int32)
-                    n_hi += tl.load(rows + ITEM_HI, cache_modifier=".cg").to(tl.int32)
-                    key_lo = tl.minimum(key_lo, tl.load(rows + ITEM_KEY_MIN, cache_modifier=".cg")
-                                        .to(tl.int32, bitcast=True))
-                    key_hi = tl.maximum(key_hi, tl.load(rows + ITEM_KEY_MAX, cache_modifier=".cg")
-                                        .to(tl.int32, bitcast=True))
+                    n_lo += tl.sum(tl.load(rows + ITEM_LO, mask=ok, other=0.0, cache_modifier=".cg")
+                                   .to(tl.int32), axis=0)
+                    n_hi += tl.sum(tl.load(rows + ITEM_HI, mask=ok, other=0.0, cache_modifier=".cg")
+                                   .to(tl.int32), axis=0)
+                    low = tl.load(rows + ITEM_KEY_MIN, mask=ok, other=0.0, cache_modifier=".cg")
+                    high = tl.load(rows + ITEM_KEY_MAX, mask=ok, other=0.0, cache_modifier=".cg")
+                    key_lo = tl.minimum(key_lo, tl.min(tl.where(ok, low.to(tl.int32, bitcast=True), INT32_MAX),
+                                                       axis=0))
+                    key_hi = tl.maximum(key_hi, tl.max(tl.where(ok, high.to(tl.int32, bitcast=True), INT32_MIN),
+                                                       axis=0))
             if HAS_MASK:
                 last = last_max
         offset = tl.zeros([ROWS], dtype=tl.int64)
@@ -389,13 +396,13 @@ def token_kernel(
                 tl.store(own + ITEM_S, s)
                 tl.store(own + ITEM_W, w)
                 publish(counter_ptr, ticket, READY_SUMS)
-            for c in range(0, chunk):  # in chunk order: every chunk of a sequence adds the same numbers alike
-                index = decide_base + item_index(tile, c, first_over, num_tiles)
-                wait_for(counter_ptr, index, READY_SUMS)
-                rows = scratch_rows(scratch, index, ROWS)
-                carry_slack += tl.load(rows + ITEM_SLACK, cache_modifier=".cg")
-                carry_s += tl.load(rows + ITEM_S, cache_modifier=".cg")
-                carry_w += tl.load(rows + ITEM_W, cache_modifier=".cg")
+            for c0 in range(0, chunk, CHUNK_STEP):  # the same tree of sums in every run
+                rows, ok = wait_for_chunks(counter_ptr, scratch, decide_base, tile, first_over, num_tiles, c0,
+                                           chunk, READY_SUMS, ROWS, CHUNK_STEP)
+                ok = ok[:, None]
+                carry_slack += tl.sum(tl.load(rows + ITEM_SLACK, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+                carry_s += tl.sum(tl.load(rows + ITEM_S, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+                carry_w += tl.sum(tl.load(rows + ITEM_W, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
 
         # ---- per-token mask, loss and gradient; the chunk's per-sequence sums ----
         if ADV_PER_SEQ:
@@ -462,11 +469,12 @@ def token_kernel(
             publish(counter_ptr, ticket, READY_STATS)
         else:
             total = tl.zeros([ROWS, STATS_POW2], dtype=tl.float32)
-            for c in range(0, chunk):  # in chunk order
-                index = decide_base + item_index(tile, c, first_over, num_tiles)
-                wait_for(counter_ptr, index, READY_STATS)
-                total += tl.load(scratch_rows(scratch, index, ROWS)[:, None] + ITEM_STATS + cols, mask=in_stats,
-                                 other=0.0, cache_modifier=".cg")
+            for c0 in range(0, chunk, CHUNK_STEP):  # the same tree of sums in every run
+                rows, ok = wait_for_chunks(counter_ptr, scratch, decide_base, tile, first_over, num_tiles, c0,
+                                           chunk, READY_STATS, ROWS, CHUNK_STEP)
+                total += tl.sum(tl.load(rows[:, :, None] + ITEM_STATS + cols[None, :, :],
+                                        mask=ok[:, None, None] & in_stats[None, :, :], other=0.0,
+                                        cache_modifier=".cg"), axis=0)
             total += stats
             n_tokens = tl.sum(tl.where(cols == STAT_TOKENS, total, 0.0), axis=1)
             total = tl.where(cols == STAT_DELTA_B, tl.where(n_tokens > 0, db, 0.0)[:, None], total)
@@ -479,7 +487,7 @@ def token_kernel(
                 tl.store(shard_row + SHARD_FINAL + STATE_SLACK, carry_slack + poison, mask=seq_ok)
                 tl.store(shard_row + SHARD_FINAL + STATE_S, carry_s + poison, mask=seq_ok)
                 tl.store(shard_row + SHARD_FINAL + STATE_W, carry_w + poison, mask=seq_ok)
-            publish(counter_ptr, ticket, DONE)
+            finish_item(counter_ptr, ticket)
     # ---- the reduction, by the last program to finish (the others' stats are then in memory) ----
     tl.debug_barrier()  # every thread's stores are issued before this program counts itself done
     done = tl.atomic_add(counter_ptr + COUNT_DONE, 1, sem="acq_rel")
