@@ -145,9 +145,10 @@ def wait_for_chunks(counter_ptr, scratch_ptr, base, tile, first_over, num_tiles,
     c = c0 + tl.arange(0, CHUNK_STEP)
     ok = c < count
     index = base + item_index(tile, c, first_over, num_tiles)
-    seen = tl.atomic_add(counter_ptr + FLAGS + index, 0, mask=ok, sem="acquire")
-    while tl.min(tl.where(ok, seen, state), axis=0) < state:
+    ready = tl.zeros([], dtype=tl.int32)  # a scalar carried by the loop (a vector one breaks Triton 3.6)
+    while ready == 0:
         seen = tl.atomic_add(counter_ptr + FLAGS + index, 0, mask=ok, sem="acquire")
+        ready = (tl.min(tl.where(ok, seen, state), axis=0) >= state).to(tl.int32)
     return scratch_ptr + (index.to(tl.int64)[:, None] * ROWS + tl.arange(0, ROWS)[None, :]) * ITEM_WIDTH, ok
 
 

@@ -472,9 +472,9 @@ def token_kernel(
             for c0 in range(0, chunk, CHUNK_STEP):  # the same tree of sums in every run
                 rows, ok = wait_for_chunks(counter_ptr, scratch, decide_base, tile, first_over, num_tiles, c0,
                                            chunk, READY_STATS, ROWS, CHUNK_STEP)
-                total += tl.sum(tl.load(rows[:, :, None] + ITEM_STATS + cols[None, :, :],
-                                        mask=ok[:, None, None] & in_stats[None, :, :], other=0.0,
-                                        cache_modifier=".cg"), axis=0)
+                for j in tl.static_range(NUM_STATS):  # a column at a time: `[chunks, rows]` loads
+                    part = tl.load(rows + ITEM_STATS + j, mask=ok[:, None], other=0.0, cache_modifier=".cg")
+                    total = tl.where(cols == j, total + tl.sum(part, axis=0)[:, None], total)
             total += stats
             n_tokens = tl.sum(tl.where(cols == STAT_TOKENS, total, 0.0), axis=1)
             total = tl.where(cols == STAT_DELTA_B, tl.where(n_tokens > 0, db, 0.0)[:, None], total)
