@@ -7,13 +7,13 @@ import torch
 
 from ptr_kernels import PolicyLossConfig, policy_loss
 from ptr_kernels.benchmark.host import stubbed_triton_launches
-from ptr_kernels.ops import chunks, token
+from ptr_kernels.ops import ids, token
 from ptr_kernels.ops.autograd import triton_policy_loss
 from ptr_kernels.testing.cases import Case
 
 from test_triton_kernel import check_case
 
-CHUNK = chunks.CHUNK.value
+CHUNK = ids.CHUNK.value
 # sequences of one token to several chunks, and an empty one, each boundary on both sides
 LENGTHS = (1, CHUNK - 1, CHUNK, CHUNK + 1, 0, 2 * CHUNK + 5)
 CONFIGS = {

@@ -30,7 +30,10 @@ def environment(device: torch.device) -> dict:
 
 
 def git_commit() -> str:
-    """Short commit of the package's checkout (+"-dirty"), or $PTR_KERNELS_COMMIT, or "unknown"."""
+    """$PTR_KERNELS_COMMIT when set (a copy of the tree whose git metadata may be another commit's), else the
+    short commit of the package's checkout (+"-dirty"), or "unknown"."""
+    if os.environ.get("PTR_KERNELS_COMMIT"):
+        return os.environ["PTR_KERNELS_COMMIT"]
     root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -39,7 +42,7 @@ def git_commit() -> str:
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("PTR_KERNELS_COMMIT", "unknown")
+        return "unknown"
 
 
 class CsvSink:

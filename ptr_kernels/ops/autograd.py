@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 from .. import carried_state
 from ..carried_state import check_carried_state
 from ..layout import check_inputs, resolve_loss_scale_factor
-from . import chunks, reduce, token
+from . import chunks, ids, reduce, token
 from .plan import KernelPlan, decode_config, encode_config, kernel_plan, layout_constexprs
 
 
@@ -55,7 +55,7 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     # a batch without sequences still launches) and the work items' rows
     grad = torch.empty_like(log_prob, dtype=torch.float32, memory_format=torch.contiguous_format)
     loss = grad.new_empty(())
-    sums = grad.new_empty(reduce.OUT_WIDTH.value + max(num_seqs, 1) * token.NUM_STATS.value
+    sums = grad.new_empty(ids.OUT_WIDTH.value + max(num_seqs, 1) * ids.NUM_STATS.value
                           + token.scratch_size(grid, constexprs))
     shard = None
     if output_final_state or initial_state is not None or position_offset is not None \
@@ -71,7 +71,7 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
                               constexprs=constexprs,
                               reduction=reduce.reduction_arguments(constexprs["MODE"], loss_scale_factor,
                                                                    normalizers))
-    aux = sums[:plan.aux_size]  # OUT_AUX = 0
+    aux = sums[:plan.aux_size]  # ids.OUT_AUX = 0
     if output_final_state:  # a tensor of its own, not a view that would keep the shard rows alive
         return loss, aux, grad, shard[:, carried_state.SHARD_FINAL:].clone()
     return loss, aux, grad
@@ -154,7 +154,7 @@ def _(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_
 
 @torch.library.custom_op("ptr_kernels::scale_grad", mutates_args=())
 def scale_grad_op(grad: torch.Tensor, upstream: torch.Tensor, aux: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """grad * upstream * aux[AUX_SCALE] in `dtype` (one launch)."""
+    """grad * upstream * aux[ids.AUX_SCALE] in `dtype` (one launch)."""
     return reduce.scale_grad(grad, upstream, aux, dtype)
 
 

@@ -23,34 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import AGG_SEQ_MEAN_TOKEN_MEAN, BUDGET_QUANTILE, HORIZON_LAST, METHOD_CPPO, NUM_STATS
+from . import ids
 
-CHUNK = tl.constexpr(4096)  # positions of a sequence per work item (a multiple of every BLOCK)
-CHUNK_ROWS = tl.constexpr(256)  # chunks x rows read at once when a chunk reads the rows of the earlier ones
-# the int32 launch state: the count of finished programs, the next ticket, then a flag per ticket
-COUNT_DONE = tl.constexpr(0)
-COUNT_TICKET = tl.constexpr(1)
-FLAGS = tl.constexpr(2)
-# an item's flag: delta_b_i published (chunk 0, when it selected the quantile), the chunk's budget sums, its
-# statistics; DONE (= READY_STATS) ends every item, pre-pass or gap, so a wait never outlives its item
-READY_DELTA_B = tl.constexpr(1)
-READY_SUMS = tl.constexpr(2)
-READY_STATS = tl.constexpr(3)
-DONE = tl.constexpr(3)
-# scratch per item and sequence (float32; counts and order keys as their bits): the pre-pass' counts, or the
-# budget sums, delta_b_i and the statistics of a deciding item
-ITEM_N = tl.constexpr(0)
-ITEM_LAST = tl.constexpr(1)
-ITEM_LO = tl.constexpr(2)
-ITEM_HI = tl.constexpr(3)
-ITEM_KEY_MIN = tl.constexpr(4)
-ITEM_KEY_MAX = tl.constexpr(5)
-ITEM_SLACK = tl.constexpr(0)
-ITEM_S = tl.constexpr(1)
-ITEM_W = tl.constexpr(2)
-ITEM_DELTA_B = tl.constexpr(3)
-ITEM_STATS = tl.constexpr(4)
-ITEM_WIDTH = tl.constexpr(4 + NUM_STATS.value)
+
 MIN_FLAGS = 1 << 16
 
 
@@ -58,8 +33,8 @@ MIN_FLAGS = 1 << 16
 def needs_prepass(method, budget, horizon, mode, has_mask):
     """Whether a token's decision needs its whole sequence first: the calibrated delta_b_i, or (under a mask) n_i
     for seq-mean-token-mean or cppo's T_w = the last valid position."""
-    return budget == BUDGET_QUANTILE.value or (has_mask and (
-        mode == AGG_SEQ_MEAN_TOKEN_MEAN.value or (method == METHOD_CPPO.value and horizon == HORIZON_LAST.value)))
+    return budget == ids.BUDGET_QUANTILE.value or (has_mask and (
+        mode == ids.AGG_SEQ_MEAN_TOKEN_MEAN.value or (method == ids.METHOD_CPPO.value and horizon == ids.HORIZON_LAST.value)))
 
 
 @triton.jit
@@ -76,8 +51,8 @@ def work_item(cu_ptr, item, num_tiles, extent, ROWS: tl.constexpr, PACKED: tl.co
 
     Items below num_tiles are chunk 0 of that tile. The overflow items of tile t are num_tiles + o(t) + c - 1
     for its chunks c >= 1: o(t) = t (chunks per row - 1) for padded rows (every tile has the same chunks),
-    or start(t) // CHUNK for packed ones, which leaves room for them (a tile of sum L tokens has at most
-    L // CHUNK chunks beyond its first), found by bisection over the tiles. An overflow item beyond its tile's
+    or start(t) // ids.CHUNK for packed ones, which leaves room for them (a tile of sum L tokens has at most
+    L // ids.CHUNK chunks beyond its first), found by bisection over the tiles. An overflow item beyond its tile's
     chunks is a gap (chunk >= the tile's chunks)."""
     is_main = item < num_tiles
     over = (item - num_tiles).to(tl.int64)
@@ -88,13 +63,13 @@ def work_item(cu_ptr, item, num_tiles, extent, ROWS: tl.constexpr, PACKED: tl.co
             hi = tl.maximum(num_tiles - 1, 0).to(tl.int64)
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                below = tile_start(cu_ptr, mid, extent, ROWS, PACKED) // CHUNK <= over
+                below = tile_start(cu_ptr, mid, extent, ROWS, PACKED) // ids.CHUNK <= over
                 lo = tl.where(below, mid, lo)
                 hi = tl.where(below, hi, mid - 1)
             tile = lo
-        first_over = tile_start(cu_ptr, tile, extent, ROWS, PACKED) // CHUNK
+        first_over = tile_start(cu_ptr, tile, extent, ROWS, PACKED) // ids.CHUNK
     else:
-        later = tl.maximum(tl.cdiv(extent, CHUNK), 1).to(tl.int64) - 1  # chunks per row after the first
+        later = tl.maximum(tl.cdiv(extent, ids.CHUNK), 1).to(tl.int64) - 1  # chunks per row after the first
         if item >= num_tiles:
             tile = over // tl.maximum(later, 1)
         first_over = tile * later
@@ -111,29 +86,29 @@ def item_index(tile, chunk, first_over, num_tiles):
 @triton.jit
 def scratch_rows(scratch_ptr, index, ROWS: tl.constexpr):
     """Pointers `[ROWS]` to the scratch rows of item `index` (a ticket: pre-pass and deciding items apart)."""
-    return scratch_ptr + (index.to(tl.int64) * ROWS + tl.arange(0, ROWS)) * ITEM_WIDTH
+    return scratch_ptr + (index.to(tl.int64) * ROWS + tl.arange(0, ROWS)) * ids.ITEM_WIDTH
 
 
 @triton.jit
 def publish(counter_ptr, index, state):
     """Raise item `index`'s flag to `state` once every thread's stores before are issued (release)."""
     tl.debug_barrier()
-    tl.atomic_xchg(counter_ptr + FLAGS + index, state, sem="release")
+    tl.atomic_xchg(counter_ptr + ids.FLAGS + index, state, sem="release")
 
 
 @triton.jit
 def finish_item(counter_ptr, index):
-    """Item `index` is DONE with nothing more to hand on (relaxed: no data is published with it); a flag that
+    """Item `index` is ids.DONE with nothing more to hand on (relaxed: no data is published with it); a flag that
     only ends the waits of items mapped onto it by bad packed offsets."""
-    tl.atomic_xchg(counter_ptr + FLAGS + index, DONE, sem="relaxed")
+    tl.atomic_xchg(counter_ptr + ids.FLAGS + index, ids.DONE, sem="relaxed")
 
 
 @triton.jit
 def wait_for(counter_ptr, index, state):
     """Spin until item `index`'s flag is at least `state` (acquire); read its rows with `.cg` loads after."""
-    seen = tl.atomic_add(counter_ptr + FLAGS + index, 0, sem="acquire")
+    seen = tl.atomic_add(counter_ptr + ids.FLAGS + index, 0, sem="acquire")
     while seen < state:
-        seen = tl.atomic_add(counter_ptr + FLAGS + index, 0, sem="acquire")
+        seen = tl.atomic_add(counter_ptr + ids.FLAGS + index, 0, sem="acquire")
 
 
 @triton.jit
@@ -147,9 +122,9 @@ def wait_for_chunks(counter_ptr, scratch_ptr, base, tile, first_over, num_tiles,
     index = base + item_index(tile, c, first_over, num_tiles)
     ready = tl.zeros([], dtype=tl.int32)  # a scalar carried by the loop (a vector one breaks Triton 3.6)
     while ready == 0:
-        seen = tl.atomic_add(counter_ptr + FLAGS + index, 0, mask=ok, sem="acquire")
+        seen = tl.atomic_add(counter_ptr + ids.FLAGS + index, 0, mask=ok, sem="acquire")
         ready = (tl.min(tl.where(ok, seen, state), axis=0) >= state).to(tl.int32)
-    return scratch_ptr + (index.to(tl.int64)[:, None] * ROWS + tl.arange(0, ROWS)[None, :]) * ITEM_WIDTH, ok
+    return scratch_ptr + (index.to(tl.int64)[:, None] * ROWS + tl.arange(0, ROWS)[None, :]) * ids.ITEM_WIDTH, ok
 
 
 @triton.jit
@@ -157,17 +132,17 @@ def reset_launch_state(counter_ptr, num_flags):
     """The last program: every flag, the ticket and the count back to 0 for the next launch."""
     for off in range(0, num_flags, 1024):
         i = off + tl.arange(0, 1024)
-        tl.store(counter_ptr + FLAGS + i, tl.zeros([1024], dtype=tl.int32), mask=i < num_flags)
-    tl.store(counter_ptr + COUNT_TICKET, 0)  # the launch's end makes these visible to the next one
-    tl.store(counter_ptr + COUNT_DONE, 0)
+        tl.store(counter_ptr + ids.FLAGS + i, tl.zeros([1024], dtype=tl.int32), mask=i < num_flags)
+    tl.store(counter_ptr + ids.COUNT_TICKET, 0)  # the launch's end makes these visible to the next one
+    tl.store(counter_ptr + ids.COUNT_DONE, 0)
 
 
 def num_items(packed: bool, num_seqs: int, extent: int, rows: int) -> int:
     """Work items of one stage (shapes only, no sync): a main item per tile, and room for the later chunks."""
     tiles = -(-num_seqs // rows)
     if packed:
-        return tiles + extent // CHUNK.value
-    return tiles * max(-(-extent // CHUNK.value), 1)
+        return tiles + extent // ids.CHUNK.value
+    return tiles * max(-(-extent // ids.CHUNK.value), 1)
 
 
 def launch_state(device: torch.device, grid: int) -> torch.Tensor:
@@ -176,8 +151,8 @@ def launch_state(device: torch.device, grid: int) -> torch.Tensor:
     capture). Launches in one stream run in order and share it; two losses running at once on two streams of
     one device would not (docs/kernels.md)."""
     state = _STATES.get(device)
-    if state is None or state.numel() < FLAGS.value + grid:
-        state = _STATES[device] = torch.zeros(FLAGS.value + max(2 * grid, MIN_FLAGS), dtype=torch.int32,
+    if state is None or state.numel() < ids.FLAGS.value + grid:
+        state = _STATES[device] = torch.zeros(ids.FLAGS.value + max(2 * grid, MIN_FLAGS), dtype=torch.int32,
                                               device=device)
     elif device.type == "cpu":  # the interpreter: a launch stopped part-way (an exception, Ctrl-C) left counts
         state.zero_()

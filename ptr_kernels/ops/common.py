@@ -1,9 +1,9 @@
-"""Shared `@triton.jit` pieces of every kernel: branch ids, statistics columns, loads, divergences and THE
+"""Shared `@triton.jit` pieces of every kernel: loads, divergences, order keys, tiles of positions and THE
 trust-region step (docs/math.md sections 2-5).
 
 Every kernel that decides a token's mask calls `trust_region_step`; the token kernel gets D from
-`binary_divergence`, the from-logits path hands it a D computed over the vocabulary. Branch ids are named
-`tl.constexpr`s, used as such inside the kernels; the host encodes a config into them in `ops/plan.py`.
+`binary_divergence`, the from-logits path hands it a D computed over the vocabulary. Branch ids and columns are
+`ops/ids.py`'s, read as `ids.NAME`; the host encodes a config into them in `ops/plan.py`.
 """
 
 from __future__ import annotations
@@ -11,82 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .. import carried_state
-
-# ---- branch ids (compile-time) ----
-METHOD_CPPO = tl.constexpr(0)
-METHOD_DPPO = tl.constexpr(1)
-METHOD_PPO = tl.constexpr(2)
-DIV_BINARY_TV = tl.constexpr(0)  # |pi - mu|
-DIV_BINARY_KL = tl.constexpr(1)  # KL(mu || pi) on {y_t, rest}
-DIV_GIVEN = tl.constexpr(2)  # read from memory (the from-logits path computes Top-K divergences)
-GATE_HARD = tl.constexpr(0)
-GATE_SOFT = tl.constexpr(1)
-SURROGATE_RATIO = tl.constexpr(0)  # -A r M
-SURROGATE_LOGP = tl.constexpr(1)  # -A sg(min(r, cap)) log_prob M
-# where T_w comes from: the last valid position, an int horizon (params), the padded row width, the longest
-# packed sequence, or per sequence from the carried state (a shard of a longer sequence, docs/math.md section 8)
-HORIZON_LAST = tl.constexpr(0)
-HORIZON_ARG = tl.constexpr(1)
-HORIZON_MAX_LEN = tl.constexpr(2)
-HORIZON_GIVEN = tl.constexpr(3)
-HORIZON_WIDTH = tl.constexpr(4)
-# where delta_b_i comes from: the config's delta_b, the calibrated quantile, or the carried state (a shard)
-BUDGET_FIXED = tl.constexpr(0)
-BUDGET_QUANTILE = tl.constexpr(1)
-BUDGET_GIVEN = tl.constexpr(2)
-# loss_agg_mode, in the order of config.LOSS_AGG_MODES
-AGG_TOKEN_MEAN = tl.constexpr(0)
-AGG_TOKEN_SUM = tl.constexpr(1)
-AGG_SEQ_MEAN_TOKEN_SUM = tl.constexpr(2)
-AGG_SEQ_MEAN_TOKEN_MEAN = tl.constexpr(3)
-AGG_SEQ_MEAN_TOKEN_SUM_NORM = tl.constexpr(4)
-
-# ---- per-sequence statistics `[S, NUM_STATS]` written by the token kernel, read by the reduction ----
-STAT_LOSS = tl.constexpr(0)  # L_i
-STAT_TOKENS = tl.constexpr(1)  # n_i
-STAT_REJ_TOKEN = tl.constexpr(2)  # rejected by the token threshold (ppo: clipped)
-STAT_REJ_BUDGET = tl.constexpr(3)  # rejected by the prefix budget only
-STAT_CLIP_LOW = tl.constexpr(4)
-STAT_CLIP_HIGH = tl.constexpr(5)
-STAT_CLIP_DUAL = tl.constexpr(6)
-STAT_KL = tl.constexpr(7)  # sum of -x_t (the clamped log-ratio)
-STAT_DIV = tl.constexpr(8)  # sum of D
-STAT_DELTA_B = tl.constexpr(9)  # delta_b_i (0 for an empty sequence)
-STAT_RATIO_CAPPED = tl.constexpr(10)  # kept with r_t > ratio_cap (cppo, dppo)
-NUM_STATS = tl.constexpr(11)
-
-# ---- a shard of a longer sequence: `[S, SHARD_WIDTH]` float64 per sequence (layout: carried_state.py) ----
-STATE_SLACK = tl.constexpr(carried_state.STATE_SLACK)  # sum w (delta_b_i - D) = delta_b_i W - S
-STATE_S = tl.constexpr(carried_state.STATE_S)  # S = sum w D
-STATE_W = tl.constexpr(carried_state.STATE_W)  # W = sum w
-STATE_WIDTH = tl.constexpr(carried_state.STATE_WIDTH)
-SHARD_OFFSET = tl.constexpr(carried_state.SHARD_OFFSET)  # global position of the shard's first position
-SHARD_LENGTH = tl.constexpr(carried_state.SHARD_LENGTH)  # T_w of the whole sequence
-SHARD_DELTA_B = tl.constexpr(carried_state.SHARD_DELTA_B)  # delta_b_i of the whole sequence
-SHARD_FINAL = tl.constexpr(carried_state.SHARD_FINAL)  # first of the STATE_WIDTH columns written: the state after
-SHARD_WIDTH = tl.constexpr(carried_state.SHARD_WIDTH)
-
-# ---- the config's run-time numbers: one float32 `params [NUM_PARAMS]` per (config, device), ops/plan.py ----
-P_DELTA = tl.constexpr(0)
-P_DELTA_LOW = tl.constexpr(1)
-P_DELTA_HIGH = tl.constexpr(2)
-P_W_MIN = tl.constexpr(3)
-P_DELTA_B = tl.constexpr(4)
-P_QUANTILE = tl.constexpr(5)
-P_QUANTILE_SCALE = tl.constexpr(6)
-P_DELTA_B_HI = tl.constexpr(7)  # delta_b_max_mult * delta_b
-P_RATIO_CAP = tl.constexpr(8)
-P_LOG_RATIO_CLAMP = tl.constexpr(9)  # inf when off
-P_RATIO_LO = tl.constexpr(10)  # 1 - clip_ratio_low
-P_RATIO_HI = tl.constexpr(11)  # 1 + clip_ratio_high
-P_CLIP_C = tl.constexpr(12)  # inf when off
-P_HORIZON = tl.constexpr(13)  # an int length_mode (HORIZON_ARG)
-NUM_PARAMS = tl.constexpr(14)
-
-INT32_MAX = tl.constexpr(2147483647)
-INT32_MIN = tl.constexpr(-2147483648)
-
+from . import ids
 
 @triton.jit
 def valid_positions(mask_ptr, offs, inside, HAS_MASK: tl.constexpr):
@@ -132,7 +57,7 @@ def one_minus_exp(x):
 @triton.jit
 def binary_divergence(lp, olp, valid, DIVERGENCE: tl.constexpr):
     """D_t (docs/math.md section 2) between pi = exp(lp) and mu = exp(olp), 0 at masked positions."""
-    if DIVERGENCE == DIV_BINARY_KL:
+    if DIVERGENCE == ids.DIV_BINARY_KL:
         # 1 - pi and 1 - mu near 0 decide the second term: compute them without cancellation
         d = tl.exp(olp) * (olp - lp) + one_minus_exp(olp) * tl.log(
             (one_minus_exp(olp) + 1e-8) / (one_minus_exp(lp) + 1e-8))
@@ -184,17 +109,17 @@ def trust_region_step(
     Returns `(loss, grad, rejected_token, rejected_budget, clip_low, clip_high, clip_dual, carry_slack,
     carry_s, carry_w)`: l_t and d l_t / d lp (0 at masked positions), the metric flags, the new carries.
     """
-    delta = tl.load(params_ptr + P_DELTA)
+    delta = tl.load(params_ptr + ids.P_DELTA)
     toward = adv * x <= 0.0  # moves back toward the rollout policy are always kept
     none = valid & ~valid  # flags a method does not set stay False
     rej_budget = none
     clip_low = none
     clip_high = none
     clip_dual = none
-    if METHOD == METHOD_PPO:  # clip, clip-higher, dual clip (clip_c = inf when off)
-        ratio_lo = tl.load(params_ptr + P_RATIO_LO)
-        ratio_hi = tl.load(params_ptr + P_RATIO_HI)
-        clip_c = tl.load(params_ptr + P_CLIP_C)
+    if METHOD == ids.METHOD_PPO:  # clip, clip-higher, dual clip (clip_c = inf when off)
+        ratio_lo = tl.load(params_ptr + ids.P_RATIO_LO)
+        ratio_hi = tl.load(params_ptr + ids.P_RATIO_HI)
+        clip_c = tl.load(params_ptr + ids.P_CLIP_C)
         r_clip = nan_min(nan_max(r, ratio_lo), ratio_hi)
         unclipped = -adv * r
         clipped = -adv * r_clip
@@ -210,7 +135,7 @@ def trust_region_step(
         clip_dual = valid & (adv < 0.0) & (tl.maximum(r, r_clip) > clip_c)
         rej_token = clip_low | clip_high | clip_dual
     else:
-        if METHOD == METHOD_CPPO:
+        if METHOD == ids.METHOD_CPPO:
             step = weight * d
             # c_t = min(delta, delta + delta_b W_{t-1} - S_{t-1}), the budget as one running sum of
             # w (delta_b - D): an exclusive scan = inclusive cumsum minus the element, plus the carry
@@ -220,7 +145,7 @@ def trust_region_step(
             inside = step <= limit
             rej_token = valid & ~toward & (step > delta)
             rej_budget = valid & ~toward & ~inside & ~rej_token
-            if GATE == GATE_SOFT:
+            if GATE == ids.GATE_SOFT:
                 s_prev = carry_s[:, None] + (tl.cumsum(step, axis=1) - step)
                 w_prev = carry_w[:, None] + (tl.cumsum(weight, axis=1) - weight)
                 z = nan_max(step / delta, (s_prev + step) / (delta + delta_b[:, None] * w_prev))
@@ -230,24 +155,24 @@ def trust_region_step(
                 gate = tl.where(z != z, z, gate)
             else:
                 gate = (toward | inside).to(tl.float32)
-            if GATE == GATE_SOFT or CARRY_SW:
+            if GATE == ids.GATE_SOFT or CARRY_SW:
                 carry_s += tl.sum(step, axis=1)
                 carry_w += tl.sum(weight, axis=1)
             gate = tl.where(limit != limit, limit, gate)  # a NaN budget (state, delta_b or a D before) shows
             carry_slack += tl.sum(slack_step, axis=1)
         else:  # dppo
-            threshold = tl.where(adv > 0.0, tl.load(params_ptr + P_DELTA_HIGH), tl.load(params_ptr + P_DELTA_LOW))
+            threshold = tl.where(adv > 0.0, tl.load(params_ptr + ids.P_DELTA_HIGH), tl.load(params_ptr + ids.P_DELTA_LOW))
             inside = d <= threshold
             rej_token = valid & ~toward & ~inside
             gate = (toward | inside).to(tl.float32)
-        if SURROGATE == SURROGATE_LOGP:
-            capped = nan_min(r, tl.load(params_ptr + P_RATIO_CAP))
+        if SURROGATE == ids.SURROGATE_LOGP:
+            capped = nan_min(r, tl.load(params_ptr + ids.P_RATIO_CAP))
             grad = -adv * capped * gate
             loss = grad * lp
         else:
             loss = -adv * r * gate
             grad = loss * dx
-    if METHOD != METHOD_PPO:  # a NaN divergence (given from logits) must show too, not read as "rejected"
+    if METHOD != ids.METHOD_PPO:  # a NaN divergence (given from logits) must show too, not read as "rejected"
         loss = tl.where(d != d, d, loss)
         grad = tl.where(d != d, d, grad)
     # a zero advantage contributes exactly 0, even where exp overflowed (0 * inf) or the budget is NaN, unless
@@ -256,3 +181,29 @@ def trust_region_step(
     loss = tl.where(counts, loss, 0.0)
     grad = tl.where(counts, grad, 0.0)
     return loss, grad, rej_token, rej_budget, clip_low, clip_high, clip_dual, carry_slack, carry_s, carry_w
+
+
+@triton.jit
+def tile_positions(start, length, off, BLOCK: tl.constexpr):
+    """Positions `[1, BLOCK]` (0-based in the sequence), in-sequence flags and int64 offsets `[ROWS, BLOCK]`."""
+    pos = off + tl.arange(0, BLOCK)[None, :]
+    inside = pos < length[:, None]
+    return pos, inside, start[:, None] + pos
+
+
+@triton.jit
+def divergence_tile(lp_ptr, olp_ptr, div_ptr, offs, valid, DIVERGENCE: tl.constexpr):
+    """D over one tile: given (from-logits path) or binary from log_prob and old_log_prob."""
+    if DIVERGENCE == ids.DIV_GIVEN:
+        return load_zeroed(div_ptr, offs, valid)
+    return binary_divergence(load_zeroed(lp_ptr, offs, valid), load_zeroed(olp_ptr, offs, valid), valid,
+                             DIVERGENCE)
+
+
+@triton.jit
+def tile_keys(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, off,
+               DIVERGENCE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """Order keys of D over one tile, and the validity of each position."""
+    pos, inside, offs = tile_positions(start, length, off, BLOCK)
+    valid = valid_positions(mask_ptr, offs, inside, HAS_MASK)
+    return order_key(divergence_tile(lp_ptr, olp_ptr, div_ptr, offs, valid, DIVERGENCE)), valid

@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 from ..config import LOGIT_DIVERGENCES
 from ..layout import Layout, resolve_loss_scale_factor
 from . import logits as logits_ops
-from . import reduce
+from . import ids, reduce
 from .autograd import check_device, contiguous, finish, fused_forward
 from .plan import decode_config, encode_config, kernel_plan
 
@@ -157,7 +157,7 @@ def _topk_id(config) -> int:
     """The logits kernel's TOPK branch id of `config.divergence`."""
     if config.divergence in LOGIT_DIVERGENCES:
         return logits_ops.TOPK_IDS[config.divergence]
-    return logits_ops.TOPK_NONE.value
+    return ids.TOPK_NONE.value
 
 
 def triton_policy_loss_from_logits(logits, input_ids, old_log_prob, advantages, response_mask, *, layout: Layout,

@@ -23,6 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from ..config import LOGIT_DIVERGENCES
 from ..layout import Layout, resolve_loss_scale_factor
+from . import ids
 from . import logits as logits_ops
 from .autograd import check_device, contiguous, finish, fused_forward
 from .from_logits import _masked_mean
@@ -189,7 +190,7 @@ def triton_policy_loss_from_hidden(hidden, weight, bias, input_ids, old_log_prob
     topk_ids, topk_log_probs = (rollout_topk_ids, rollout_topk_log_probs) if topk else (None, None)
     loss_scale_factor = float(resolve_loss_scale_factor(config.loss_agg_mode, config.loss_scale_factor, layout) or 0)
     options = dict(plan=kernel_plan(config, topk), temperature=float(temperature),
-                   topk=logits_ops.TOPK_IDS.get(config.divergence, logits_ops.TOPK_NONE.value),
+                   topk=logits_ops.TOPK_IDS.get(config.divergence, ids.TOPK_NONE.value),
                    chunk=chunk_size or default_chunk_size(weight.shape[0], weight.dtype, hidden.device),
                    adv_per_seq=layout.adv_per_seq, loss_scale_factor=loss_scale_factor,
                    normalizers=(dp_size, batch_num_tokens, global_batch_size))

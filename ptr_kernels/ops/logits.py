@@ -24,14 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference_logits
-from .reduce import AUX_SCALE
+from . import ids
 
-TOPK_NONE = tl.constexpr(0)  # a binary divergence: the token kernel computes it from log_prob itself
-TOPK_TV = tl.constexpr(1)
-TOPK_KL = tl.constexpr(2)
-TOPK_IDS = {"topk_tv": TOPK_TV.value, "topk_kl": TOPK_KL.value}
-OTHER_FLOOR = tl.constexpr(reference_logits.OTHER_FLOOR)  # p(other) floor, for mu and pi (docs/math.md section 7)
+TOPK_IDS = {"topk_tv": ids.TOPK_TV.value, "topk_kl": ids.TOPK_KL.value}
 MAX_BLOCK_V = 4096
 
 
@@ -73,9 +68,9 @@ def _topk_divergence(row, n, lp, lse, y, valid, olp_ptr, topk_ids_ptr, topk_lp_p
     olp = tl.load(olp_ptr + n, mask=valid, other=0.0).to(tl.float32)
     pi_y = tl.exp(lp)
     mu_y = tl.exp(olp)
-    pi_other = tl.maximum(1.0 - tl.sum(pi_k, axis=0) - tl.where(y_in_topk, 0.0, pi_y), OTHER_FLOOR)
-    mu_other = tl.maximum(1.0 - tl.sum(mu_k, axis=0) - tl.where(y_in_topk, 0.0, mu_y), OTHER_FLOOR)
-    if TOPK == TOPK_TV:
+    pi_other = tl.maximum(1.0 - tl.sum(pi_k, axis=0) - tl.where(y_in_topk, 0.0, pi_y), ids.OTHER_FLOOR)
+    mu_other = tl.maximum(1.0 - tl.sum(mu_k, axis=0) - tl.where(y_in_topk, 0.0, mu_y), ids.OTHER_FLOOR)
+    if TOPK == ids.TOPK_TV:
         d = 0.5 * (tl.sum(tl.abs(mu_k - pi_k), axis=0) + tl.where(y_in_topk, 0.0, tl.abs(mu_y - pi_y))
                    + tl.abs(mu_other - pi_other))
     else:
@@ -125,7 +120,7 @@ def logits_forward_kernel(
     tl.store(lp_ptr + n, tl.where(valid, lp, 0.0))
     tl.store(lse_ptr + n, tl.where(valid, lse, 0.0))
     tl.store(entropy_ptr + n, tl.where(valid, entropy, 0.0))
-    if TOPK != TOPK_NONE:
+    if TOPK != ids.TOPK_NONE:
         d = _topk_divergence(row, n, lp, lse, y, valid, olp_ptr, topk_ids_ptr, topk_lp_ptr, vocab, num_k, inv_t,
                              TOPK, BLOCK_K)
         tl.store(div_ptr + n, tl.where(valid, d, 0.0))
@@ -139,14 +134,14 @@ def logits_backward_kernel(
 ):
     """Token n = program 0: out[n, :] = coef (onehot(y) - softmax(z)) / temperature in out's dtype.
 
-    coef = upstream * aux[AUX_SCALE] * grad_lp[n]. Rows with coef = 0 (masked, or cut by the trust region)
+    coef = upstream * aux[ids.AUX_SCALE] * grad_lp[n]. Rows with coef = 0 (masked, or cut by the trust region)
     are written as zeros without reading the logits. `out` may be the logits buffer: each block is read
     before it is written, by the same program.
     """
     n = tl.program_id(0)
     valid = _is_valid(mask_ptr, n, HAS_MASK)
     inv_t = tl.cast(inv_temperature, tl.float32)
-    coef = tl.load(grad_lp_ptr + n) * tl.load(upstream_ptr).to(tl.float32) * tl.load(aux_ptr + AUX_SCALE)
+    coef = tl.load(grad_lp_ptr + n) * tl.load(upstream_ptr).to(tl.float32) * tl.load(aux_ptr + ids.AUX_SCALE)
     coef = tl.where(valid, coef * inv_t, 0.0)
     read = coef != 0.0  # True for NaN: a NaN coefficient shows
     lse = tl.load(lse_ptr + n)
@@ -193,12 +188,12 @@ def logits_forward(logits, input_ids, mask, old_log_prob, topk_ids, topk_log_pro
 
     logits `[B, T, V]` or `[N, V]` (any float dtype, last dim contiguous); input_ids, mask (any dtype, != 0 valid, or None),
     old_log_prob of shape logits.shape[:-1], contiguous; topk_ids / topk_log_probs `[..., K]` contiguous (or
-    None when `topk` is TOPK_NONE); `topk` one of TOPK_NONE, TOPK_TV, TOPK_KL.
+    None when `topk` is ids.TOPK_NONE); `topk` one of ids.TOPK_NONE, ids.TOPK_TV, ids.TOPK_KL.
     """
     shape, vocab = input_ids.shape, logits.shape[-1]
     f32 = dict(dtype=torch.float32, device=logits.device)
     lp, entropy, lse = (torch.empty(shape, **f32) for _ in range(3))
-    divergence = torch.empty(shape, **f32) if topk != TOPK_NONE.value else None
+    divergence = torch.empty(shape, **f32) if topk != ids.TOPK_NONE.value else None
     num_k = topk_ids.shape[-1] if topk_ids is not None else 0
     if input_ids.numel():
         block_v = _block_v(vocab)

@@ -19,12 +19,12 @@ import torch
 
 from ..config import (DIVERGENCES, GATES, LENGTH_MODES, LOGIT_DIVERGENCES, LOSS_AGG_MODES, METHODS, SURROGATES,
                       PolicyLossConfig)
-from . import common, reduce, token
+from . import ids, reduce, token
 
-METHOD_IDS = {"cppo": common.METHOD_CPPO.value, "dppo": common.METHOD_DPPO.value, "ppo": common.METHOD_PPO.value}
-DIVERGENCE_IDS = {"binary_tv": common.DIV_BINARY_TV.value, "binary_kl": common.DIV_BINARY_KL.value}
-GATE_IDS = {"hard": common.GATE_HARD.value, "soft": common.GATE_SOFT.value}
-SURROGATE_IDS = {"ratio": common.SURROGATE_RATIO.value, "logp": common.SURROGATE_LOGP.value}
+METHOD_IDS = {"cppo": ids.METHOD_CPPO.value, "dppo": ids.METHOD_DPPO.value, "ppo": ids.METHOD_PPO.value}
+DIVERGENCE_IDS = {"binary_tv": ids.DIV_BINARY_TV.value, "binary_kl": ids.DIV_BINARY_KL.value}
+GATE_IDS = {"hard": ids.GATE_HARD.value, "soft": ids.GATE_SOFT.value}
+SURROGATE_IDS = {"ratio": ids.SURROGATE_RATIO.value, "logp": ids.SURROGATE_LOGP.value}
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class KernelPlan:
     config: PolicyLossConfig
     token_constexprs: dict  # METHOD, DIVERGENCE, GATE, SURROGATE, BUDGET (the calibrated or fixed delta_b), MODE
     param_values: tuple  # the float32 `params` of the token kernel, in common.P_* order
-    horizon: Optional[int]  # T_w of HORIZON_ARG: an int length_mode, or None
+    horizon: Optional[int]  # T_w of ids.HORIZON_ARG: an int length_mode, or None
     aux_size: int  # entries of aux: the backward scale and the method's metrics (ops/reduce.py)
 
     def __hash__(self):  # the config decides everything else
@@ -59,30 +59,30 @@ def kernel_plan(config: PolicyLossConfig, given_divergence: bool = False) -> Ker
     inf = float("inf")
     constexprs = dict(
         METHOD=METHOD_IDS[config.method],
-        DIVERGENCE=common.DIV_GIVEN.value if given_divergence else DIVERGENCE_IDS[config.divergence],
+        DIVERGENCE=ids.DIV_GIVEN.value if given_divergence else DIVERGENCE_IDS[config.divergence],
         GATE=GATE_IDS[config.gate], SURROGATE=SURROGATE_IDS[config.surrogate],
-        BUDGET=(common.BUDGET_QUANTILE if config.calibrates_delta_b else common.BUDGET_FIXED).value,
+        BUDGET=(ids.BUDGET_QUANTILE if config.calibrates_delta_b else ids.BUDGET_FIXED).value,
         MODE=LOSS_AGG_MODES.index(config.loss_agg_mode),
     )
     horizon = config.length_mode if isinstance(config.length_mode, int) else None
     values = {  # common.P_* -> value
-        common.P_DELTA: config.delta,
-        common.P_DELTA_LOW: config.delta_low_value,
-        common.P_DELTA_HIGH: config.delta_high_value,
-        common.P_W_MIN: config.w_min,
-        common.P_DELTA_B: config.delta_b,
-        common.P_QUANTILE: config.delta_b_quantile or 0.0,
-        common.P_QUANTILE_SCALE: config.delta_b_quantile_scale,
-        common.P_DELTA_B_HI: config.delta_b_max_mult * config.delta_b,
-        common.P_RATIO_CAP: config.ratio_cap,
-        common.P_LOG_RATIO_CLAMP: inf if config.log_ratio_clamp is None else config.log_ratio_clamp,
-        common.P_RATIO_LO: 1.0 - config.clip_ratio_low,
-        common.P_RATIO_HI: 1.0 + config.clip_ratio_high,
-        common.P_CLIP_C: inf if config.clip_ratio_c is None else config.clip_ratio_c,
-        common.P_HORIZON: horizon or 0,
+        ids.P_DELTA: config.delta,
+        ids.P_DELTA_LOW: config.delta_low_value,
+        ids.P_DELTA_HIGH: config.delta_high_value,
+        ids.P_W_MIN: config.w_min,
+        ids.P_DELTA_B: config.delta_b,
+        ids.P_QUANTILE: config.delta_b_quantile or 0.0,
+        ids.P_QUANTILE_SCALE: config.delta_b_quantile_scale,
+        ids.P_DELTA_B_HI: config.delta_b_max_mult * config.delta_b,
+        ids.P_RATIO_CAP: config.ratio_cap,
+        ids.P_LOG_RATIO_CLAMP: inf if config.log_ratio_clamp is None else config.log_ratio_clamp,
+        ids.P_RATIO_LO: 1.0 - config.clip_ratio_low,
+        ids.P_RATIO_HI: 1.0 + config.clip_ratio_high,
+        ids.P_CLIP_C: inf if config.clip_ratio_c is None else config.clip_ratio_c,
+        ids.P_HORIZON: horizon or 0,
     }
     param_values = tuple(float(value) for _, value in sorted((index.value, v) for index, v in values.items()))
-    assert len(param_values) == common.NUM_PARAMS.value
+    assert len(param_values) == ids.NUM_PARAMS.value
     return KernelPlan(config, constexprs, param_values, horizon, reduce.aux_size(config.method))
 
 
@@ -99,16 +99,16 @@ def layout_constexprs(plan: KernelPlan, packed: bool, adv_per_seq: bool, given_h
     config = plan.config
     cppo = config.method == "cppo"
     if cppo and given_horizon:
-        horizon = common.HORIZON_GIVEN
+        horizon = ids.HORIZON_GIVEN
     elif cppo and config.length_mode == "padded":
-        horizon = common.HORIZON_MAX_LEN if packed else common.HORIZON_WIDTH
+        horizon = ids.HORIZON_MAX_LEN if packed else ids.HORIZON_WIDTH
     elif cppo and config.length_mode != "sequence":  # an int horizon
-        horizon = common.HORIZON_ARG
+        horizon = ids.HORIZON_ARG
     else:
-        horizon = common.HORIZON_LAST
+        horizon = ids.HORIZON_LAST
     budget = plan.token_constexprs["BUDGET"]
     if cppo and given_delta_b:
-        budget = common.BUDGET_GIVEN.value
+        budget = ids.BUDGET_GIVEN.value
     return dict(plan.token_constexprs, BUDGET=budget, HORIZON=horizon.value, ADV_PER_SEQ=adv_per_seq, BLOCK=block,
                 num_warps=token.NUM_WARPS)
 

@@ -21,111 +21,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (AGG_SEQ_MEAN_TOKEN_MEAN, BUDGET_GIVEN, BUDGET_QUANTILE, DIV_GIVEN, HORIZON_ARG, HORIZON_GIVEN,
-                     HORIZON_MAX_LEN, HORIZON_WIDTH, INT32_MAX, INT32_MIN, METHOD_CPPO, METHOD_PPO, NUM_STATS,
-                     P_DELTA_B, P_DELTA_B_HI, P_HORIZON, P_LOG_RATIO_CLAMP, P_QUANTILE, P_QUANTILE_SCALE, P_RATIO_CAP,
-                     P_W_MIN, SHARD_DELTA_B, SHARD_FINAL, SHARD_LENGTH, SHARD_OFFSET, SHARD_WIDTH, STAT_CLIP_DUAL,
-                     STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL, STAT_LOSS, STAT_RATIO_CAPPED,
-                     STAT_REJ_BUDGET, STAT_REJ_TOKEN, STAT_TOKENS, STATE_S, STATE_SLACK, STATE_W, binary_divergence,
-                     finite_or_nan, key_value, load_zeroed, log_ratio, nan_min, order_key, position_weight,
-                     trust_region_step, valid_positions)
-from .chunks import (CHUNK, CHUNK_ROWS, COUNT_DONE, COUNT_TICKET, DONE, ITEM_DELTA_B, ITEM_HI, ITEM_KEY_MAX,
-                     ITEM_KEY_MIN, ITEM_LAST, ITEM_LO, ITEM_N, ITEM_S, ITEM_SLACK, ITEM_STATS, ITEM_W, ITEM_WIDTH,
-                     READY_DELTA_B, READY_STATS, READY_SUMS, finish_item, needs_prepass, num_items, publish,
-                     reset_launch_state, scratch_rows, wait_for, wait_for_chunks, work_item)
-from .reduce import OUT_WIDTH, STATS_POW2, reduce_stats
+from . import ids
+from .chunks import (finish_item, needs_prepass, num_items, publish, reset_launch_state, scratch_rows, wait_for,
+                     wait_for_chunks, work_item)
+from .common import (divergence_tile, finite_or_nan, load_zeroed, log_ratio, nan_min, order_key, position_weight,
+                     tile_positions, trust_region_step, valid_positions)
+from .quantile import select_quantile
+from .reduce import reduce_stats
 
-MAX_BLOCK = tl.constexpr(1024)
 MIN_BLOCK = 16
-TILE = tl.constexpr(1024)  # ROWS * BLOCK positions per program step: ROWS = TILE // BLOCK
-RESIDENT_BLOCKS = tl.constexpr(4)  # a tile of at most 4 blocks per row selects its quantile in registers
 NUM_WARPS = 8  # 4 positions per thread: no register spills on sm_90 (4 warps: up to 255 registers and spills)
-
-
-@triton.jit
-def _tile(start, length, off, BLOCK: tl.constexpr):
-    """Positions `[1, BLOCK]` (0-based in the sequence), in-sequence flags and int64 offsets `[ROWS, BLOCK]`."""
-    pos = off + tl.arange(0, BLOCK)[None, :]
-    inside = pos < length[:, None]
-    return pos, inside, start[:, None] + pos
-
-
-@triton.jit
-def _divergence_tile(lp_ptr, olp_ptr, div_ptr, offs, valid, DIVERGENCE: tl.constexpr):
-    """D over one tile: given (from-logits path) or binary from log_prob and old_log_prob."""
-    if DIVERGENCE == DIV_GIVEN:
-        return load_zeroed(div_ptr, offs, valid)
-    return binary_divergence(load_zeroed(lp_ptr, offs, valid), load_zeroed(olp_ptr, offs, valid), valid,
-                             DIVERGENCE)
-
-
-@triton.jit
-def _tile_keys(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, off,
-               DIVERGENCE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    """Order keys of D over one tile, and the validity of each position."""
-    pos, inside, offs = _tile(start, length, off, BLOCK)
-    valid = valid_positions(mask_ptr, offs, inside, HAS_MASK)
-    return order_key(_divergence_tile(lp_ptr, olp_ptr, div_ptr, offs, valid, DIVERGENCE)), valid
-
-
-@triton.jit
-def _rank_counts(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, bound, keys, valid,
-                 DIVERGENCE: tl.constexpr, HAS_MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                 RESIDENT: tl.constexpr):
-    """Per row `[ROWS]`: #{valid t : key(D_t) <= bound} and the smallest valid key above `bound` (INT32_MAX if
-    none), from the keys in registers (RESIDENT: `keys`, `valid` hold the whole tile) or a pass over memory."""
-    if RESIDENT:
-        count = tl.sum((valid & (keys <= bound[:, None])).to(tl.int32), axis=1)
-        above = tl.min(tl.where(valid & (keys > bound[:, None]), keys, INT32_MAX), axis=1)
-    else:
-        count_acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
-        above_acc = tl.full([ROWS, BLOCK], INT32_MAX, dtype=tl.int32)
-        for off in range(0, tile_len, BLOCK):
-            key, ok = _tile_keys(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, off, DIVERGENCE, HAS_MASK,
-                                 BLOCK)
-            count_acc += (ok & (key <= bound[:, None])).to(tl.int32)
-            above_acc = tl.minimum(above_acc, tl.where(ok & (key > bound[:, None]), key, INT32_MAX))
-        count = tl.sum(count_acc, axis=1)
-        above = tl.min(above_acc, axis=1)
-    return count, above
-
-
-@triton.jit
-def _select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, need, kb, ka, frac,
-                     key_lo, key_hi,
-                     DIVERGENCE: tl.constexpr, HAS_MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                     RESIDENT: tl.constexpr):
-    """Per row: d_(kb) + frac * (d_(ka) - d_(kb)) from the order statistics kb <= ka (0-based) of the valid D.
-
-    Bisection on the int32 keys in [key_lo, key_hi] (the range of the row's keys) for the smallest key with
-    at least kb + 1 keys <= it, all rows of the tile together (rows where `need` is False do not iterate);
-    then d_(ka) is the same value or the next larger key. RESIDENT (a tile of at most RESIDENT_BLOCKS * BLOCK
-    positions per row): the keys are loaded once and every step counts in registers; else one counting pass
-    over memory per step.
-    """
-    keys = key_lo
-    valid = need
-    if RESIDENT:
-        keys, valid = _tile_keys(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, 0, DIVERGENCE, HAS_MASK,
-                                 RESIDENT_BLOCKS * BLOCK)
-    key_lo = tl.where(need, key_lo, 0)
-    key_hi = tl.where(need, key_hi, 0)
-    while tl.max((key_lo < key_hi).to(tl.int32), axis=0) > 0:
-        active = key_lo < key_hi
-        mid = ((key_lo.to(tl.int64) + key_hi.to(tl.int64)) >> 1).to(tl.int32)  # floor, no int32 overflow
-        count, _ = _rank_counts(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, mid, keys, valid,
-                                DIVERGENCE, HAS_MASK, ROWS, BLOCK, RESIDENT)
-        enough = count >= kb + 1
-        key_hi = tl.where(active & enough, mid, key_hi)
-        key_lo = tl.where(active & ~enough, mid + 1, key_lo)
-    key_b = key_lo
-    # how many keys tie with d_(kb), and the next larger key
-    n_le, above = _rank_counts(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, key_b, keys, valid,
-                               DIVERGENCE, HAS_MASK, ROWS, BLOCK, RESIDENT)
-    key_a = tl.where(n_le >= ka + 1, key_b, above)
-    d_b = key_value(key_b)
-    d_a = key_value(key_a)
-    return d_b + frac * (d_a - d_b)
 
 
 @triton.jit
@@ -152,9 +57,9 @@ def _sequences(cu_ptr, seq, seq_ok, num_seqs, extent, PACKED: tl.constexpr):
 @triton.jit
 def _longest(cu_ptr, num_seqs):
     """max_i (cu[i + 1] - cu[i]): T_w of length_mode="padded" for packed input, read by every program."""
-    longest = tl.zeros([MAX_BLOCK], dtype=tl.int64)
-    for off in range(0, num_seqs, MAX_BLOCK):
-        i = off + tl.arange(0, MAX_BLOCK)
+    longest = tl.zeros([ids.MAX_BLOCK], dtype=tl.int64)
+    for off in range(0, num_seqs, ids.MAX_BLOCK):
+        i = off + tl.arange(0, ids.MAX_BLOCK)
         ok = i < num_seqs
         length = tl.load(cu_ptr + i + 1, mask=ok, other=0).to(tl.int64) - tl.load(cu_ptr + i, mask=ok, other=0)
         longest = tl.maximum(longest, length)
@@ -172,20 +77,20 @@ def _prepass(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, lo_pos, hi_pos, 
     n_acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
     lo_acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
     hi_acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
-    kmin_acc = tl.full([ROWS, BLOCK], INT32_MAX, dtype=tl.int32)
-    kmax_acc = tl.full([ROWS, BLOCK], INT32_MIN, dtype=tl.int32)
+    kmin_acc = tl.full([ROWS, BLOCK], ids.INT32_MAX, dtype=tl.int32)
+    kmax_acc = tl.full([ROWS, BLOCK], ids.INT32_MIN, dtype=tl.int32)
     for off in range(lo_pos, hi_pos, BLOCK):
-        pos, inside, offs = _tile(start, length, off, BLOCK)
+        pos, inside, offs = tile_positions(start, length, off, BLOCK)
         valid = valid_positions(mask_ptr, offs, inside, HAS_MASK)
         last_acc = tl.maximum(last_acc, tl.where(valid, (pos + 1).to(tl.float32), 0.0))
         n_acc += valid.to(tl.int32)
         if QUANTILE:
-            d = _divergence_tile(lp_ptr, olp_ptr, div_ptr, offs, valid, DIVERGENCE)
+            d = divergence_tile(lp_ptr, olp_ptr, div_ptr, offs, valid, DIVERGENCE)
             key = order_key(d)
             lo_acc += (valid & (d * quantile_scale <= delta_b)).to(tl.int32)
             hi_acc += (valid & (d * quantile_scale < delta_b_hi)).to(tl.int32)
-            kmin_acc = tl.minimum(kmin_acc, tl.where(valid, key, INT32_MAX))
-            kmax_acc = tl.maximum(kmax_acc, tl.where(valid, key, INT32_MIN))
+            kmin_acc = tl.minimum(kmin_acc, tl.where(valid, key, ids.INT32_MAX))
+            kmax_acc = tl.maximum(kmax_acc, tl.where(valid, key, ids.INT32_MIN))
     return (tl.sum(n_acc, axis=1), tl.max(last_acc, axis=1), tl.sum(lo_acc, axis=1), tl.sum(hi_acc, axis=1),
             tl.min(kmin_acc, axis=1), tl.max(kmax_acc, axis=1))
 
@@ -199,9 +104,9 @@ def _budget_sums(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, lo_pos, hi_p
     s_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     w_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     for off in range(lo_pos, hi_pos, BLOCK):
-        pos, inside, offs = _tile(start, length, off, BLOCK)
+        pos, inside, offs = tile_positions(start, length, off, BLOCK)
         valid = valid_positions(mask_ptr, offs, inside, HAS_MASK)
-        d = _divergence_tile(lp_ptr, olp_ptr, div_ptr, offs, valid, DIVERGENCE)
+        d = divergence_tile(lp_ptr, olp_ptr, div_ptr, offs, valid, DIVERGENCE)
         weight = tl.where(valid, position_weight(pos + offset[:, None], span[:, None], w_min), 0.0)
         slack_acc += weight * (db[:, None] - d)
         s_acc += weight * d
@@ -211,49 +116,49 @@ def _budget_sums(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, lo_pos, hi_p
 
 @triton.jit
 def _stats_row(cols, loss, tokens, rej_token, rej_budget, clip_low, clip_high, clip_dual, kl, div, capped):
-    """One `[ROWS, STATS_POW2]` block of per-sequence sums, in the columns STAT_* (STAT_DELTA_B left 0)."""
-    row = tl.where(cols == STAT_LOSS, loss[:, None], 0.0)
-    row = tl.where(cols == STAT_TOKENS, tokens[:, None], row)
-    row = tl.where(cols == STAT_REJ_TOKEN, rej_token[:, None], row)
-    row = tl.where(cols == STAT_REJ_BUDGET, rej_budget[:, None], row)
-    row = tl.where(cols == STAT_CLIP_LOW, clip_low[:, None], row)
-    row = tl.where(cols == STAT_CLIP_HIGH, clip_high[:, None], row)
-    row = tl.where(cols == STAT_CLIP_DUAL, clip_dual[:, None], row)
-    row = tl.where(cols == STAT_KL, kl[:, None], row)
-    row = tl.where(cols == STAT_DIV, div[:, None], row)
-    return tl.where(cols == STAT_RATIO_CAPPED, capped[:, None], row)
+    """One `[ROWS, ids.STATS_POW2]` block of per-sequence sums, in the columns STAT_* (ids.STAT_DELTA_B left 0)."""
+    row = tl.where(cols == ids.STAT_LOSS, loss[:, None], 0.0)
+    row = tl.where(cols == ids.STAT_TOKENS, tokens[:, None], row)
+    row = tl.where(cols == ids.STAT_REJ_TOKEN, rej_token[:, None], row)
+    row = tl.where(cols == ids.STAT_REJ_BUDGET, rej_budget[:, None], row)
+    row = tl.where(cols == ids.STAT_CLIP_LOW, clip_low[:, None], row)
+    row = tl.where(cols == ids.STAT_CLIP_HIGH, clip_high[:, None], row)
+    row = tl.where(cols == ids.STAT_CLIP_DUAL, clip_dual[:, None], row)
+    row = tl.where(cols == ids.STAT_KL, kl[:, None], row)
+    row = tl.where(cols == ids.STAT_DIV, div[:, None], row)
+    return tl.where(cols == ids.STAT_RATIO_CAPPED, capped[:, None], row)
 
 
 @triton.jit
 def token_kernel(
     lp_ptr, olp_ptr, adv_ptr, mask_ptr, rw_ptr, div_ptr, cu_ptr,  # inputs; mask, rw, div, cu may be None
-    shard_ptr,  # a shard of longer sequences: [S, SHARD_WIDTH] f64 in and out (carried_state.py), or None
+    shard_ptr,  # a shard of longer sequences: [S, ids.SHARD_WIDTH] f64 in and out (carried_state.py), or None
     grad_ptr, loss_ptr, sums_ptr, counter_ptr,  # out: [like log_prob], [], sums (below); the launch state (chunks.py)
-    params_ptr,  # [NUM_PARAMS] f32: the config's numbers (ops/plan.py)
+    params_ptr,  # [ids.NUM_PARAMS] f32: the config's numbers (ops/plan.py)
     dp_ptr, dp_factor, tokens_ptr, tokens, seqs_ptr, seqs,  # the normalizers (reduce.reduce_stats)
     num_seqs, extent,  # S; the padded row width T, or N of packed input
     METHOD: tl.constexpr, DIVERGENCE: tl.constexpr, GATE: tl.constexpr, SURROGATE: tl.constexpr,
     BUDGET: tl.constexpr, HORIZON: tl.constexpr, ADV_PER_SEQ: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One work item (chunks.py) per program: CHUNK positions of a tile of ROWS = TILE // BLOCK sequences, walked in
+    """One work item (chunks.py) per program: ids.CHUNK positions of a tile of ROWS = ids.TILE // BLOCK sequences, walked in
     blocks of BLOCK positions (mask, loss, gradient, per-sequence sums). The last program to finish turns every
     sequence's sums into the loss and the metrics (`reduce.reduce_stats`), so the forward is one launch at every
     shape.
 
-    `sums` holds aux (the backward scale, then the metrics), from OUT_WIDTH on a row of NUM_STATS per sequence,
+    `sums` holds aux (the backward scale, then the metrics), from ids.OUT_WIDTH on a row of ids.NUM_STATS per sequence,
     then the items' scratch rows; the loss has its own `[]`. A shard of a longer sequence (docs/math.md section
-    8) reads its carried state, the global position of its first token, T_w (HORIZON_GIVEN) and delta_b_i
-    (BUDGET_GIVEN) from its row of `shard`, and its last chunk writes the state after the shard there.
+    8) reads its carried state, the global position of its first token, T_w (ids.HORIZON_GIVEN) and delta_b_i
+    (ids.BUDGET_GIVEN) from its row of `shard`, and its last chunk writes the state after the shard there.
     """
     PACKED: tl.constexpr = cu_ptr is not None
     HAS_MASK: tl.constexpr = mask_ptr is not None
     HAS_SHARD: tl.constexpr = shard_ptr is not None
-    ROWS: tl.constexpr = TILE // BLOCK
-    QUANTILE: tl.constexpr = BUDGET == BUDGET_QUANTILE
-    PER_SEQ_MEAN: tl.constexpr = MODE == AGG_SEQ_MEAN_TOKEN_MEAN  # d loss / d L_i has a factor 1 / n_i
+    ROWS: tl.constexpr = ids.TILE // BLOCK
+    QUANTILE: tl.constexpr = BUDGET == ids.BUDGET_QUANTILE
+    PER_SEQ_MEAN: tl.constexpr = MODE == ids.AGG_SEQ_MEAN_TOKEN_MEAN  # d loss / d L_i has a factor 1 / n_i
     PREPASS: tl.constexpr = needs_prepass(METHOD, BUDGET, HORIZON, MODE, HAS_MASK)
-    ticket = tl.atomic_add(counter_ptr + COUNT_TICKET, 1, sem="relaxed")  # start order, nothing published
-    CHUNK_STEP: tl.constexpr = CHUNK_ROWS // ROWS  # earlier chunks read at once
+    ticket = tl.atomic_add(counter_ptr + ids.COUNT_TICKET, 1, sem="relaxed")  # start order, nothing published
+    CHUNK_STEP: tl.constexpr = ids.CHUNK_ROWS // ROWS  # earlier chunks read at once
     if PREPASS:  # the pre-pass items first, then the deciding ones
         items = tl.num_programs(0) // 2
         is_prepass = ticket < items
@@ -270,14 +175,14 @@ def token_kernel(
     seq_ok = seq < num_seqs
     start, length, bad = _sequences(cu_ptr, seq, seq_ok, num_seqs, extent, PACKED)
     tile_len = tl.max(length, axis=0)
-    num_chunks = tl.maximum(tl.cdiv(tile_len, CHUNK), 1)
-    lo_pos = chunk * CHUNK
-    hi_pos = tl.minimum(lo_pos + CHUNK, tile_len)
-    scratch = sums_ptr + OUT_WIDTH + tl.maximum(num_seqs, 1).to(tl.int64) * NUM_STATS
+    num_chunks = tl.maximum(tl.cdiv(tile_len, ids.CHUNK), 1)
+    lo_pos = chunk * ids.CHUNK
+    hi_pos = tl.minimum(lo_pos + ids.CHUNK, tile_len)
+    scratch = sums_ptr + ids.OUT_WIDTH + tl.maximum(num_seqs, 1).to(tl.int64) * ids.NUM_STATS
     own = scratch_rows(scratch, ticket, ROWS)
-    delta_b = tl.load(params_ptr + P_DELTA_B)
-    delta_b_hi = tl.load(params_ptr + P_DELTA_B_HI)
-    quantile_scale = tl.load(params_ptr + P_QUANTILE_SCALE)
+    delta_b = tl.load(params_ptr + ids.P_DELTA_B)
+    delta_b_hi = tl.load(params_ptr + ids.P_DELTA_B_HI)
+    quantile_scale = tl.load(params_ptr + ids.P_QUANTILE_SCALE)
 
     if (tile >= num_tiles) | (chunk >= num_chunks) | (chunk < 0):  # a gap: no chunk here
         finish_item(counter_ptr, ticket)
@@ -286,19 +191,19 @@ def token_kernel(
             n, last, n_lo, n_hi, key_min, key_max = _prepass(
                 lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, lo_pos, hi_pos, delta_b, delta_b_hi,
                 quantile_scale, DIVERGENCE, HAS_MASK, QUANTILE, ROWS, BLOCK)
-            tl.store(own + ITEM_N, n.to(tl.float32))
-            tl.store(own + ITEM_LAST, last)
-            tl.store(own + ITEM_LO, n_lo.to(tl.float32))
-            tl.store(own + ITEM_HI, n_hi.to(tl.float32))
-            tl.store(own + ITEM_KEY_MIN, key_min.to(tl.float32, bitcast=True))
-            tl.store(own + ITEM_KEY_MAX, key_max.to(tl.float32, bitcast=True))
-        publish(counter_ptr, ticket, DONE)
+            tl.store(own + ids.ITEM_N, n.to(tl.float32))
+            tl.store(own + ids.ITEM_LAST, last)
+            tl.store(own + ids.ITEM_LO, n_lo.to(tl.float32))
+            tl.store(own + ids.ITEM_HI, n_hi.to(tl.float32))
+            tl.store(own + ids.ITEM_KEY_MIN, key_min.to(tl.float32, bitcast=True))
+            tl.store(own + ids.ITEM_KEY_MAX, key_max.to(tl.float32, bitcast=True))
+        publish(counter_ptr, ticket, ids.DONE)
     else:
-        w_min = tl.load(params_ptr + P_W_MIN)
-        ratio_cap = tl.load(params_ptr + P_RATIO_CAP)
-        log_ratio_clamp = tl.load(params_ptr + P_LOG_RATIO_CLAMP)
+        w_min = tl.load(params_ptr + ids.P_W_MIN)
+        ratio_cap = tl.load(params_ptr + ids.P_RATIO_CAP)
+        log_ratio_clamp = tl.load(params_ptr + ids.P_LOG_RATIO_CLAMP)
         if HAS_SHARD:
-            shard_row = shard_ptr + seq.to(tl.int64) * SHARD_WIDTH
+            shard_row = shard_ptr + seq.to(tl.int64) * ids.SHARD_WIDTH
         # ---- n_i, the last valid position and the quantile's counts: the sums of the tile's pre-pass items ----
         last = length.to(tl.float32)
         n_valid = length.to(tl.int32)
@@ -307,53 +212,53 @@ def token_kernel(
             last_max = tl.zeros([ROWS], dtype=tl.float32)
             n_lo = tl.zeros([ROWS], dtype=tl.int32)
             n_hi = tl.zeros([ROWS], dtype=tl.int32)
-            key_lo = tl.full([ROWS], INT32_MAX, dtype=tl.int32)
-            key_hi = tl.full([ROWS], INT32_MIN, dtype=tl.int32)
+            key_lo = tl.full([ROWS], ids.INT32_MAX, dtype=tl.int32)
+            key_hi = tl.full([ROWS], ids.INT32_MIN, dtype=tl.int32)
             for c0 in range(0, num_chunks, CHUNK_STEP):
                 rows, ok = wait_for_chunks(counter_ptr, scratch, 0, tile, first_over, num_tiles, c0, num_chunks,
-                                           DONE, ROWS, CHUNK_STEP)
+                                           ids.DONE, ROWS, CHUNK_STEP)
                 ok = ok[:, None]
-                n_valid += tl.sum(tl.load(rows + ITEM_N, mask=ok, other=0.0, cache_modifier=".cg").to(tl.int32),
+                n_valid += tl.sum(tl.load(rows + ids.ITEM_N, mask=ok, other=0.0, cache_modifier=".cg").to(tl.int32),
                                   axis=0)
-                last_max = tl.maximum(last_max, tl.max(tl.load(rows + ITEM_LAST, mask=ok, other=0.0,
+                last_max = tl.maximum(last_max, tl.max(tl.load(rows + ids.ITEM_LAST, mask=ok, other=0.0,
                                                                cache_modifier=".cg"), axis=0))
                 if QUANTILE:
-                    n_lo += tl.sum(tl.load(rows + ITEM_LO, mask=ok, other=0.0, cache_modifier=".cg")
+                    n_lo += tl.sum(tl.load(rows + ids.ITEM_LO, mask=ok, other=0.0, cache_modifier=".cg")
                                    .to(tl.int32), axis=0)
-                    n_hi += tl.sum(tl.load(rows + ITEM_HI, mask=ok, other=0.0, cache_modifier=".cg")
+                    n_hi += tl.sum(tl.load(rows + ids.ITEM_HI, mask=ok, other=0.0, cache_modifier=".cg")
                                    .to(tl.int32), axis=0)
-                    low = tl.load(rows + ITEM_KEY_MIN, mask=ok, other=0.0, cache_modifier=".cg")
-                    high = tl.load(rows + ITEM_KEY_MAX, mask=ok, other=0.0, cache_modifier=".cg")
-                    key_lo = tl.minimum(key_lo, tl.min(tl.where(ok, low.to(tl.int32, bitcast=True), INT32_MAX),
+                    low = tl.load(rows + ids.ITEM_KEY_MIN, mask=ok, other=0.0, cache_modifier=".cg")
+                    high = tl.load(rows + ids.ITEM_KEY_MAX, mask=ok, other=0.0, cache_modifier=".cg")
+                    key_lo = tl.minimum(key_lo, tl.min(tl.where(ok, low.to(tl.int32, bitcast=True), ids.INT32_MAX),
                                                        axis=0))
-                    key_hi = tl.maximum(key_hi, tl.max(tl.where(ok, high.to(tl.int32, bitcast=True), INT32_MIN),
+                    key_hi = tl.maximum(key_hi, tl.max(tl.where(ok, high.to(tl.int32, bitcast=True), ids.INT32_MIN),
                                                        axis=0))
             if HAS_MASK:
                 last = last_max
         offset = tl.zeros([ROWS], dtype=tl.int64)
         if HAS_SHARD:  # positions are global: the shard starts at position offset + 1
-            offset = tl.load(shard_row + SHARD_OFFSET, mask=seq_ok, other=0).to(tl.int64)
+            offset = tl.load(shard_row + ids.SHARD_OFFSET, mask=seq_ok, other=0).to(tl.int64)
             last = tl.where(last > 0, last + offset.to(tl.float32), 0.0)
 
         # ---- T_w and the per-sequence budget delta_b_i, `[ROWS]` ----
-        if HORIZON == HORIZON_ARG:
-            horizon = tl.load(params_ptr + P_HORIZON)
-        elif HORIZON == HORIZON_WIDTH:
+        if HORIZON == ids.HORIZON_ARG:
+            horizon = tl.load(params_ptr + ids.P_HORIZON)
+        elif HORIZON == ids.HORIZON_WIDTH:
             horizon = tl.cast(extent, tl.float32)
-        elif HORIZON == HORIZON_MAX_LEN:
+        elif HORIZON == ids.HORIZON_MAX_LEN:
             horizon = _longest(cu_ptr, num_seqs)
-        elif HORIZON == HORIZON_GIVEN:
-            horizon = tl.load(shard_row + SHARD_LENGTH, mask=seq_ok, other=0).to(tl.float32)
+        elif HORIZON == ids.HORIZON_GIVEN:
+            horizon = tl.load(shard_row + ids.SHARD_LENGTH, mask=seq_ok, other=0).to(tl.float32)
         else:
             horizon = last
         span = tl.maximum(horizon - 1.0, 1.0) + tl.zeros([ROWS], dtype=tl.float32)
         db = delta_b + tl.zeros([ROWS], dtype=tl.float32)
-        if BUDGET == BUDGET_GIVEN:
-            db = finite_or_nan(tl.load(shard_row + SHARD_DELTA_B, mask=seq_ok, other=0.0).to(tl.float32))
+        if BUDGET == ids.BUDGET_GIVEN:
+            db = finite_or_nan(tl.load(shard_row + ids.SHARD_DELTA_B, mask=seq_ok, other=0.0).to(tl.float32))
         if QUANTILE:
             n = n_valid
             # torch.quantile: position q (n - 1), linear interpolation between ranks floor and ceil
-            rank = tl.load(params_ptr + P_QUANTILE) * (n - 1).to(tl.float32)
+            rank = tl.load(params_ptr + ids.P_QUANTILE) * (n - 1).to(tl.float32)
             kb = tl.floor(rank).to(tl.int32)
             frac = rank - kb.to(tl.float32)
             ka = kb + (frac > 0).to(tl.int32)
@@ -363,46 +268,46 @@ def token_kernel(
             need = seq_ok & ~at_lo & (n_hi > kb)
             if tl.max(need.to(tl.int32), axis=0) > 0:  # the tile's chunk 0 selects, the later ones read it
                 if chunk == 0:
-                    if tile_len <= RESIDENT_BLOCKS * BLOCK:
-                        value = _select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, need,
+                    if tile_len <= ids.RESIDENT_BLOCKS * BLOCK:
+                        value = select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, need,
                                                  kb, ka, frac, key_lo, key_hi, DIVERGENCE, HAS_MASK, ROWS, BLOCK,
                                                  True)
                     else:
-                        value = _select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, need,
+                        value = select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, need,
                                                  kb, ka, frac, key_lo, key_hi, DIVERGENCE, HAS_MASK, ROWS, BLOCK,
                                                  False)
                     db = tl.where(need, tl.minimum(tl.maximum(quantile_scale * value, delta_b), delta_b_hi), db)
-                    tl.store(own + ITEM_DELTA_B, db)
-                    publish(counter_ptr, ticket, READY_DELTA_B)
+                    tl.store(own + ids.ITEM_DELTA_B, db)
+                    publish(counter_ptr, ticket, ids.READY_DELTA_B)
                 else:
-                    wait_for(counter_ptr, decide_base + tile, READY_DELTA_B)
-                    db = tl.load(scratch_rows(scratch, decide_base + tile, ROWS) + ITEM_DELTA_B,
+                    wait_for(counter_ptr, decide_base + tile, ids.READY_DELTA_B)
+                    db = tl.load(scratch_rows(scratch, decide_base + tile, ROWS) + ids.ITEM_DELTA_B,
                                  cache_modifier=".cg")
 
         # ---- the carried state before this chunk: the shard's, plus the budget sums of the earlier chunks ----
         if HAS_SHARD:
-            carry_slack = finite_or_nan(tl.load(shard_row + STATE_SLACK, mask=seq_ok, other=0.0).to(tl.float32))
-            carry_s = finite_or_nan(tl.load(shard_row + STATE_S, mask=seq_ok, other=0.0).to(tl.float32))
-            carry_w = finite_or_nan(tl.load(shard_row + STATE_W, mask=seq_ok, other=0.0).to(tl.float32))
+            carry_slack = finite_or_nan(tl.load(shard_row + ids.STATE_SLACK, mask=seq_ok, other=0.0).to(tl.float32))
+            carry_s = finite_or_nan(tl.load(shard_row + ids.STATE_S, mask=seq_ok, other=0.0).to(tl.float32))
+            carry_w = finite_or_nan(tl.load(shard_row + ids.STATE_W, mask=seq_ok, other=0.0).to(tl.float32))
         else:
             carry_slack = tl.zeros([ROWS], dtype=tl.float32)  # sum of w (delta_b_i - D) = delta_b_i W - S
             carry_s = tl.zeros([ROWS], dtype=tl.float32)  # S (soft gate, and the state)
             carry_w = tl.zeros([ROWS], dtype=tl.float32)  # W (soft gate, and the state)
-        if METHOD == METHOD_CPPO:
+        if METHOD == ids.METHOD_CPPO:
             if chunk < num_chunks - 1:  # the later chunks start from these sums
                 slack, s, w = _budget_sums(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, lo_pos, hi_pos,
                                            offset, span, w_min, db, DIVERGENCE, HAS_MASK, ROWS, BLOCK)
-                tl.store(own + ITEM_SLACK, slack)
-                tl.store(own + ITEM_S, s)
-                tl.store(own + ITEM_W, w)
-                publish(counter_ptr, ticket, READY_SUMS)
+                tl.store(own + ids.ITEM_SLACK, slack)
+                tl.store(own + ids.ITEM_S, s)
+                tl.store(own + ids.ITEM_W, w)
+                publish(counter_ptr, ticket, ids.READY_SUMS)
             for c0 in range(0, chunk, CHUNK_STEP):  # the same tree of sums in every run
                 rows, ok = wait_for_chunks(counter_ptr, scratch, decide_base, tile, first_over, num_tiles, c0,
-                                           chunk, READY_SUMS, ROWS, CHUNK_STEP)
+                                           chunk, ids.READY_SUMS, ROWS, CHUNK_STEP)
                 ok = ok[:, None]
-                carry_slack += tl.sum(tl.load(rows + ITEM_SLACK, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
-                carry_s += tl.sum(tl.load(rows + ITEM_S, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
-                carry_w += tl.sum(tl.load(rows + ITEM_W, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+                carry_slack += tl.sum(tl.load(rows + ids.ITEM_SLACK, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+                carry_s += tl.sum(tl.load(rows + ids.ITEM_S, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+                carry_w += tl.sum(tl.load(rows + ids.ITEM_W, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
 
         # ---- per-token mask, loss and gradient; the chunk's per-sequence sums ----
         if ADV_PER_SEQ:
@@ -421,7 +326,7 @@ def token_kernel(
         capped_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         div_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         for off in range(lo_pos, hi_pos, BLOCK):
-            pos, inside, offs = _tile(start, length, off, BLOCK)
+            pos, inside, offs = tile_positions(start, length, off, BLOCK)
             valid = valid_positions(mask_ptr, offs, inside, HAS_MASK)
             lp = load_zeroed(lp_ptr, offs, valid)
             olp = load_zeroed(olp_ptr, offs, valid)
@@ -432,9 +337,9 @@ def token_kernel(
             x, dx = log_ratio(lp, olp, log_ratio_clamp)
             # r_t; a zero-advantage token contributes 0 whatever its ratio: no exp overflow there (NaN stays NaN)
             r = tl.exp(tl.where(adv == 0.0, nan_min(x, 0.0), x))
-            d = _divergence_tile(lp_ptr, olp_ptr, div_ptr, offs, valid, DIVERGENCE)
+            d = divergence_tile(lp_ptr, olp_ptr, div_ptr, offs, valid, DIVERGENCE)
             weight = valid.to(tl.float32)
-            if METHOD == METHOD_CPPO:
+            if METHOD == ids.METHOD_CPPO:
                 weight = tl.where(valid, position_weight(pos + offset[:, None], span[:, None], w_min), 0.0)
             loss, grad, rej_tok, rej_bud, clip_lo, clip_hi, clip_du, carry_slack, carry_s, carry_w = \
                 trust_region_step(lp, x, dx, r, d, adv, valid, weight, db, carry_slack, carry_s, carry_w,
@@ -455,42 +360,42 @@ def token_kernel(
             clip_hi_acc += clip_hi.to(tl.float32)
             clip_du_acc += clip_du.to(tl.float32)
             kl_acc -= x  # masked positions: x = 0
-            if METHOD != METHOD_PPO:  # kept, with the ratio over the logp surrogate's cap (r of A = 0 uncapped)
+            if METHOD != ids.METHOD_PPO:  # kept, with the ratio over the logp surrogate's cap (r of A = 0 uncapped)
                 capped_acc += (valid & ~(rej_tok | rej_bud) & (tl.exp(x) > ratio_cap)).to(tl.float32)
             div_acc += d
-        cols = tl.arange(0, STATS_POW2)[None, :]
+        cols = tl.arange(0, ids.STATS_POW2)[None, :]
         stats = _stats_row(cols, tl.sum(loss_acc, axis=1), tl.sum(tok_acc, axis=1), tl.sum(rej_tok_acc, axis=1),
                            tl.sum(rej_bud_acc, axis=1), tl.sum(clip_lo_acc, axis=1), tl.sum(clip_hi_acc, axis=1),
                            tl.sum(clip_du_acc, axis=1), tl.sum(kl_acc, axis=1), tl.sum(div_acc, axis=1),
                            tl.sum(capped_acc, axis=1))
-        in_stats = cols < NUM_STATS
+        in_stats = cols < ids.NUM_STATS
         if chunk < num_chunks - 1:  # the tile's last chunk adds these
-            tl.store(own[:, None] + ITEM_STATS + cols, stats, mask=in_stats)
-            publish(counter_ptr, ticket, READY_STATS)
+            tl.store(own[:, None] + ids.ITEM_STATS + cols, stats, mask=in_stats)
+            publish(counter_ptr, ticket, ids.READY_STATS)
         else:
-            total = tl.zeros([ROWS, STATS_POW2], dtype=tl.float32)
+            total = tl.zeros([ROWS, ids.STATS_POW2], dtype=tl.float32)
             for c0 in range(0, chunk, CHUNK_STEP):  # the same tree of sums in every run
                 rows, ok = wait_for_chunks(counter_ptr, scratch, decide_base, tile, first_over, num_tiles, c0,
-                                           chunk, READY_STATS, ROWS, CHUNK_STEP)
-                for j in tl.static_range(NUM_STATS):  # a column at a time: `[chunks, rows]` loads
-                    part = tl.load(rows + ITEM_STATS + j, mask=ok[:, None], other=0.0, cache_modifier=".cg")
+                                           chunk, ids.READY_STATS, ROWS, CHUNK_STEP)
+                for j in tl.static_range(ids.NUM_STATS):  # a column at a time: `[chunks, rows]` loads
+                    part = tl.load(rows + ids.ITEM_STATS + j, mask=ok[:, None], other=0.0, cache_modifier=".cg")
                     total = tl.where(cols == j, total + tl.sum(part, axis=0)[:, None], total)
             total += stats
-            n_tokens = tl.sum(tl.where(cols == STAT_TOKENS, total, 0.0), axis=1)
-            total = tl.where(cols == STAT_DELTA_B, tl.where(n_tokens > 0, db, 0.0)[:, None], total)
+            n_tokens = tl.sum(tl.where(cols == ids.STAT_TOKENS, total, 0.0), axis=1)
+            total = tl.where(cols == ids.STAT_DELTA_B, tl.where(n_tokens > 0, db, 0.0)[:, None], total)
             # bad cu_seqlens: NaN loss, metrics and (through a NaN n_i, which the reduction turns into a NaN
             # scale) gradient, never a plausible number
             poison = tl.where(bad, float("nan"), 0.0)
-            row = sums_ptr + OUT_WIDTH + seq.to(tl.int64) * NUM_STATS
+            row = sums_ptr + ids.OUT_WIDTH + seq.to(tl.int64) * ids.NUM_STATS
             tl.store(row[:, None] + cols, total + poison[:, None], mask=seq_ok[:, None] & in_stats)
             if HAS_SHARD:
-                tl.store(shard_row + SHARD_FINAL + STATE_SLACK, carry_slack + poison, mask=seq_ok)
-                tl.store(shard_row + SHARD_FINAL + STATE_S, carry_s + poison, mask=seq_ok)
-                tl.store(shard_row + SHARD_FINAL + STATE_W, carry_w + poison, mask=seq_ok)
+                tl.store(shard_row + ids.SHARD_FINAL + ids.STATE_SLACK, carry_slack + poison, mask=seq_ok)
+                tl.store(shard_row + ids.SHARD_FINAL + ids.STATE_S, carry_s + poison, mask=seq_ok)
+                tl.store(shard_row + ids.SHARD_FINAL + ids.STATE_W, carry_w + poison, mask=seq_ok)
             finish_item(counter_ptr, ticket)
     # ---- the reduction, by the last program to finish (the others' stats are then in memory) ----
     tl.debug_barrier()  # every thread's stores are issued before this program counts itself done
-    done = tl.atomic_add(counter_ptr + COUNT_DONE, 1, sem="acq_rel")
+    done = tl.atomic_add(counter_ptr + ids.COUNT_DONE, 1, sem="acq_rel")
     if done == tl.num_programs(0) - 1:
         reduce_stats(sums_ptr, loss_ptr, num_seqs, cu_ptr, extent, dp_ptr, dp_factor, tokens_ptr, tokens, seqs_ptr,
                      seqs, METHOD, MODE)
@@ -498,15 +403,15 @@ def token_kernel(
 
 
 def block_size(num_tokens: int, num_seqs: int) -> int:
-    """A power of two near the mean sequence length, in [MIN_BLOCK, MAX_BLOCK] (shapes only, no sync)."""
+    """A power of two near the mean sequence length, in [MIN_BLOCK, ids.MAX_BLOCK] (shapes only, no sync)."""
     mean = -(-num_tokens // max(num_seqs, 1))
-    return min(max(1 << (mean - 1).bit_length(), MIN_BLOCK), MAX_BLOCK.value)  # plain Python: host time per call
+    return min(max(1 << (mean - 1).bit_length(), MIN_BLOCK), ids.MAX_BLOCK.value)  # plain Python: host time per call
 
 
 def grid_size(packed: bool, num_seqs: int, extent: int, has_mask: bool, constexprs: dict) -> int:
     """Programs of one launch (shapes only, no sync): every work item, twice when the kernel needs a pre-pass."""
     c = constexprs
-    items = num_items(packed, num_seqs, extent, TILE.value // c["BLOCK"])
+    items = num_items(packed, num_seqs, extent, ids.TILE.value // c["BLOCK"])
     if needs_prepass(c["METHOD"], c["BUDGET"], c["HORIZON"], c["MODE"], has_mask):
         items *= 2
     return max(items, 1)
@@ -514,14 +419,14 @@ def grid_size(packed: bool, num_seqs: int, extent: int, has_mask: bool, constexp
 
 def scratch_size(grid: int, constexprs: dict) -> int:
     """Floats of the items' scratch rows after the per-sequence rows of `sums`."""
-    return grid * (TILE.value // constexprs["BLOCK"]) * ITEM_WIDTH.value
+    return grid * (ids.TILE.value // constexprs["BLOCK"]) * ids.ITEM_WIDTH.value
 
 
 def launch_token_kernel(log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens, shard,
                         grad, loss, sums, state, params, *, grid: int, num_seqs: int, extent: int, constexprs: dict,
                         reduction: tuple):
     """One launch of `token_kernel` on contiguous inputs (the mask of any dtype, or None) and preallocated outputs:
-    `grad` like log_prob, `loss []` and `sums [OUT_WIDTH + max(S, 1) * NUM_STATS + scratch_size]` (aux, the
+    `grad` like log_prob, `loss []` and `sums [ids.OUT_WIDTH + max(S, 1) * ids.NUM_STATS + scratch_size]` (aux, the
     per-sequence stats, the items' rows) f32.
 
     `shard`: `carried_state.pack_shard(...)` for shards of longer sequences, else None; `state`:
