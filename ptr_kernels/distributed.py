@@ -23,7 +23,7 @@ import torch.distributed as dist
 from .api import policy_loss
 from .carried_state import STATE_WIDTH
 from .config import PolicyLossConfig, resolve_config
-from .layout import check_cu_seqlens, mask_as_bool
+from .validation import check_cu_seqlens, mask_as_bool
 from .reference import SEQ_MEAN_EPS, compute_dtype, divergence, position_weight, valid_values
 
 RADIX_BITS = 8  # the distributed quantile selects 8 bits of the key per collective

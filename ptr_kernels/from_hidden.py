@@ -10,7 +10,7 @@ import torch
 from .api import BACKENDS
 from .config import PolicyLossConfig, resolve_config
 from .from_logits import check_logits_inputs, check_per_token_rows
-from .layout import Layout
+from .validation import Layout
 
 
 def policy_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
@@ -71,7 +71,7 @@ def policy_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, input_id
                   rollout_is_weights=rollout_is_weights, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
                   global_batch_size=global_batch_size)
     if backend == "reference":
-        from .reference_hidden import policy_loss_from_hidden_reference
+        from .reference.hidden import policy_loss_from_hidden_reference
         return policy_loss_from_hidden_reference(hidden, weight, input_ids, old_log_prob, advantages,
                                                  response_mask, bias=bias, **kwargs)
     from .ops.hidden import triton_policy_loss_from_hidden  # imports triton: TRITON_INTERPRET is set by now

@@ -11,7 +11,7 @@ import torch
 from .api import BACKENDS, NO_TRITON, triton_missing
 from .carried_state import check_carried_state
 from .config import LOGIT_DIVERGENCES, PolicyLossConfig, resolve_config
-from .layout import FLOAT_DTYPES, Layout, check_inputs
+from .validation import FLOAT_DTYPES, Layout, check_inputs
 
 INT_DTYPES = (torch.int32, torch.int64)
 FLOAT32_TINY = torch.finfo(torch.float32).tiny
@@ -82,7 +82,7 @@ def policy_loss_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, old_l
                   output_final_state=output_final_state, position_offset=position_offset,
                   sequence_length=sequence_length, sequence_delta_b=sequence_delta_b)
     if backend == "reference":
-        from .reference_logits import policy_loss_from_logits_reference
+        from .reference.logits import policy_loss_from_logits_reference
         return policy_loss_from_logits_reference(logits, input_ids, old_log_prob, advantages, response_mask,
                                                  **kwargs)
     try:

@@ -25,7 +25,7 @@ import torch.distributed as dist  # noqa: E402
 pytest.importorskip("triton", reason="the Triton kernels: triton exists for Linux only")
 
 from ptr_kernels import PolicyLossConfig, policy_loss  # noqa: E402
-from ptr_kernels.layout import packed_to_rows  # noqa: E402
+from ptr_kernels.validation import packed_to_rows  # noqa: E402
 from ptr_kernels.reference import token_terms  # noqa: E402
 
 WORLD_SIZES = (2, 4)

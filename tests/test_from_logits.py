@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels: triton exists for Linux only")
 
 from ptr_kernels import PolicyLossConfig, policy_loss, policy_loss_from_logits  # noqa: E402
-from ptr_kernels.reference_logits import topk_divergence  # noqa: E402
+from ptr_kernels.reference.logits import topk_divergence  # noqa: E402
 from ptr_kernels.testing.logits_cases import cast, random_logits_case  # noqa: E402
 from ptr_kernels.testing.oracle_logits import policy_loss_from_logits_literal  # noqa: E402
 
@@ -126,7 +126,7 @@ def test_topk_divergence_hand_computed():
 def test_same_as_token_path(divergence, layout, device):
     """Given the same log_prob (gathered from log_softmax by autograd) and the same D, the token path
     (`ops.autograd.fused_policy_loss`, D given) and the from-logits path give the same loss and gradient."""
-    from ptr_kernels.layout import check_inputs
+    from ptr_kernels.validation import check_inputs
     from ptr_kernels.ops.autograd import fused_policy_loss
 
     config = PolicyLossConfig(method="cppo", divergence=divergence, delta=0.1, delta_b_quantile=0.5)

@@ -30,7 +30,7 @@ from ptr_kernels.ops.autograd import triton_policy_loss  # noqa: E402
 from ptr_kernels.testing.cases import random_case  # noqa: E402
 from ptr_kernels.testing.fuzz import literal_result  # noqa: E402
 from ptr_kernels.config import LOSS_AGG_MODES  # noqa: E402
-from ptr_kernels.layout import mask_as_bool, max_seqlen, packed_to_rows  # noqa: E402
+from ptr_kernels.validation import mask_as_bool, max_seqlen, packed_to_rows  # noqa: E402
 from ptr_kernels.reference import aggregate, token_terms  # noqa: E402
 
 NORMALIZERS = ("dp_size", "batch_num_tokens", "global_batch_size")

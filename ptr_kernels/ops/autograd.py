@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import carried_state
 from ..carried_state import check_carried_state
-from ..layout import check_inputs, resolve_loss_scale_factor
+from ..validation import check_inputs, resolve_loss_scale_factor
 from . import chunks, reduce, token
 from .plan import KernelPlan, decode_config, encode_config, kernel_plan, layout_constexprs
 

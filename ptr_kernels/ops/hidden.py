@@ -22,7 +22,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..config import LOGIT_DIVERGENCES
-from ..layout import Layout, resolve_loss_scale_factor
+from ..validation import Layout, resolve_loss_scale_factor
 from . import logits as logits_ops
 from .autograd import check_device, contiguous, finish, fused_forward
 from .from_logits import _masked_mean

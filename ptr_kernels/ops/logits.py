@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference_logits
+from ..reference import logits as reference_logits
 from .reduce import AUX_SCALE
 
 TOPK_NONE = tl.constexpr(0)  # a binary divergence: the token kernel computes it from log_prob itself

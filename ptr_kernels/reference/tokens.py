@@ -12,9 +12,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .carried_state import STATE_S, STATE_SLACK, STATE_W, STATE_WIDTH, check_carried_state
-from .config import PolicyLossConfig
-from .layout import check_inputs, mask_as_bool, max_seqlen, packed_to_rows, resolve_loss_scale_factor
+from ..carried_state import STATE_S, STATE_SLACK, STATE_W, STATE_WIDTH, check_carried_state
+from ..config import PolicyLossConfig
+from ..validation import check_inputs, mask_as_bool, max_seqlen, packed_to_rows, resolve_loss_scale_factor
 
 
 class TokenTerms(NamedTuple):

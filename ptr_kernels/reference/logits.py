@@ -12,9 +12,9 @@ from typing import Optional
 
 import torch
 
-from .config import LOGIT_DIVERGENCES, PolicyLossConfig
-from .layout import mask_as_bool
-from .reference import compute_dtype, policy_loss_reference
+from ..config import LOGIT_DIVERGENCES, PolicyLossConfig
+from ..validation import mask_as_bool
+from .tokens import compute_dtype, policy_loss_reference
 
 OTHER_FLOOR = 1e-12  # p(other) floor, for mu and pi alike
 

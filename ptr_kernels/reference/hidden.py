@@ -1,6 +1,6 @@
 """The from-hidden reference: the LM head materialized in float64, then the from-logits reference.
 
-logits = hidden @ weight^T + bias in float64 (`[..., V]`), then `reference_logits.policy_loss_from_logits_reference`
+logits = hidden @ weight^T + bias in float64 (`[..., V]`), then `reference.logits.policy_loss_from_logits_reference`
 on them: the gradients reach hidden, weight and bias by autograd through that one product. Masked positions
 take no part: their hidden states are replaced by 0 before the product, so garbage there (NaN) cannot reach
 the weight's gradient as 0 * NaN.
@@ -12,9 +12,9 @@ from typing import Optional
 
 import torch
 
-from .layout import mask_as_bool
-from .reference import compute_dtype
-from .reference_logits import policy_loss_from_logits_reference
+from ..validation import mask_as_bool
+from .tokens import compute_dtype
+from .logits import policy_loss_from_logits_reference
 
 
 def materialized_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
