@@ -1,30 +1,34 @@
-"""A `PolicyLossConfig` encoded for the kernels, once per config (cached), and its one list form.
+"""A `PolicyLossConfig` encoded for the kernels, once per config (cached).
 
-`kernel_plan(config)` gives the token kernel's branch ids (the aggregation mode included) and its float32 `params`
-(made once per device); `layout_constexprs` adds what depends on the batch's layout. The custom op of the compiled path
-carries a config as `encode_config(config)` (one list of floats: Dynamo traces its making, and torch's custom-op
-machinery costs time per argument) and `decode_config` reads it back, cached, so both paths launch from the
-same plan.
+`kernel_plan(config)` gives the token kernel's branch ids (the aggregation mode included), the logits kernel's
+and its float32 `params` (made once per device); `layout_constexprs` adds what depends on the batch's layout.
+The compiled path (ops/compiled.py) decodes its config into the same plan, so both paths launch from it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ..config import (DIVERGENCES, GATES, LENGTH_MODES, LOGIT_DIVERGENCES, LOSS_AGG_MODES, METHODS, SURROGATES,
-                      PolicyLossConfig)
-from . import common, reduce, token
+from ..config import PolicyLossConfig
+from . import common, logits, reduce, token
 
+# each config choice's branch id in the kernels
 METHOD_IDS = {"cppo": common.METHOD_CPPO.value, "dppo": common.METHOD_DPPO.value, "ppo": common.METHOD_PPO.value}
-DIVERGENCE_IDS = {"binary_tv": common.DIV_BINARY_TV.value, "binary_kl": common.DIV_BINARY_KL.value}
+# the Top-K divergences reach the token kernel as D given: the logits kernel computes them (TOPK_IDS)
+DIVERGENCE_IDS = {"binary_tv": common.DIV_BINARY_TV.value, "binary_kl": common.DIV_BINARY_KL.value,
+                  "topk_tv": common.DIV_GIVEN.value, "topk_kl": common.DIV_GIVEN.value}
+TOPK_IDS = {"binary_tv": logits.TOPK_NONE.value, "binary_kl": logits.TOPK_NONE.value,
+            "topk_tv": logits.TOPK_TV.value, "topk_kl": logits.TOPK_KL.value}
 GATE_IDS = {"hard": common.GATE_HARD.value, "soft": common.GATE_SOFT.value}
 SURROGATE_IDS = {"ratio": common.SURROGATE_RATIO.value, "logp": common.SURROGATE_LOGP.value}
+AGG_IDS = {"token-mean": common.AGG_TOKEN_MEAN.value, "token-sum": common.AGG_TOKEN_SUM.value,
+           "seq-mean-token-sum": common.AGG_SEQ_MEAN_TOKEN_SUM.value,
+           "seq-mean-token-mean": common.AGG_SEQ_MEAN_TOKEN_MEAN.value,
+           "seq-mean-token-sum-norm": common.AGG_SEQ_MEAN_TOKEN_SUM_NORM.value}
 
 
 @dataclass(frozen=True)
@@ -36,8 +40,13 @@ class KernelPlan:
     param_values: tuple  # the float32 `params` of the token kernel, in common.P_* order
     horizon: Optional[int]  # T_w of HORIZON_ARG: an int length_mode, or None
     aux_size: int  # entries of aux: the backward scale and the method's metrics (ops/reduce.py)
+    topk: int  # the logits kernel's TOPK: which Top-K divergence it computes, or none
 
-    def __hash__(self):  # the config decides everything else
+    def __hash__(self):  # the config decides everything else; hashed once: the plan keys two caches per call
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
         return hash(self.config)
 
     def params(self, device: torch.device) -> torch.Tensor:
@@ -54,15 +63,14 @@ def _params(plan: KernelPlan, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def kernel_plan(config: PolicyLossConfig, given_divergence: bool = False) -> KernelPlan:
-    """The plan of `config`; `given_divergence`: D is read from memory (the from-logits path)."""
+def kernel_plan(config: PolicyLossConfig) -> KernelPlan:
+    """The plan of `config`."""
     inf = float("inf")
     constexprs = dict(
-        METHOD=METHOD_IDS[config.method],
-        DIVERGENCE=common.DIV_GIVEN.value if given_divergence else DIVERGENCE_IDS[config.divergence],
+        METHOD=METHOD_IDS[config.method], DIVERGENCE=DIVERGENCE_IDS[config.divergence],
         GATE=GATE_IDS[config.gate], SURROGATE=SURROGATE_IDS[config.surrogate],
         BUDGET=(common.BUDGET_QUANTILE if config.calibrates_delta_b else common.BUDGET_FIXED).value,
-        MODE=LOSS_AGG_MODES.index(config.loss_agg_mode),
+        MODE=AGG_IDS[config.loss_agg_mode],
     )
     horizon = config.length_mode if isinstance(config.length_mode, int) else None
     values = {  # common.P_* -> value
@@ -83,7 +91,8 @@ def kernel_plan(config: PolicyLossConfig, given_divergence: bool = False) -> Ker
     }
     param_values = tuple(float(value) for _, value in sorted((index.value, v) for index, v in values.items()))
     assert len(param_values) == common.NUM_PARAMS.value
-    return KernelPlan(config, constexprs, param_values, horizon, reduce.aux_size(config.method))
+    return KernelPlan(config, constexprs, param_values, horizon, reduce.aux_size(config.method),
+                      TOPK_IDS[config.divergence])
 
 
 @functools.lru_cache(maxsize=1024)
@@ -111,47 +120,3 @@ def layout_constexprs(plan: KernelPlan, packed: bool, adv_per_seq: bool, given_h
         budget = common.BUDGET_GIVEN.value
     return dict(plan.token_constexprs, BUDGET=budget, HORIZON=horizon.value, ADV_PER_SEQ=adv_per_seq, BLOCK=block,
                 num_warps=token.NUM_WARPS)
-
-
-# every field of PolicyLossConfig in order, with the choices of those that hold a string (length_mode: an int
-# horizon too)
-_CONFIG_CHOICES = {"method": METHODS, "divergence": DIVERGENCES + LOGIT_DIVERGENCES, "length_mode": LENGTH_MODES,
-                   "gate": GATES, "surrogate": SURROGATES, "loss_agg_mode": LOSS_AGG_MODES}
-_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig))
-
-
-def encode_config(config: PolicyLossConfig) -> list:
-    """`config` as one exact list of floats, the custom ops' config argument: a choice as minus one minus its
-    index, an int horizon as itself, a number as itself, None as -inf (no field holds an infinite number).
-    Plain attribute reads and arithmetic, so Dynamo traces it, including a config built inside the compiled
-    region (the values it tracks)."""
-    numbers = []
-    for name in _CONFIG_FIELDS:
-        value = getattr(config, name)
-        if value is None:  # -inf, not NaN: decode_config's cache needs keys equal to themselves
-            numbers.append(-math.inf)
-        elif isinstance(value, str):
-            numbers.append(-1.0 - _CONFIG_CHOICES[name].index(value))
-        else:
-            numbers.append(float(value))
-    return numbers
-
-
-def decode_config(numbers) -> PolicyLossConfig:
-    """Inverse of `encode_config`."""
-    return _decode_config(tuple(numbers))
-
-
-@functools.lru_cache(maxsize=256)
-def _decode_config(numbers: tuple) -> PolicyLossConfig:
-    fields = {}
-    for name, value in zip(_CONFIG_FIELDS, numbers):
-        if value == -math.inf:
-            fields[name] = None
-        elif value < 0 and name in _CONFIG_CHOICES:
-            fields[name] = _CONFIG_CHOICES[name][int(-1.0 - value)]
-        elif name == "length_mode":  # an int horizon
-            fields[name] = int(value)
-        else:
-            fields[name] = value
-    return PolicyLossConfig(**fields)

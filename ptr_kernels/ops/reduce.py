@@ -9,17 +9,13 @@ the backward scale d loss / d L_i and the metrics, with no host sync (the global
 
 from __future__ import annotations
 
-import functools
-
-import torch
 import triton
 import triton.language as tl
 
 from ..config import METHOD_METRICS
-from .common import (AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM, AGG_SEQ_MEAN_TOKEN_SUM_NORM, AGG_TOKEN_MEAN,
-                     AGG_TOKEN_SUM, METHOD_CPPO, METHOD_PPO, NUM_STATS, STAT_CLIP_DUAL, STAT_CLIP_HIGH,
-                     STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV, STAT_KL, STAT_LOSS, STAT_RATIO_CAPPED, STAT_REJ_BUDGET,
-                     STAT_REJ_TOKEN, STAT_TOKENS)
+from .common import (AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM, AGG_TOKEN_MEAN, AGG_TOKEN_SUM, METHOD_CPPO,
+                     METHOD_PPO, NUM_STATS, STAT_CLIP_DUAL, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_DELTA_B, STAT_DIV,
+                     STAT_KL, STAT_LOSS, STAT_RATIO_CAPPED, STAT_REJ_BUDGET, STAT_REJ_TOKEN, STAT_TOKENS)
 
 # `aux` written by the reduction: the backward scale, then the method's metrics in config.METHOD_METRICS order
 # (docs/math.md section 9): the three every method reports, then cppo's / dppo's or ppo's own in the same slots, so
@@ -46,7 +42,6 @@ REDUCE_BLOCK = tl.constexpr(256)  # sequences per step of the reduction
 # the token kernel's `sums`: aux (at most 8 entries: cppo's), then a row of NUM_STATS per sequence
 OUT_AUX = tl.constexpr(0)
 OUT_WIDTH = tl.constexpr(max(aux_size(method) for method in METHOD_METRICS))
-SCALE_BLOCK = 1024
 STATS_POW2 = tl.constexpr(1 << (NUM_STATS.value - 1).bit_length())
 
 
@@ -168,43 +163,3 @@ def scale_grad_kernel(grad_ptr, upstream_ptr, scale_ptr, out_ptr, numel, BLOCK: 
     factor = tl.load(upstream_ptr).to(tl.float32) * tl.load(scale_ptr + AUX_SCALE)
     grad = tl.load(grad_ptr + offs, mask=inside, other=0.0)
     tl.store(out_ptr + offs, (grad * factor).to(out_ptr.dtype.element_ty), mask=inside)
-
-
-def reduction_arguments(agg_mode: int, loss_scale_factor: float, normalizers: tuple) -> tuple:
-    """The run-time arguments of `reduce_stats` after `num_seqs`: (dp_ptr, dp_factor, tokens_ptr, tokens,
-    seqs_ptr, seqs). `normalizers` = (dp_size, batch_num_tokens, global_batch_size), each None, a number or a
-    0-dim tensor: a tensor travels as a pointer, a number as a float; absent counts are -1. dp_factor is the
-    number dp_size (1 when absent or a tensor), divided by `loss_scale_factor` for seq-mean-token-sum-norm (a
-    zero width gives 0, as a zero count does)."""
-    dp, tokens, seqs = normalizers
-    if isinstance(dp, torch.Tensor) or isinstance(tokens, torch.Tensor) or isinstance(seqs, torch.Tensor):
-        return _reduction_arguments(agg_mode, loss_scale_factor, dp, tokens, seqs)
-    return _number_reduction_arguments(agg_mode, loss_scale_factor, dp, tokens, seqs)  # the common case, cached
-
-
-def _reduction_arguments(agg_mode: int, loss_scale_factor: float, dp, tokens, seqs) -> tuple:
-    dp_ptr, dp_factor = _normalizer_args(dp, 1.0)
-    if agg_mode == AGG_SEQ_MEAN_TOKEN_SUM_NORM.value:
-        dp_factor = dp_factor / loss_scale_factor if loss_scale_factor else 0.0
-    return (dp_ptr, dp_factor, *_normalizer_args(tokens, -1.0), *_normalizer_args(seqs, -1.0))
-
-
-# normalizers that are numbers or None: the arguments once per combination
-_number_reduction_arguments = functools.lru_cache(maxsize=1024)(_reduction_arguments)
-
-
-def _normalizer_args(value, absent: float) -> tuple:
-    """(pointer, number) of one global normalizer for `reduce_stats`: a tensor's pointer, or the number (`absent`
-    where there is none; beside a pointer only dp_size's is read, as a factor of 1)."""
-    if value is None or isinstance(value, torch.Tensor):
-        return value, absent
-    return None, float(value)
-
-
-def scale_grad(grad: torch.Tensor, upstream: torch.Tensor, aux: torch.Tensor, dtype: torch.dtype):
-    """Backward in one launch: grad * upstream * aux[AUX_SCALE] in `dtype` (upstream: a 1-element tensor)."""
-    out = torch.empty_like(grad, dtype=dtype, memory_format=torch.contiguous_format)
-    numel = grad.numel()
-    if numel:
-        scale_grad_kernel[(-(-numel // SCALE_BLOCK),)](grad, upstream, aux, out, numel, BLOCK=SCALE_BLOCK)
-    return out
