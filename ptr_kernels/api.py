@@ -74,10 +74,9 @@ def run_policy_loss(log_prob, old_log_prob, advantages, response_mask, cu_seqlen
     if config.divergence in LOGIT_DIVERGENCES:
         raise ValueError(f"divergence={config.divergence!r} needs logits: use policy_loss_from_logits")
     backend = resolve_backend(backend, log_prob)
-    dp_size, batch_num_tokens, global_batch_size = normalizers
     layout = check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
-                          dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
-                          config=config, carried=carried, cu_seqlens_values_in_kernel=backend == "triton")
+                          normalizers, config=config, carried=carried,
+                          cu_seqlens_values_in_kernel=backend == "triton")
     run = reference_policy_loss if backend == "reference" else triton_backend().triton_policy_loss
     return run(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, config=config,
                layout=layout, normalizers=normalizers, carried=carried)

@@ -58,14 +58,13 @@ def policy_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, input_id
     """
     config = resolve_config(config, overrides)
     backend = resolve_backend(backend, hidden)
+    normalizers = (dp_size, batch_num_tokens, global_batch_size)
     layout = check_hidden_inputs(hidden, weight, bias, input_ids, old_log_prob, advantages, response_mask,
                                  cu_seqlens, rollout_topk_ids, rollout_topk_log_probs, temperature, config,
-                                 chunk_size, rollout_is_weights, dp_size, batch_num_tokens, global_batch_size,
-                                 values_in_kernel=backend == "triton")
+                                 chunk_size, rollout_is_weights, normalizers, values_in_kernel=backend == "triton")
     rollout_topk_ids, rollout_topk_log_probs = read_topk(config, rollout_topk_ids, rollout_topk_log_probs)
     inputs = (hidden, weight, bias, input_ids, old_log_prob, advantages, response_mask, cu_seqlens,
               rollout_is_weights, rollout_topk_ids, rollout_topk_log_probs)
-    normalizers = (dp_size, batch_num_tokens, global_batch_size)
     if backend == "reference":
         return reference_policy_loss_from_hidden(*inputs, temperature=temperature, config=config, layout=layout,
                                                  normalizers=normalizers)

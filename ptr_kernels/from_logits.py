@@ -61,14 +61,14 @@ def policy_loss_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, old_l
     config = resolve_config(config, overrides)
     backend = resolve_backend(backend, logits)
     carried = CarriedState(initial_state, position_offset, sequence_length, sequence_delta_b, output_final_state)
+    normalizers = (dp_size, batch_num_tokens, global_batch_size)
     layout = check_logits_inputs(logits, input_ids, old_log_prob, advantages, response_mask, cu_seqlens,
                                  rollout_topk_ids, rollout_topk_log_probs, temperature, config, inplace_grad,
-                                 rollout_is_weights, dp_size, batch_num_tokens, global_batch_size, carried=carried,
+                                 rollout_is_weights, normalizers, carried=carried,
                                  values_in_kernel=backend == "triton")
     rollout_topk_ids, rollout_topk_log_probs = read_topk(config, rollout_topk_ids, rollout_topk_log_probs)
     inputs = (logits, input_ids, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
               rollout_topk_ids, rollout_topk_log_probs)
-    normalizers = (dp_size, batch_num_tokens, global_batch_size)
     if backend == "reference":
         return reference_policy_loss_from_logits(*inputs, temperature=temperature, config=config, layout=layout,
                                                  normalizers=normalizers, carried=carried)

@@ -51,35 +51,31 @@ def _check_float(name: str, t) -> None:
         raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
-def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seqlens=None,
-                 rollout_is_weights=None, *, dp_size=1, batch_num_tokens=None, global_batch_size=None,
-                 config: Optional[PolicyLossConfig] = None, carried: CarriedState = NO_CARRIED_STATE,
-                 cu_seqlens_values_in_kernel: bool = False) -> Layout:
-    """Validate the inputs of `policy_loss`: shapes, dtypes, devices, the global normalizers and, with `config`,
-    the carried state and loss_scale_factor's default; raise ValueError naming the argument.
+def check_inputs(log_prob, old_log_prob, advantages, response_mask=None, cu_seqlens=None, rollout_is_weights=None,
+                 normalizers: tuple = (1, None, None), *, config: Optional[PolicyLossConfig] = None,
+                 carried: CarriedState = NO_CARRIED_STATE, cu_seqlens_values_in_kernel: bool = False) -> Layout:
+    """Validate the token-level inputs of an entry point: shapes, dtypes, devices, the global normalizers
+    (dp_size, batch_num_tokens, global_batch_size) and, with `config`, the carried state and loss_scale_factor's
+    default; raise ValueError naming the argument. `log_prob` None: the from-logits path, where log pi(y_t)
+    comes from the logits and `old_log_prob` gives the per-token shape and device.
 
     `cu_seqlens` values are checked eagerly on CPU; on an accelerator (and under torch.compile) they are
     checked with an asynchronous device assert, or, with `cu_seqlens_values_in_kernel`, by the token kernel
     itself (bad offsets give a NaN loss), so validation never forces a host sync. A normalizer given
     as a tensor is checked for shape, dtype and device only, for the same reason.
     """
-    _check_float("log_prob", log_prob)
-    _check_float("old_log_prob", old_log_prob)
-    _check_device("old_log_prob", old_log_prob, log_prob.device)
-    if old_log_prob.shape != log_prob.shape:
-        raise ValueError(f"old_log_prob has shape {tuple(old_log_prob.shape)}, "
-                         f"expected log_prob's {tuple(log_prob.shape)}")
-    return check_batch(log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, dp_size=dp_size,
-                       batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size, config=config,
-                       carried=carried, cu_seqlens_values_in_kernel=cu_seqlens_values_in_kernel)
-
-
-def check_batch(tokens: torch.Tensor, advantages, response_mask=None, cu_seqlens=None, rollout_is_weights=None, *,
-                dp_size=1, batch_num_tokens=None, global_batch_size=None, config: Optional[PolicyLossConfig] = None,
-                carried: CarriedState = NO_CARRIED_STATE, cu_seqlens_values_in_kernel: bool = False,
-                tokens_name: str = "log_prob") -> Layout:
-    """The checks of `check_inputs` that every entry point shares, for a batch whose per-token shape and device
-    are those of `tokens` (a float tensor, called `tokens_name` in the messages)."""
+    if log_prob is None:
+        _check_float("old_log_prob", old_log_prob)
+        tokens, tokens_name = old_log_prob, "old_log_prob"
+    else:
+        _check_float("log_prob", log_prob)
+        _check_float("old_log_prob", old_log_prob)
+        _check_device("old_log_prob", old_log_prob, log_prob.device)
+        if old_log_prob.shape != log_prob.shape:
+            raise ValueError(f"old_log_prob has shape {tuple(old_log_prob.shape)}, "
+                             f"expected log_prob's {tuple(log_prob.shape)}")
+        tokens, tokens_name = log_prob, "log_prob"
+    dp_size, batch_num_tokens, global_batch_size = normalizers
     _check_float("advantages", advantages)
     device = tokens.device
     _check_normalizer("dp_size", dp_size, device, tokens_name, optional=False, positive=True)
@@ -264,9 +260,8 @@ def check_per_token_rows(name: str, value, width: str, cu_seqlens) -> None:
 
 def check_logits_inputs(logits, input_ids, old_log_prob, advantages, response_mask, cu_seqlens, topk_ids,
                         topk_log_probs, temperature, config: PolicyLossConfig, inplace_grad: bool,
-                        rollout_is_weights, dp_size, batch_num_tokens, global_batch_size, *,
-                        carried: CarriedState = NO_CARRIED_STATE, values_in_kernel: bool,
-                        source: str = "logits") -> Layout:
+                        rollout_is_weights, normalizers: tuple, *, carried: CarriedState = NO_CARRIED_STATE,
+                        values_in_kernel: bool, source: str = "logits") -> Layout:
     """Validate the inputs of `policy_loss_from_logits` (ValueError naming the argument); returns the token layout.
 
     Shapes, dtypes, devices and the temperature always; the values of ids (range, repeats) at valid positions
@@ -285,13 +280,11 @@ def check_logits_inputs(logits, input_ids, old_log_prob, advantages, response_ma
             or not math.isfinite(temperature) or temperature < FLOAT32_TINY:
         raise ValueError(f"temperature={temperature!r} is invalid: expected a finite number >= {FLOAT32_TINY:.3g} "
                          "(float32's smallest normal number: logits / temperature is computed in float32)")
-    _check_float("old_log_prob", old_log_prob)
+    # the token-level checks (mask, advantages, cu_seqlens, weights, normalizers, carried state) on its shape
+    layout = check_inputs(None, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, normalizers,
+                          config=config, carried=carried, cu_seqlens_values_in_kernel=values_in_kernel)
     if old_log_prob.device != logits.device:
         raise ValueError(f"old_log_prob is on {old_log_prob.device} but {source} is on {logits.device}")
-    # the token-level checks (mask, advantages, cu_seqlens, weights, normalizers, carried state) on its shape
-    layout = check_batch(old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, dp_size=dp_size,
-                         batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size, config=config,
-                         carried=carried, cu_seqlens_values_in_kernel=values_in_kernel, tokens_name="old_log_prob")
 
     valid = None if response_mask is None else response_mask != 0
     _require(valid, (input_ids < 0) | (input_ids >= vocab), f"input_ids must lie in [0, V = {vocab}) at valid "
@@ -355,8 +348,7 @@ def _require(valid: Optional[torch.Tensor], bad: torch.Tensor, message: str) -> 
 
 def check_hidden_inputs(hidden, weight, bias, input_ids, old_log_prob, advantages, response_mask, cu_seqlens,
                         topk_ids, topk_log_probs, temperature, config: PolicyLossConfig, chunk_size,
-                        rollout_is_weights, dp_size, batch_num_tokens, global_batch_size, *,
-                        values_in_kernel: bool) -> Layout:
+                        rollout_is_weights, normalizers: tuple, *, values_in_kernel: bool) -> Layout:
     """Validate the from-hidden inputs (ValueError naming the argument); returns the token layout.
 
     The head (hidden, weight, bias) and chunk_size here; the rest as `check_logits_inputs` does for logits of
@@ -379,9 +371,8 @@ def check_hidden_inputs(hidden, weight, bias, input_ids, old_log_prob, advantage
                          "or None")
     logits_stand_in = hidden.new_empty(()).expand(*hidden.shape[:-1], vocab)
     return check_logits_inputs(logits_stand_in, input_ids, old_log_prob, advantages, response_mask, cu_seqlens,
-                               topk_ids, topk_log_probs, temperature, config, False, rollout_is_weights, dp_size,
-                               batch_num_tokens, global_batch_size, values_in_kernel=values_in_kernel,
-                               source="hidden")
+                               topk_ids, topk_log_probs, temperature, config, False, rollout_is_weights,
+                               normalizers, values_in_kernel=values_in_kernel, source="hidden")
 
 
 def _check_like_hidden(name: str, t: torch.Tensor, hidden: torch.Tensor) -> None:

@@ -1,7 +1,7 @@
 """A `PolicyLossConfig` encoded for the kernels, once per config (cached).
 
 `kernel_plan(config)` gives the token kernel's branch ids (the aggregation mode included), the logits kernel's
-and its float32 `params` (made once per device); `layout_constexprs` adds what depends on the batch's layout.
+and its float32 `params` (made once per device); `token_launch` adds what depends on the batch's layout.
 The compiled path (ops/compiled.py) decodes its config into the same plan, so both paths launch from it.
 """
 
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from ..config import PolicyLossConfig
-from . import common, logits, reduce, token
+from . import chunks, common, logits, reduce, token
 
 # each config choice's branch id in the kernels
 METHOD_IDS = {"cppo": common.METHOD_CPPO.value, "dppo": common.METHOD_DPPO.value, "ppo": common.METHOD_PPO.value}
@@ -95,12 +95,20 @@ def kernel_plan(config: PolicyLossConfig) -> KernelPlan:
                       TOPK_IDS[config.divergence])
 
 
+class TokenLaunch(NamedTuple):
+    """What a token-kernel launch takes beyond the plan, once per combination of the layout's options."""
+
+    constexprs: dict  # every keyword of the launch
+    prepass: bool  # whether the grid runs every work item twice, the pre-pass items first (chunks.needs_prepass)
+
+
 @functools.lru_cache(maxsize=1024)
-def layout_constexprs(plan: KernelPlan, packed: bool, adv_per_seq: bool, given_horizon: bool, given_delta_b: bool,
-                      block: int) -> dict:
+def token_launch(plan: KernelPlan, packed: bool, adv_per_seq: bool, has_mask: bool, given_horizon: bool,
+                 given_delta_b: bool, block: int) -> TokenLaunch:
     """Every keyword of the token kernel's launch: the plan's branch ids, those that depend on the layout (T_w's
-    source, delta_b_i's), ADV_PER_SEQ, BLOCK positions per block and num_warps, merged once per combination. The
-    kernel reads the rest of the layout from which pointers are None (mask, weights, D, cu_seqlens, shard).
+    source, delta_b_i's), ADV_PER_SEQ, BLOCK positions per block and num_warps, merged once per combination; and
+    whether those need the pre-pass (a host call of `chunks.needs_prepass` costs microseconds). The kernel reads
+    the rest of the layout from which pointers are None (mask, weights, D, cu_seqlens, shard).
 
     A shard of a longer sequence (docs/math.md section 8): `given_horizon` (T_w per sequence from
     `sequence_length`), `given_delta_b` (delta_b_i per sequence, which replaces the quantile).
@@ -118,5 +126,7 @@ def layout_constexprs(plan: KernelPlan, packed: bool, adv_per_seq: bool, given_h
     budget = plan.token_constexprs["BUDGET"]
     if cppo and given_delta_b:
         budget = common.BUDGET_GIVEN.value
-    return dict(plan.token_constexprs, BUDGET=budget, HORIZON=horizon.value, ADV_PER_SEQ=adv_per_seq, BLOCK=block,
-                num_warps=token.NUM_WARPS)
+    constexprs = dict(plan.token_constexprs, BUDGET=budget, HORIZON=horizon.value, ADV_PER_SEQ=adv_per_seq,
+                      BLOCK=block, num_warps=token.NUM_WARPS)
+    prepass = chunks.needs_prepass(constexprs["METHOD"], budget, horizon.value, constexprs["MODE"], has_mask)
+    return TokenLaunch(constexprs, prepass)

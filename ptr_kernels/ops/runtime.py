@@ -23,7 +23,7 @@ import triton
 from ..carried_state import NO_CARRIED_STATE, SHARD_FINAL, CarriedState
 from . import chunks, common, reduce, token
 from . import logits as logits_kernels
-from .plan import KernelPlan, layout_constexprs
+from .plan import KernelPlan, token_launch
 
 MIN_BLOCK = 16
 MIN_FLAGS = 1 << 16  # flags of the launch state allocated at least (one per program)
@@ -96,18 +96,15 @@ def num_items(packed: bool, num_seqs: int, extent: int, rows: int) -> int:
     return tiles * max(-(-extent // chunks.CHUNK.value), 1)
 
 
-def grid_size(packed: bool, num_seqs: int, extent: int, has_mask: bool, constexprs: dict) -> int:
+def grid_size(packed: bool, num_seqs: int, extent: int, block: int, prepass: bool) -> int:
     """Programs of one launch (shapes only, no sync): every work item, twice when the kernel needs a pre-pass."""
-    c = constexprs
-    items = num_items(packed, num_seqs, extent, token.TILE.value // c["BLOCK"])
-    if chunks.needs_prepass(c["METHOD"], c["BUDGET"], c["HORIZON"], c["MODE"], has_mask):
-        items *= 2
-    return max(items, 1)
+    items = num_items(packed, num_seqs, extent, token.TILE.value // block)
+    return max(2 * items if prepass else items, 1)
 
 
-def scratch_size(grid: int, constexprs: dict) -> int:
+def scratch_size(grid: int, block: int) -> int:
     """Floats of the items' scratch rows after the per-sequence rows of `sums`."""
-    return grid * (token.TILE.value // constexprs["BLOCK"]) * chunks.ITEM_WIDTH.value
+    return grid * (token.TILE.value // block) * chunks.ITEM_WIDTH.value
 
 
 def launch_state(device: torch.device, grid: int) -> torch.Tensor:
@@ -177,16 +174,17 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     num_seqs = cu_seqlens.shape[0] - 1 if packed else log_prob.shape[0]
     numel = log_prob.numel()
     extent = numel if packed else log_prob.shape[1]
-    constexprs = layout_constexprs(plan, packed, adv_per_seq, carried.sequence_length is not None,
-                                   carried.sequence_delta_b is not None, _forced_block or block_size(numel, num_seqs))
-    grid = grid_size(packed, num_seqs, extent, response_mask is not None, constexprs)
+    block = _forced_block or block_size(numel, num_seqs)
+    constexprs, prepass = token_launch(plan, packed, adv_per_seq, response_mask is not None,
+                                       carried.sequence_length is not None, carried.sequence_delta_b is not None, block)
+    grid = grid_size(packed, num_seqs, extent, block, prepass)
     # outputs: grad like log_prob (contiguous, as the kernel writes it; log_prob may be a view), the loss (a tensor
     # of its own: a user may modify it in place), and one buffer for aux, the per-sequence sums (a row at least:
     # a batch without sequences still launches) and the work items' rows
     grad = torch.empty_like(log_prob, dtype=torch.float32, memory_format=torch.contiguous_format)
     loss = grad.new_empty(())
     sums = grad.new_empty(reduce.OUT_WIDTH.value + max(num_seqs, 1) * common.NUM_STATS.value
-                          + scratch_size(grid, constexprs))
+                          + scratch_size(grid, block))
     shard = carried.pack(num_seqs, log_prob.device) if carried.given else None
     device = log_prob.device
     # contiguous inputs (a mask of any dtype: != 0 is valid)

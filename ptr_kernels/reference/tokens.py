@@ -296,13 +296,12 @@ def policy_loss_reference(log_prob, old_log_prob, advantages, response_mask=None
     """
     config = config or DEFAULT_CONFIG
     carried = CarriedState(initial_state, position_offset, sequence_length, sequence_delta_b, output_final_state)
+    normalizers = (dp_size, batch_num_tokens, global_batch_size)
     layout = check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
-                          dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
-                          config=config, carried=carried)
+                          normalizers, config=config, carried=carried)
     return reference_policy_loss(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
-                                 config=config, layout=layout, normalizers=(dp_size, batch_num_tokens,
-                                                                            global_batch_size),
-                                 carried=carried, divergence_values=divergence_values)
+                                 config=config, layout=layout, normalizers=normalizers, carried=carried,
+                                 divergence_values=divergence_values)
 
 
 def reference_policy_loss(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, *,
