@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -38,7 +38,6 @@ class KernelPlan:
     config: PolicyLossConfig
     token_constexprs: dict  # METHOD, DIVERGENCE, GATE, SURROGATE, BUDGET (the calibrated or fixed delta_b), MODE
     param_values: tuple  # the float32 `params` of the token kernel, in common.P_* order
-    horizon: Optional[int]  # T_w of HORIZON_ARG: an int length_mode, or None
     aux_size: int  # entries of aux: the backward scale and the method's metrics (ops/reduce.py)
     topk: int  # the logits kernel's TOPK: which Top-K divergence it computes, or none
 
@@ -72,7 +71,6 @@ def kernel_plan(config: PolicyLossConfig) -> KernelPlan:
         BUDGET=(common.BUDGET_QUANTILE if config.calibrates_delta_b else common.BUDGET_FIXED).value,
         MODE=AGG_IDS[config.loss_agg_mode],
     )
-    horizon = config.length_mode if isinstance(config.length_mode, int) else None
     values = {  # common.P_* -> value
         common.P_DELTA: config.delta,
         common.P_DELTA_LOW: config.delta_low_value,
@@ -87,11 +85,11 @@ def kernel_plan(config: PolicyLossConfig) -> KernelPlan:
         common.P_RATIO_LO: 1.0 - config.clip_ratio_low,
         common.P_RATIO_HI: 1.0 + config.clip_ratio_high,
         common.P_CLIP_C: inf if config.clip_ratio_c is None else config.clip_ratio_c,
-        common.P_HORIZON: horizon or 0,
+        common.P_HORIZON: config.length_mode if isinstance(config.length_mode, int) else 0,  # HORIZON_ARG's T_w
     }
     param_values = tuple(float(value) for _, value in sorted((index.value, v) for index, v in values.items()))
     assert len(param_values) == common.NUM_PARAMS.value
-    return KernelPlan(config, constexprs, param_values, horizon, reduce.aux_size(config.method),
+    return KernelPlan(config, constexprs, param_values, reduce.aux_size(config.method),
                       TOPK_IDS[config.divergence])
 
 

@@ -185,8 +185,8 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     loss = grad.new_empty(())
     sums = grad.new_empty(reduce.OUT_WIDTH.value + max(num_seqs, 1) * common.NUM_STATS.value
                           + scratch_size(grid, block))
-    shard = carried.pack(num_seqs, log_prob.device) if carried.given else None
     device = log_prob.device
+    shard = carried.pack(num_seqs, device) if carried.given else None
     # contiguous inputs (a mask of any dtype: != 0 is valid)
     token.token_kernel[(grid,)](
         contiguous(log_prob), contiguous(old_log_prob), contiguous(advantages), contiguous(response_mask),
