@@ -1,4 +1,5 @@
-"""Public API: `policy_loss` (functional) and `PolicyLoss` (nn.Module), with backend dispatch."""
+"""Public API: `policy_loss` (functional) and `PolicyLoss` (nn.Module); what every entry point shares: the backend's
+choice and the kernels' import."""
 
 from __future__ import annotations
 
@@ -6,13 +7,12 @@ from typing import Optional
 
 import torch
 
+from .carried_state import CarriedState
 from .config import DEFAULT_CONFIG, LOGIT_DIVERGENCES, PolicyLossConfig, resolve_config
-from .reference import policy_loss_reference
+from .reference.tokens import reference_policy_loss
+from .validation import check_inputs
 
 BACKENDS = ("auto", "reference", "triton")
-
-
-_NO_STATE = {}  # the carried-state keywords when none is given (never mutated)
 
 
 def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -62,41 +62,54 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
         config = DEFAULT_CONFIG
     elif overrides or not isinstance(config, PolicyLossConfig):  # a given config was validated when built
         config = resolve_config(config, overrides)
+    carried = CarriedState(initial_state, position_offset, sequence_length, sequence_delta_b, output_final_state)
+    return run_policy_loss(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
+                           (dp_size, batch_num_tokens, global_batch_size), carried, config, backend)
+
+
+def run_policy_loss(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
+                    normalizers: tuple, carried: CarriedState, config: PolicyLossConfig, backend: str):
+    """`policy_loss` with its keywords gathered (`normalizers` = (dp_size, batch_num_tokens, global_batch_size),
+    the carried state as one value) and a validated config: the inputs validated once, then the backend."""
     if config.divergence in LOGIT_DIVERGENCES:
         raise ValueError(f"divergence={config.divergence!r} needs logits: use policy_loss_from_logits")
+    backend = resolve_backend(backend, log_prob)
+    layout = check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
+                          normalizers, config=config, carried=carried,
+                          cu_seqlens_values_in_kernel=backend == "triton")
+    run = reference_policy_loss if backend == "reference" else triton_backend().triton_policy_loss
+    return run(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, config=config,
+               layout=layout, normalizers=normalizers, carried=carried)
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
+    """"reference" or "triton": "auto" picks the kernels for CUDA tensors; an unknown name is a ValueError."""
+    if backend == "auto":
+        return "triton" if tensor.is_cuda else "reference"
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is invalid: expected one of {', '.join(map(repr, BACKENDS))}")
-    if backend == "auto":
-        backend = "triton" if log_prob.is_cuda else "reference"
-    state = _NO_STATE
-    if output_final_state or initial_state is not None or position_offset is not None \
-            or sequence_length is not None or sequence_delta_b is not None:
-        state = dict(initial_state=initial_state, output_final_state=output_final_state,
-                     position_offset=position_offset, sequence_length=sequence_length,
-                     sequence_delta_b=sequence_delta_b)
-    run = policy_loss_reference if backend == "reference" else _triton_policy_loss
-    return run(log_prob, old_log_prob, advantages, response_mask, cu_seqlens=cu_seqlens, config=config,
-               rollout_is_weights=rollout_is_weights, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
-               global_batch_size=global_batch_size, **state)
+    return backend
 
 
-def _triton_policy_loss(*args, **kwargs):
-    # imported on first use so that importing ptr_kernels does not import triton (TRITON_INTERPRET must be set
-    # first), then kept: an import statement per call costs host time
-    global _triton_policy_loss
-    try:
-        from .ops.autograd import triton_policy_loss
-    except ImportError as error:
-        if not triton_missing(error):
-            raise
-        raise RuntimeError(NO_TRITON) from error
-    _triton_policy_loss = triton_policy_loss
-    return triton_policy_loss(*args, **kwargs)
+def triton_backend():
+    """`ptr_kernels.ops.backend`, the kernels' side of every entry point. Imported on first use, so that importing
+    ptr_kernels does not import triton (TRITON_INTERPRET must be set first), then kept: an import statement
+    per call costs host time. Without triton (it exists for Linux only) backend="triton" raises the
+    RuntimeError it raises wherever the kernels cannot run, e.g. on CPU tensors outside the Triton interpreter.
+    (An import statement, not importlib: torch.compile traces this path.)"""
+    global _triton_backend
+    if _triton_backend is None:
+        try:
+            from .ops import backend
+        except ImportError as error:
+            if not triton_missing(error):
+                raise
+            raise RuntimeError(NO_TRITON) from error
+        _triton_backend = backend
+    return _triton_backend
 
 
-# Without triton (it exists for Linux only) backend="triton" raises the RuntimeError it raises wherever the
-# kernels cannot run, e.g. on CPU tensors outside the Triton interpreter. (Import statements, not importlib:
-# torch.compile traces these paths.)
+_triton_backend = None
 NO_TRITON = "backend='triton' needs the triton package, which is not installed (pip install triton, on Linux): " \
             "use backend='reference'"
 

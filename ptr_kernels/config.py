@@ -35,15 +35,18 @@ LOSS_AGG_MODES = (
     "seq-mean-token-mean",
     "seq-mean-token-sum-norm",
 )
+# the choices of every field that holds a string (length_mode: an int horizon too)
+CHOICES = {"method": METHODS, "divergence": DIVERGENCES + LOGIT_DIVERGENCES, "length_mode": LENGTH_MODES,
+           "gate": GATES, "surrogate": SURROGATES, "loss_agg_mode": LOSS_AGG_MODES}
 
 
 def _fail(field: str, value, allowed: str) -> None:
     raise ValueError(f"PolicyLossConfig.{field}={value!r} is invalid: expected {allowed}")
 
 
-def _check_choice(field: str, value, choices) -> None:
-    if value not in choices:
-        _fail(field, value, "one of " + ", ".join(repr(c) for c in choices))
+def _check_choice(field: str, value) -> None:
+    if value not in CHOICES[field]:
+        _fail(field, value, "one of " + ", ".join(repr(c) for c in CHOICES[field]))
 
 
 def _check_number(field: str, value, *, low=None, high=None, low_open=False, high_open=False,
@@ -114,8 +117,8 @@ class PolicyLossConfig:
     loss_scale_factor: Optional[float] = None
 
     def __post_init__(self) -> None:
-        _check_choice("method", self.method, METHODS)
-        _check_choice("divergence", self.divergence, DIVERGENCES + LOGIT_DIVERGENCES)
+        _check_choice("method", self.method)
+        _check_choice("divergence", self.divergence)
         _check_number("delta", self.delta, low=0, low_open=True)
         _check_number("delta_low", self.delta_low, low=0, low_open=True, optional=True)
         _check_number("delta_high", self.delta_high, low=0, low_open=True, optional=True)
@@ -125,18 +128,18 @@ class PolicyLossConfig:
         _check_number("delta_b_quantile_scale", self.delta_b_quantile_scale, low=0, low_open=True)
         _check_number("delta_b_max_mult", self.delta_b_max_mult, low=1)
         if isinstance(self.length_mode, str):
-            _check_choice("length_mode", self.length_mode, LENGTH_MODES)
+            _check_choice("length_mode", self.length_mode)
         elif isinstance(self.length_mode, bool) or not isinstance(self.length_mode, int) \
                 or not 1 <= self.length_mode <= MAX_HORIZON:
             _fail("length_mode", self.length_mode, f"'sequence', 'padded' or an int horizon in [1, {MAX_HORIZON}]")
-        _check_choice("gate", self.gate, GATES)
-        _check_choice("surrogate", self.surrogate, SURROGATES)
+        _check_choice("gate", self.gate)
+        _check_choice("surrogate", self.surrogate)
         _check_number("ratio_cap", self.ratio_cap, low=0, low_open=True)
         _check_number("log_ratio_clamp", self.log_ratio_clamp, low=0, low_open=True, optional=True)
         _check_number("clip_ratio_low", self.clip_ratio_low, low=0, high=1, high_open=True)
         _check_number("clip_ratio_high", self.clip_ratio_high, low=0)
         _check_number("clip_ratio_c", self.clip_ratio_c, low=1, low_open=True, optional=True)
-        _check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
+        _check_choice("loss_agg_mode", self.loss_agg_mode)
         _check_number("loss_scale_factor", self.loss_scale_factor, low=0, low_open=True, optional=True)
         for name in FLOAT_FIELDS:  # numbers as Python floats (an int of 2**64 or a numpy scalar would not do in torch)
             value = getattr(self, name)

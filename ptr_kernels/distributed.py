@@ -20,11 +20,11 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from .api import policy_loss
-from .carried_state import STATE_WIDTH
-from .config import PolicyLossConfig, resolve_config
-from .layout import check_cu_seqlens, mask_as_bool
+from .api import run_policy_loss
+from .carried_state import NO_CARRIED_STATE, STATE_WIDTH, CarriedState
+from .config import DEFAULT_CONFIG, PolicyLossConfig, resolve_config
 from .reference import SEQ_MEAN_EPS, compute_dtype, divergence, position_weight, valid_values
+from .validation import check_count_inputs, mask_as_bool, resolve_loss_scale_factor
 
 RADIX_BITS = 8  # the distributed quantile selects 8 bits of the key per collective
 RADIX = 1 << RADIX_BITS
@@ -47,7 +47,7 @@ def global_counts(response_mask: Optional[torch.Tensor] = None, cu_seqlens: Opti
     """
     if response_mask is None and cu_seqlens is None:
         raise ValueError("global_counts needs response_mask or cu_seqlens")
-    _check_count_inputs(response_mask, cu_seqlens)
+    check_count_inputs(response_mask, cu_seqlens)
     if cu_seqlens is not None:
         seq_tokens = _segment_sums(mask_as_bool(response_mask, cu_seqlens.new_empty(0)) if response_mask is not None
                                    else None, cu_seqlens)
@@ -62,28 +62,6 @@ def global_counts(response_mask: Optional[torch.Tensor] = None, cu_seqlens: Opti
         dist.all_reduce(counts, group=group)
         size = dist.get_world_size(group)
     return counts[0], counts[1], torch.full((), size, dtype=torch.int64, device=counts.device)
-
-
-def _check_count_inputs(response_mask, cu_seqlens) -> None:
-    """The inputs of `global_counts`, as `policy_loss` checks them (ValueError naming the argument)."""
-    for name, value in (("response_mask", response_mask), ("cu_seqlens", cu_seqlens)):
-        if value is not None and not isinstance(value, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if response_mask is not None and response_mask.is_complex():
-        raise ValueError(f"response_mask must be bool, integer or float (nonzero = valid), got {response_mask.dtype}")
-    if cu_seqlens is None:
-        return
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must be a 1-D int32 or int64 tensor [S + 1], got {cu_seqlens.dtype} of "
-                         f"shape {tuple(cu_seqlens.shape)}")
-    if response_mask is not None:
-        if response_mask.dim() != 1:
-            raise ValueError(f"response_mask has shape {tuple(response_mask.shape)}: with cu_seqlens it is packed [N]")
-        if response_mask.device != cu_seqlens.device:
-            raise ValueError(f"response_mask is on {response_mask.device} but cu_seqlens is on {cu_seqlens.device}")
-        check_cu_seqlens(cu_seqlens, response_mask.shape[0])
-    else:  # every packed token valid: N is the last offset
-        check_cu_seqlens(cu_seqlens, cu_seqlens[-1])
 
 
 def _segment_sums(valid: Optional[torch.Tensor], cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -106,6 +84,11 @@ class ShardState(NamedTuple):
     sequence_delta_b: torch.Tensor  # delta_b_i of the whole sequence, compute dtype
     sequence_tokens: torch.Tensor  # int64, n_i of the whole sequence
     padded_width: torch.Tensor  # int64 0-dim, the whole padded row (sum of the shards' widths)
+
+    @property
+    def carried(self) -> CarriedState:
+        """The shard inputs of the loss call."""
+        return CarriedState(self.initial_state, self.position_offset, self.sequence_length, self.sequence_delta_b)
 
 
 class _Tokens(NamedTuple):
@@ -157,7 +140,7 @@ def cp_shard_state(log_prob: torch.Tensor, old_log_prob: torch.Tensor, response_
     position on a rank: an empty shard). `divergence_values` (like log_prob): D given instead of the binary
     divergence (a from-logits path). No gradient flows through the state.
     """
-    config = config or PolicyLossConfig()
+    config = config or DEFAULT_CONFIG
     dt = compute_dtype(log_prob.dtype)
     with torch.no_grad():
         tokens = _flat_tokens(log_prob, response_mask, cu_seqlens)
@@ -289,11 +272,9 @@ def cp_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage
     if config.method == "cppo":
         state = cp_shard_state(log_prob, old_log_prob, response_mask, cu_seqlens=cu_seqlens, config=config,
                                group=group)
-        shard = dict(initial_state=state.initial_state, position_offset=state.position_offset,
-                     sequence_length=state.sequence_length, sequence_delta_b=state.sequence_delta_b)
-        sequence_tokens, padded_width = state.sequence_tokens, state.padded_width
+        carried, sequence_tokens, padded_width = state.carried, state.sequence_tokens, state.padded_width
     else:
-        shard = {}
+        carried = NO_CARRIED_STATE
         sequence_tokens, padded_width = _sequence_tokens(log_prob, response_mask, cu_seqlens, group)
     with torch.no_grad():
         counts = torch.stack([sequence_tokens.sum(), (sequence_tokens > 0).sum()])
@@ -311,15 +292,12 @@ def cp_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage
         dp_size = _ratio(dp_size, global_batch_size, log_prob.device)
         config = config.replace(loss_agg_mode="token-sum")
     elif mode == "seq-mean-token-sum-norm":  # seq-mean-token-sum / loss_scale_factor (default: the whole width)
-        if config.loss_scale_factor is None and cu_seqlens is not None:
-            raise ValueError("loss_scale_factor is required for loss_agg_mode='seq-mean-token-sum-norm' "
-                             "with packed input (there is no padded width to default to)")
-        scale = padded_width if config.loss_scale_factor is None else config.loss_scale_factor
+        scale = resolve_loss_scale_factor(mode, config.loss_scale_factor, None if cu_seqlens is not None
+                                          else padded_width)
         dp_size = _ratio(dp_size, scale, log_prob.device)
         config = config.replace(loss_agg_mode="seq-mean-token-sum", loss_scale_factor=None)
-    return policy_loss(log_prob, old_log_prob, advantages, response_mask, cu_seqlens=cu_seqlens, config=config,
-                       backend=backend, rollout_is_weights=rollout_is_weights, dp_size=dp_size,
-                       batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size, **shard)
+    return run_policy_loss(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
+                           (dp_size, batch_num_tokens, global_batch_size), carried, config, backend)
 
 
 def _sequence_tokens(log_prob, response_mask, cu_seqlens, group):

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
 
-from .api import BACKENDS
+from .api import resolve_backend, triton_backend
 from .config import PolicyLossConfig, resolve_config
-from .from_logits import check_logits_inputs, check_per_token_rows
-from .layout import Layout
+from .reference.hidden import reference_policy_loss_from_hidden
+from .validation import check_hidden_inputs, read_topk
 
 
 def policy_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
@@ -58,60 +57,17 @@ def policy_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, input_id
         hidden, weight and bias. Bad inputs raise ValueError naming the argument.
     """
     config = resolve_config(config, overrides)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is invalid: expected one of {', '.join(map(repr, BACKENDS))}")
+    backend = resolve_backend(backend, hidden)
+    normalizers = (dp_size, batch_num_tokens, global_batch_size)
     layout = check_hidden_inputs(hidden, weight, bias, input_ids, old_log_prob, advantages, response_mask,
                                  cu_seqlens, rollout_topk_ids, rollout_topk_log_probs, temperature, config,
-                                 chunk_size, rollout_is_weights, dp_size, batch_num_tokens, global_batch_size,
-                                 values_in_kernel=backend != "reference")
-    if backend == "auto":
-        backend = "triton" if hidden.is_cuda else "reference"
-    kwargs = dict(cu_seqlens=cu_seqlens, rollout_topk_ids=rollout_topk_ids,
-                  rollout_topk_log_probs=rollout_topk_log_probs, temperature=temperature, config=config,
-                  rollout_is_weights=rollout_is_weights, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
-                  global_batch_size=global_batch_size)
+                                 chunk_size, rollout_is_weights, normalizers, values_in_kernel=backend == "triton")
+    rollout_topk_ids, rollout_topk_log_probs = read_topk(config, rollout_topk_ids, rollout_topk_log_probs)
+    inputs = (hidden, weight, bias, input_ids, old_log_prob, advantages, response_mask, cu_seqlens,
+              rollout_is_weights, rollout_topk_ids, rollout_topk_log_probs)
     if backend == "reference":
-        from .reference_hidden import policy_loss_from_hidden_reference
-        return policy_loss_from_hidden_reference(hidden, weight, input_ids, old_log_prob, advantages,
-                                                 response_mask, bias=bias, **kwargs)
-    from .ops.hidden import triton_policy_loss_from_hidden  # imports triton: TRITON_INTERPRET is set by now
-    return triton_policy_loss_from_hidden(hidden, weight, bias, input_ids, old_log_prob, advantages, response_mask,
-                                          layout=layout, chunk_size=chunk_size, **kwargs)
-
-
-def check_hidden_inputs(hidden, weight, bias, input_ids, old_log_prob, advantages, response_mask, cu_seqlens,
-                        topk_ids, topk_log_probs, temperature, config: PolicyLossConfig, chunk_size,
-                        rollout_is_weights, dp_size, batch_num_tokens, global_batch_size, *,
-                        values_in_kernel: bool) -> Layout:
-    """Validate the from-hidden inputs (ValueError naming the argument); returns the token layout.
-
-    The head (hidden, weight, bias) and chunk_size here; the rest as `check_logits_inputs` does for logits of
-    shape hidden.shape[:-1] + (V,), given as a one-element stand-in expanded to that shape (no memory).
-    """
-    check_per_token_rows("hidden", hidden, "H", cu_seqlens)
-    size = hidden.shape[-1]
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != size or weight.shape[0] < 1:
-        raise ValueError(f"weight has shape {tuple(getattr(weight, 'shape', ()))}, expected [V, H = {size}] "
-                         "with V >= 1 (the LM head as nn.Linear stores it)")
-    _check_like_hidden("weight", weight, hidden)
-    vocab = weight.shape[0]
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (vocab,):
-            raise ValueError(f"bias has shape {tuple(getattr(bias, 'shape', ()))}, expected [V = {vocab}]")
-        _check_like_hidden("bias", bias, hidden)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size={chunk_size!r} is invalid: expected a positive int (tokens per chunk) "
-                         "or None")
-    logits_stand_in = hidden.new_empty(()).expand(*hidden.shape[:-1], vocab)
-    return check_logits_inputs(logits_stand_in, input_ids, old_log_prob, advantages, response_mask, cu_seqlens,
-                               topk_ids, topk_log_probs, temperature, config, False, rollout_is_weights, dp_size,
-                               batch_num_tokens, global_batch_size, values_in_kernel=values_in_kernel,
-                               source="hidden")
-
-
-def _check_like_hidden(name: str, t: torch.Tensor, hidden: torch.Tensor) -> None:
-    if t.dtype != hidden.dtype:
-        raise ValueError(f"{name} is {t.dtype} but hidden is {hidden.dtype}: the head's GEMM takes one dtype")
-    if t.device != hidden.device:
-        raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+        return reference_policy_loss_from_hidden(*inputs, temperature=temperature, config=config, layout=layout,
+                                                 normalizers=normalizers)
+    return triton_backend().triton_policy_loss_from_hidden(*inputs, temperature=temperature, config=config,
+                                                           layout=layout, normalizers=normalizers,
+                                                           chunk_size=chunk_size)

@@ -8,7 +8,6 @@ import torch
 from ptr_kernels import PolicyLossConfig, policy_loss
 from ptr_kernels.benchmark.host import stubbed_triton_launches
 from ptr_kernels.ops import ids, token
-from ptr_kernels.ops.autograd import triton_policy_loss
 from ptr_kernels.testing.cases import Case
 
 from test_triton_kernel import check_case
@@ -96,8 +95,8 @@ def test_a_shard_spanning_chunks_hands_on_its_state(gate, device):
 def test_bad_offsets_poison_every_output_in_the_kernel(device):
     """Offsets out of order make the items' map of tiles meaningless: no hang, no read outside the tensors, and
     the loss and every metric are NaN (the kernel directly: on CPU tensors the API raises before the launch)."""
-    from ptr_kernels.ops.autograd import fused_forward
     from ptr_kernels.ops.plan import kernel_plan
+    from ptr_kernels.ops.runtime import fused_forward
     n = 3 * CHUNK
     lp = -torch.rand(n, device=device)
     cu = torch.tensor([0, 2 * CHUNK, CHUNK, n], dtype=torch.int32, device=device)
@@ -142,7 +141,7 @@ def test_long_packed_sequences_spread_over_many_programs(method, quantile, devic
     with stubbed_triton_launches() as launches, pytest.MonkeyPatch.context() as patch:
         patch.setattr(token.token_kernel.__class__, "__getitem__", recording)
         x = lp.clone().requires_grad_(True)
-        triton_policy_loss(x, lp, torch.ones(S, device=device), torch.ones(S * n, dtype=torch.bool, device=device),
-                           cu_seqlens=cu, config=config)[0].backward()
+        policy_loss(x, lp, torch.ones(S, device=device), torch.ones(S * n, dtype=torch.bool, device=device),
+                    cu_seqlens=cu, config=config, backend="triton")[0].backward()
         assert launches["launches"] == 2
     assert grids and all(g >= 128 for g in grids if g > 1), grids

@@ -25,7 +25,8 @@ import torch.distributed as dist  # noqa: E402
 pytest.importorskip("triton", reason="the Triton kernels: triton exists for Linux only")
 
 from ptr_kernels import PolicyLossConfig, policy_loss  # noqa: E402
-from ptr_kernels.layout import packed_to_rows  # noqa: E402
+from ptr_kernels.carried_state import NO_CARRIED_STATE  # noqa: E402
+from ptr_kernels.validation import packed_to_rows  # noqa: E402
 from ptr_kernels.reference import token_terms  # noqa: E402
 
 WORLD_SIZES = (2, 4)
@@ -105,10 +106,8 @@ def _gate(inputs: dict, config, state=None):
         width = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
         rows = lambda t, fill=0.0: packed_to_rows(t, cu, width, fill)  # noqa: E731
         lp, old, mask = rows(lp), rows(old), rows(mask, False)
-    shard = {} if state is None else dict(initial_state=state.initial_state, position_offset=state.position_offset,
-                                          sequence_length=state.sequence_length,
-                                          sequence_delta_b=state.sequence_delta_b)
-    terms = token_terms(lp, old, inputs["advantages"], mask, config, **shard)
+    terms = token_terms(lp, old, inputs["advantages"], mask, config,
+                        carried=NO_CARRIED_STATE if state is None else state.carried)
     return terms.gate[mask], terms.rejected_budget[mask], terms.delta_b
 
 

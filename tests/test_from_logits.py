@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels: triton exists for Linux only")
 
 from ptr_kernels import PolicyLossConfig, policy_loss, policy_loss_from_logits  # noqa: E402
-from ptr_kernels.reference_logits import topk_divergence  # noqa: E402
+from ptr_kernels.reference.logits import topk_divergence  # noqa: E402
 from ptr_kernels.testing.logits_cases import cast, random_logits_case  # noqa: E402
 from ptr_kernels.testing.oracle_logits import policy_loss_from_logits_literal  # noqa: E402
 
@@ -125,9 +125,10 @@ def test_topk_divergence_hand_computed():
 @pytest.mark.parametrize("divergence,layout", [("topk_tv", "padded"), ("topk_kl", "packed"), ("binary_tv", "padded")])
 def test_same_as_token_path(divergence, layout, device):
     """Given the same log_prob (gathered from log_softmax by autograd) and the same D, the token path
-    (`ops.autograd.fused_policy_loss`, D given) and the from-logits path give the same loss and gradient."""
-    from ptr_kernels.layout import check_inputs
-    from ptr_kernels.ops.autograd import fused_policy_loss
+    (`ops.autograd.FusedPolicyLoss`, D given) and the from-logits path give the same loss and gradient."""
+    from ptr_kernels.ops.autograd import apply_policy_loss
+    from ptr_kernels.ops.plan import kernel_plan
+    from ptr_kernels.validation import check_inputs
 
     config = PolicyLossConfig(method="cppo", divergence=divergence, delta=0.1, delta_b_quantile=0.5)
     case = cast(random_logits_case(3, layout=layout, vocab=200, k=4, temperature=0.8, config=config),
@@ -144,10 +145,12 @@ def test_same_as_token_path(divergence, layout, device):
         topk_ids = torch.where(mask[..., None], case["rollout_topk_ids"], 0)
         div = topk_divergence(log_pi.detach(), ids, case["old_log_prob"], topk_ids, case["rollout_topk_log_probs"],
                               divergence)
-    layout_info = check_inputs(log_prob, case["old_log_prob"], case["advantages"], mask, case["cu_seqlens"])
-    token_loss, _ = fused_policy_loss(log_prob, case["old_log_prob"], case["advantages"], mask, case["cu_seqlens"],
-                                      None, div, config=config, adv_per_seq=layout_info.adv_per_seq,
-                                      loss_scale_factor=None, normalizers=(1, None, None))
+    layout_info = check_inputs(log_prob, case["old_log_prob"], case["advantages"], mask, case["cu_seqlens"],
+                               config=config)
+    options = dict(plan=kernel_plan(config), adv_per_seq=layout_info.adv_per_seq,
+                   loss_scale_factor=layout_info.loss_scale_factor, normalizers=(1, None, None))
+    token_loss = apply_policy_loss(log_prob, (case["old_log_prob"], case["advantages"], mask, case["cu_seqlens"],
+                                              None, div), options, [])
     token_loss.backward()
     torch.testing.assert_close(loss, token_loss.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad, logits.grad, rtol=1e-5, atol=1e-7)

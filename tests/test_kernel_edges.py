@@ -17,9 +17,9 @@ pytest.importorskip("triton", reason="the Triton kernels: triton exists for Linu
 from ptr_kernels import PolicyLossConfig, policy_loss, policy_loss_from_logits  # noqa: E402
 from ptr_kernels.benchmark.host import stubbed_triton_launches  # noqa: E402
 from ptr_kernels.config import LOSS_AGG_MODES  # noqa: E402
-from ptr_kernels.ops import chunks, reduce  # noqa: E402
-from ptr_kernels.ops.autograd import fused_forward, triton_policy_loss  # noqa: E402
+from ptr_kernels.ops import reduce  # noqa: E402
 from ptr_kernels.ops.plan import kernel_plan  # noqa: E402
+from ptr_kernels.ops.runtime import forced_block_size, fused_forward, launch_state, scale_grad  # noqa: E402
 
 def _packed(device, n=12, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -36,12 +36,13 @@ def test_bad_offsets_checked_in_the_kernel_give_nan_everywhere(offsets, method, 
     lp, olp, adv = _packed(device)
     plan = kernel_plan(PolicyLossConfig(method=method))
     cu = torch.tensor(offsets, device=device)
-    loss, aux, grad = fused_forward(lp, olp, adv, None, cu, None, None, plan=plan, adv_per_seq=False,
-                                    loss_scale_factor=0.0, normalizers=(1, None, None), block=block)
+    with forced_block_size(block):
+        loss, aux, grad = fused_forward(lp, olp, adv, None, cu, None, None, plan=plan, adv_per_seq=False,
+                                        loss_scale_factor=0.0, normalizers=(1, None, None))
     assert math.isnan(loss.item())
     for name, index in reduce.METRIC_POSITIONS[method]:
         assert math.isnan(aux[index].item()), name
-    out = reduce.scale_grad(grad, torch.ones((), device=device), aux, torch.float32)
+    out = scale_grad(grad, torch.ones((), device=device), aux, torch.float32)
     assert torch.isnan(out).all()
 
 
@@ -81,7 +82,8 @@ def test_the_last_program_reduces_every_sum(agg, normalizers, device):
         if block is None:
             loss, metrics = policy_loss(x, olp, adv, mask, config=config, backend="reference", **counts)
         else:
-            loss, metrics = triton_policy_loss(x, olp, adv, mask, config=config, block=block, **counts)
+            with forced_block_size(block):
+                loss, metrics = policy_loss(x, olp, adv, mask, config=config, backend="triton", **counts)
         loss.backward()
         results.append((loss.detach(), metrics, x.grad))
     expected_loss, expected_metrics, expected_grad = results[0]
@@ -95,7 +97,8 @@ def test_the_last_program_reduces_every_sum(agg, normalizers, device):
         for block, expected in ((16, 2), (1024, 2)):  # forward and backward
             before = launches["launches"]
             x = lp.clone().requires_grad_(True)
-            triton_policy_loss(x, olp, adv, mask, config=config, block=block, **counts)[0].backward()
+            with forced_block_size(block):
+                policy_loss(x, olp, adv, mask, config=config, backend="triton", **counts)[0].backward()
             assert launches["launches"] - before == expected
 
 
@@ -233,7 +236,7 @@ def test_the_loss_is_a_tensor_of_its_own(device):
     g = torch.Generator().manual_seed(3)
     lp = (-torch.rand(3, 9, generator=g)).to(device).requires_grad_(True)
     olp = lp.detach() + 0.1
-    loss, _ = triton_policy_loss(lp, olp, torch.ones(3, device=device), config=PolicyLossConfig())
+    loss, _ = policy_loss(lp, olp, torch.ones(3, device=device), config=PolicyLossConfig(), backend="triton")
     expected = torch.autograd.grad(loss, lp, retain_graph=True)[0] / 4
     loss /= 4
     (grad,) = torch.autograd.grad(loss, lp)
@@ -244,10 +247,10 @@ def test_the_loss_is_a_tensor_of_its_own(device):
 def test_a_launch_stopped_part_way_does_not_poison_the_next():
     """In the interpreter a launch can stop part-way (an exception, Ctrl-C) and leave the program counter
     non-zero (the launch state: counts, ticket, flags); the next call starts from zero again."""
-    state = chunks.launch_state(torch.device("cpu"), 1)
+    state = launch_state(torch.device("cpu"), 1)
     state.fill_(7)
     lp = -torch.rand(2, 5)
-    loss, _ = triton_policy_loss(lp, lp - 0.1, torch.ones(2), config=PolicyLossConfig())
+    loss, _ = policy_loss(lp, lp - 0.1, torch.ones(2), config=PolicyLossConfig(), backend="triton")
     ref, _ = policy_loss(lp, lp - 0.1, torch.ones(2), backend="reference")
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
     assert not state.any()

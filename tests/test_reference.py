@@ -8,7 +8,7 @@ import torch
 
 from ptr_kernels import PolicyLossConfig, policy_loss
 from ptr_kernels.testing.cases import random_case
-from ptr_kernels.layout import mask_as_bool, max_seqlen, packed_to_rows
+from ptr_kernels.validation import mask_as_bool, max_seqlen, packed_to_rows
 from ptr_kernels.testing.oracle import policy_loss_literal
 from ptr_kernels.reference import aggregate, token_terms
 

@@ -175,7 +175,7 @@ def _aot_compile_all():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ptr_kernels.ops import reduce, token
+    from ptr_kernels.ops import reduce, runtime, token
 
     def compile_one(fn, signature, constexprs, num_warps):
         names = fn.arg_names
@@ -199,7 +199,7 @@ def _aot_compile_all():
     print("globals checked per launch:", len(token.token_kernel.used_global_vals))
     # the backward's scaling
     signature = dict(grad_ptr="*fp32", upstream_ptr="*fp32", scale_ptr="*fp32", out_ptr="*bf16", numel="i64")
-    compile_one(reduce.scale_grad_kernel, signature, dict(BLOCK=reduce.SCALE_BLOCK), 4)
+    compile_one(reduce.scale_grad_kernel, signature, dict(BLOCK=runtime.SCALE_BLOCK), 4)
     print("compiled", len(AOT_VARIANTS) + 2)
 
 

@@ -26,11 +26,11 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels: triton exists for Linux only")
 
 from ptr_kernels import PolicyLossConfig, policy_loss  # noqa: E402
-from ptr_kernels.ops.autograd import triton_policy_loss  # noqa: E402
+from ptr_kernels.ops.runtime import forced_block_size  # noqa: E402
 from ptr_kernels.testing.cases import random_case  # noqa: E402
 from ptr_kernels.testing.fuzz import literal_result  # noqa: E402
 from ptr_kernels.config import LOSS_AGG_MODES  # noqa: E402
-from ptr_kernels.layout import mask_as_bool, max_seqlen, packed_to_rows  # noqa: E402
+from ptr_kernels.validation import mask_as_bool, max_seqlen, packed_to_rows  # noqa: E402
 from ptr_kernels.reference import aggregate, token_terms  # noqa: E402
 
 NORMALIZERS = ("dp_size", "batch_num_tokens", "global_batch_size")
@@ -55,9 +55,7 @@ def run_triton(inputs, device, block=0, tensor_normalizers=False):
     if tensor_normalizers:
         inputs.update({k: torch.tensor(inputs[k], device=device) for k in NORMALIZERS if inputs[k] is not None})
     log_prob = inputs.pop("log_prob").clone().requires_grad_(True)
-    if block:
-        loss, metrics = triton_policy_loss(log_prob, **inputs, block=block)
-    else:
+    with forced_block_size(block):
         loss, metrics = policy_loss(log_prob, **inputs, backend="triton")
     loss.backward()
     assert log_prob.grad.dtype == log_prob.dtype

@@ -96,13 +96,13 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     if args.from_logits:
-        from .from_logits import run as run_from_logits
+        from .logits_bench import run as run_from_logits
         return run_from_logits(args, device, out)
     if args.step and not args.from_hidden:
         print("--step is the step benchmark of --from-hidden: give both", file=sys.stderr)
         return 2
     if args.from_hidden:
-        from .from_hidden import run as run_from_hidden
+        from .hidden_bench import run as run_from_hidden
         return run_from_hidden(args, device, out)
     if args.host:
         if device.type == "cpu" and not interpreter_ready():

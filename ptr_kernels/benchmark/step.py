@@ -3,7 +3,7 @@
 The decoder is made in code with random weights (no download): token embedding, pre-norm transformer layers
 with causal self-attention, a final norm and an LM head `[V, H]` (4 layers, H = 1024, V = 152064, 8 x 1024
 tokens in bf16 on CUDA; 2 layers, H = 32, V = 256 on a CPU). A step is forward + loss + backward into every
-parameter; the loss paths are those of `benchmark/from_hidden.py` (fused, materialized, and the peers when
+parameter; the loss paths are those of `benchmark/hidden_bench.py` (fused, materialized, and the peers when
 installed), on the same rollout. Per row: the median step time and the peak memory above the model and its
 inputs (CUDA): the number a user feels. Writes step.csv and step.md.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .from_hidden import LOSS_PROVIDERS, loss_paths, make_inputs, measure, write_table
+from .hidden_bench import LOSS_PROVIDERS, loss_paths, make_inputs, measure, write_table
 from .results import measure_into
 
 SIZES = {"full": dict(layers=4, size=1024, heads=16, vocab=152064, num_seqs=8, width=1024),

@@ -13,20 +13,18 @@ kernel needs a whole sequence before deciding any token (`needs_prepass`: the ca
 valid position under a mask), the grid holds every item twice: the pre-pass items first (tickets below `items`),
 then the deciding ones, which read the pre-pass rows of their tile.
 
-The flags, the ticket and the count of finished programs live in one int32 buffer per device (`launch_state`),
+The flags, the ticket and the count of finished programs live in one int32 buffer per device (`runtime.launch_state`),
 all zero between launches: the last program to finish sets them back.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from . import ids
 
 
-MIN_FLAGS = 1 << 16
 
 
 @triton.constexpr_function
@@ -135,28 +133,3 @@ def reset_launch_state(counter_ptr, num_flags):
         tl.store(counter_ptr + ids.FLAGS + i, tl.zeros([1024], dtype=tl.int32), mask=i < num_flags)
     tl.store(counter_ptr + ids.COUNT_TICKET, 0)  # the launch's end makes these visible to the next one
     tl.store(counter_ptr + ids.COUNT_DONE, 0)
-
-
-def num_items(packed: bool, num_seqs: int, extent: int, rows: int) -> int:
-    """Work items of one stage (shapes only, no sync): a main item per tile, and room for the later chunks."""
-    tiles = -(-num_seqs // rows)
-    if packed:
-        return tiles + extent // ids.CHUNK.value
-    return tiles * max(-(-extent // ids.CHUNK.value), 1)
-
-
-def launch_state(device: torch.device, grid: int) -> torch.Tensor:
-    """The int32 launch state of `device` (the count, the ticket, a flag per program), zero, with room for `grid`
-    programs: allocated on the first call and when a larger grid comes (make those calls outside a CUDA graph
-    capture). Launches in one stream run in order and share it; two losses running at once on two streams of
-    one device would not (docs/kernels.md)."""
-    state = _STATES.get(device)
-    if state is None or state.numel() < ids.FLAGS.value + grid:
-        state = _STATES[device] = torch.zeros(ids.FLAGS.value + max(2 * grid, MIN_FLAGS), dtype=torch.int32,
-                                              device=device)
-    elif device.type == "cpu":  # the interpreter: a launch stopped part-way (an exception, Ctrl-C) left counts
-        state.zero_()
-    return state
-
-
-_STATES = {}

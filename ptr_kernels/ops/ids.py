@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import triton.language as tl
 
-from .. import carried_state, reference_logits
+from .. import carried_state
+from ..reference import logits as reference_logits
 from ..config import METHOD_METRICS
 
 # ---- branch ids (compile-time) ----

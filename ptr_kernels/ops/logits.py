@@ -18,16 +18,10 @@ log_prob or D NaN (the host raises ValueError first where it can check without a
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
-
-import torch
 import triton
 import triton.language as tl
 
 from . import ids
-
-TOPK_IDS = {"topk_tv": ids.TOPK_TV.value, "topk_kl": ids.TOPK_KL.value}
-MAX_BLOCK_V = 4096
 
 
 @triton.jit
@@ -156,62 +150,3 @@ def logits_backward_kernel(
         p = tl.exp(z - lse)
         g = tl.where(read, coef * (tl.where(c == y, 1.0, 0.0) - p), 0.0)
         tl.store(out + c, g.to(out_ptr.dtype.element_ty), mask=inside)
-
-
-class LogitsForward(NamedTuple):
-    """Per-token outputs of `logits_forward`, shape of input_ids, float32, 0 at masked positions."""
-
-    log_prob: torch.Tensor  # log pi(y_t)
-    divergence: Optional[torch.Tensor]  # Top-K D_t (None for a binary divergence)
-    entropy: torch.Tensor  # H(pi_t)
-    log_normalizer: torch.Tensor  # log sum exp(logits / temperature): the backward's softmax
-
-
-def _row_strides(logits: torch.Tensor) -> tuple:
-    """(width, stride of the row index, stride of the position) for `[B, T, V]` or packed `[N, V]`."""
-    if logits.dim() == 3:
-        return max(logits.shape[1], 1), logits.stride(0), logits.stride(1)
-    return max(logits.shape[0], 1), 0, logits.stride(0)
-
-
-def _block_v(vocab: int) -> int:
-    return min(triton.next_power_of_2(max(vocab, 1)), MAX_BLOCK_V)
-
-
-def _num_warps(block_v: int) -> int:
-    return 8 if block_v >= 2048 else 4
-
-
-def logits_forward(logits, input_ids, mask, old_log_prob, topk_ids, topk_log_probs, *, temperature: float,
-                   topk: int) -> LogitsForward:
-    """One launch of `logits_forward_kernel`.
-
-    logits `[B, T, V]` or `[N, V]` (any float dtype, last dim contiguous); input_ids, mask (any dtype, != 0 valid, or None),
-    old_log_prob of shape logits.shape[:-1], contiguous; topk_ids / topk_log_probs `[..., K]` contiguous (or
-    None when `topk` is ids.TOPK_NONE); `topk` one of ids.TOPK_NONE, ids.TOPK_TV, ids.TOPK_KL.
-    """
-    shape, vocab = input_ids.shape, logits.shape[-1]
-    f32 = dict(dtype=torch.float32, device=logits.device)
-    lp, entropy, lse = (torch.empty(shape, **f32) for _ in range(3))
-    divergence = torch.empty(shape, **f32) if topk != ids.TOPK_NONE.value else None
-    num_k = topk_ids.shape[-1] if topk_ids is not None else 0
-    if input_ids.numel():
-        block_v = _block_v(vocab)
-        logits_forward_kernel[(input_ids.numel(),)](
-            logits, input_ids, mask, old_log_prob, topk_ids, topk_log_probs, lp, divergence, entropy, lse,
-            *_row_strides(logits), vocab, num_k, 1.0 / temperature,
-            TOPK=topk, HAS_MASK=mask is not None, BLOCK_V=block_v,
-            BLOCK_K=triton.next_power_of_2(max(num_k, 1)), num_warps=_num_warps(block_v))
-    return LogitsForward(lp, divergence, entropy, lse)
-
-
-def logits_backward(logits, input_ids, mask, log_normalizer, grad_log_prob, upstream, aux, *, temperature: float,
-                    out: torch.Tensor) -> torch.Tensor:
-    """One launch of `logits_backward_kernel` into `out` (like logits, last dim contiguous; may be logits)."""
-    if input_ids.numel():
-        block_v = _block_v(logits.shape[-1])
-        logits_backward_kernel[(input_ids.numel(),)](
-            logits, input_ids, mask, log_normalizer, grad_log_prob, upstream, aux, out,
-            *_row_strides(logits), *_row_strides(out)[1:], logits.shape[-1], 1.0 / temperature,
-            HAS_MASK=mask is not None, BLOCK_V=block_v, num_warps=_num_warps(block_v))
-    return out

@@ -1,30 +1,34 @@
-"""A `PolicyLossConfig` encoded for the kernels, once per config (cached), and its one list form.
+"""A `PolicyLossConfig` encoded for the kernels, once per config (cached).
 
-`kernel_plan(config)` gives the token kernel's branch ids (the aggregation mode included) and its float32 `params`
-(made once per device); `layout_constexprs` adds what depends on the batch's layout. The custom op of the compiled path
-carries a config as `encode_config(config)` (one list of floats: Dynamo traces its making, and torch's custom-op
-machinery costs time per argument) and `decode_config` reads it back, cached, so both paths launch from the
-same plan.
+`kernel_plan(config)` gives the token kernel's branch ids (the aggregation mode included), the logits kernel's
+and its float32 `params` (made once per device); `token_launch` adds what depends on the batch's layout.
+The compiled path (ops/compiled.py) decodes its config into the same plan, so both paths launch from it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple
 
 import torch
 
-from ..config import (DIVERGENCES, GATES, LENGTH_MODES, LOGIT_DIVERGENCES, LOSS_AGG_MODES, METHODS, SURROGATES,
-                      PolicyLossConfig)
-from . import ids, reduce, token
+from ..config import PolicyLossConfig
+from . import chunks, ids, reduce, token
 
+# each config choice's branch id in the kernels
 METHOD_IDS = {"cppo": ids.METHOD_CPPO.value, "dppo": ids.METHOD_DPPO.value, "ppo": ids.METHOD_PPO.value}
-DIVERGENCE_IDS = {"binary_tv": ids.DIV_BINARY_TV.value, "binary_kl": ids.DIV_BINARY_KL.value}
+# the Top-K divergences reach the token kernel as D given: the logits kernel computes them (TOPK_IDS)
+DIVERGENCE_IDS = {"binary_tv": ids.DIV_BINARY_TV.value, "binary_kl": ids.DIV_BINARY_KL.value,
+                  "topk_tv": ids.DIV_GIVEN.value, "topk_kl": ids.DIV_GIVEN.value}
+TOPK_IDS = {"binary_tv": ids.TOPK_NONE.value, "binary_kl": ids.TOPK_NONE.value,
+            "topk_tv": ids.TOPK_TV.value, "topk_kl": ids.TOPK_KL.value}
 GATE_IDS = {"hard": ids.GATE_HARD.value, "soft": ids.GATE_SOFT.value}
 SURROGATE_IDS = {"ratio": ids.SURROGATE_RATIO.value, "logp": ids.SURROGATE_LOGP.value}
+AGG_IDS = {"token-mean": ids.AGG_TOKEN_MEAN.value, "token-sum": ids.AGG_TOKEN_SUM.value,
+           "seq-mean-token-sum": ids.AGG_SEQ_MEAN_TOKEN_SUM.value,
+           "seq-mean-token-mean": ids.AGG_SEQ_MEAN_TOKEN_MEAN.value,
+           "seq-mean-token-sum-norm": ids.AGG_SEQ_MEAN_TOKEN_SUM_NORM.value}
 
 
 @dataclass(frozen=True)
@@ -33,11 +37,15 @@ class KernelPlan:
 
     config: PolicyLossConfig
     token_constexprs: dict  # METHOD, DIVERGENCE, GATE, SURROGATE, BUDGET (the calibrated or fixed delta_b), MODE
-    param_values: tuple  # the float32 `params` of the token kernel, in common.P_* order
-    horizon: Optional[int]  # T_w of ids.HORIZON_ARG: an int length_mode, or None
+    param_values: tuple  # the float32 `params` of the token kernel, in ids.P_* order
     aux_size: int  # entries of aux: the backward scale and the method's metrics (ops/reduce.py)
+    topk: int  # the logits kernel's TOPK: which Top-K divergence it computes, or none
 
-    def __hash__(self):  # the config decides everything else
+    def __hash__(self):  # the config decides everything else; hashed once: the plan keys two caches per call
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
         return hash(self.config)
 
     def params(self, device: torch.device) -> torch.Tensor:
@@ -54,18 +62,16 @@ def _params(plan: KernelPlan, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def kernel_plan(config: PolicyLossConfig, given_divergence: bool = False) -> KernelPlan:
-    """The plan of `config`; `given_divergence`: D is read from memory (the from-logits path)."""
+def kernel_plan(config: PolicyLossConfig) -> KernelPlan:
+    """The plan of `config`."""
     inf = float("inf")
     constexprs = dict(
-        METHOD=METHOD_IDS[config.method],
-        DIVERGENCE=ids.DIV_GIVEN.value if given_divergence else DIVERGENCE_IDS[config.divergence],
+        METHOD=METHOD_IDS[config.method], DIVERGENCE=DIVERGENCE_IDS[config.divergence],
         GATE=GATE_IDS[config.gate], SURROGATE=SURROGATE_IDS[config.surrogate],
         BUDGET=(ids.BUDGET_QUANTILE if config.calibrates_delta_b else ids.BUDGET_FIXED).value,
-        MODE=LOSS_AGG_MODES.index(config.loss_agg_mode),
+        MODE=AGG_IDS[config.loss_agg_mode],
     )
-    horizon = config.length_mode if isinstance(config.length_mode, int) else None
-    values = {  # common.P_* -> value
+    values = {  # ids.P_* -> value
         ids.P_DELTA: config.delta,
         ids.P_DELTA_LOW: config.delta_low_value,
         ids.P_DELTA_HIGH: config.delta_high_value,
@@ -79,19 +85,28 @@ def kernel_plan(config: PolicyLossConfig, given_divergence: bool = False) -> Ker
         ids.P_RATIO_LO: 1.0 - config.clip_ratio_low,
         ids.P_RATIO_HI: 1.0 + config.clip_ratio_high,
         ids.P_CLIP_C: inf if config.clip_ratio_c is None else config.clip_ratio_c,
-        ids.P_HORIZON: horizon or 0,
+        ids.P_HORIZON: config.length_mode if isinstance(config.length_mode, int) else 0,  # HORIZON_ARG's T_w
     }
     param_values = tuple(float(value) for _, value in sorted((index.value, v) for index, v in values.items()))
     assert len(param_values) == ids.NUM_PARAMS.value
-    return KernelPlan(config, constexprs, param_values, horizon, reduce.aux_size(config.method))
+    return KernelPlan(config, constexprs, param_values, reduce.aux_size(config.method),
+                      TOPK_IDS[config.divergence])
+
+
+class TokenLaunch(NamedTuple):
+    """What a token-kernel launch takes beyond the plan, once per combination of the layout's options."""
+
+    constexprs: dict  # every keyword of the launch
+    prepass: bool  # whether the grid runs every work item twice, the pre-pass items first (chunks.needs_prepass)
 
 
 @functools.lru_cache(maxsize=1024)
-def layout_constexprs(plan: KernelPlan, packed: bool, adv_per_seq: bool, given_horizon: bool, given_delta_b: bool,
-                      block: int) -> dict:
+def token_launch(plan: KernelPlan, packed: bool, adv_per_seq: bool, has_mask: bool, given_horizon: bool,
+                 given_delta_b: bool, block: int) -> TokenLaunch:
     """Every keyword of the token kernel's launch: the plan's branch ids, those that depend on the layout (T_w's
-    source, delta_b_i's), ADV_PER_SEQ, BLOCK positions per block and num_warps, merged once per combination. The
-    kernel reads the rest of the layout from which pointers are None (mask, weights, D, cu_seqlens, shard).
+    source, delta_b_i's), ADV_PER_SEQ, BLOCK positions per block and num_warps, merged once per combination; and
+    whether those need the pre-pass (a host call of `chunks.needs_prepass` costs microseconds). The kernel reads
+    the rest of the layout from which pointers are None (mask, weights, D, cu_seqlens, shard).
 
     A shard of a longer sequence (docs/math.md section 8): `given_horizon` (T_w per sequence from
     `sequence_length`), `given_delta_b` (delta_b_i per sequence, which replaces the quantile).
@@ -109,49 +124,7 @@ def layout_constexprs(plan: KernelPlan, packed: bool, adv_per_seq: bool, given_h
     budget = plan.token_constexprs["BUDGET"]
     if cppo and given_delta_b:
         budget = ids.BUDGET_GIVEN.value
-    return dict(plan.token_constexprs, BUDGET=budget, HORIZON=horizon.value, ADV_PER_SEQ=adv_per_seq, BLOCK=block,
-                num_warps=token.NUM_WARPS)
-
-
-# every field of PolicyLossConfig in order, with the choices of those that hold a string (length_mode: an int
-# horizon too)
-_CONFIG_CHOICES = {"method": METHODS, "divergence": DIVERGENCES + LOGIT_DIVERGENCES, "length_mode": LENGTH_MODES,
-                   "gate": GATES, "surrogate": SURROGATES, "loss_agg_mode": LOSS_AGG_MODES}
-_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig))
-
-
-def encode_config(config: PolicyLossConfig) -> list:
-    """`config` as one exact list of floats, the custom ops' config argument: a choice as minus one minus its
-    index, an int horizon as itself, a number as itself, None as -inf (no field holds an infinite number).
-    Plain attribute reads and arithmetic, so Dynamo traces it, including a config built inside the compiled
-    region (the values it tracks)."""
-    numbers = []
-    for name in _CONFIG_FIELDS:
-        value = getattr(config, name)
-        if value is None:  # -inf, not NaN: decode_config's cache needs keys equal to themselves
-            numbers.append(-math.inf)
-        elif isinstance(value, str):
-            numbers.append(-1.0 - _CONFIG_CHOICES[name].index(value))
-        else:
-            numbers.append(float(value))
-    return numbers
-
-
-def decode_config(numbers) -> PolicyLossConfig:
-    """Inverse of `encode_config`."""
-    return _decode_config(tuple(numbers))
-
-
-@functools.lru_cache(maxsize=256)
-def _decode_config(numbers: tuple) -> PolicyLossConfig:
-    fields = {}
-    for name, value in zip(_CONFIG_FIELDS, numbers):
-        if value == -math.inf:
-            fields[name] = None
-        elif value < 0 and name in _CONFIG_CHOICES:
-            fields[name] = _CONFIG_CHOICES[name][int(-1.0 - value)]
-        elif name == "length_mode":  # an int horizon
-            fields[name] = int(value)
-        else:
-            fields[name] = value
-    return PolicyLossConfig(**fields)
+    constexprs = dict(plan.token_constexprs, BUDGET=budget, HORIZON=horizon.value, ADV_PER_SEQ=adv_per_seq,
+                      BLOCK=block, num_warps=token.NUM_WARPS)
+    prepass = chunks.needs_prepass(constexprs["METHOD"], budget, horizon.value, constexprs["MODE"], has_mask)
+    return TokenLaunch(constexprs, prepass)

@@ -9,9 +9,6 @@ the backward scale d loss / d L_i and the metrics, with no host sync (the global
 
 from __future__ import annotations
 
-import functools
-
-import torch
 import triton
 import triton.language as tl
 
@@ -26,10 +23,6 @@ METRIC_POSITIONS = {method: tuple((name, 1 + i) for i, name in enumerate(names))
 def aux_size(method: str) -> int:
     """Entries of `aux` for `method`: the backward scale and the method's metrics."""
     return 1 + len(METHOD_METRICS[method])
-
-
-SCALE_BLOCK = 1024
-
 
 
 @triton.jit
@@ -150,43 +143,3 @@ def scale_grad_kernel(grad_ptr, upstream_ptr, scale_ptr, out_ptr, numel, BLOCK: 
     factor = tl.load(upstream_ptr).to(tl.float32) * tl.load(scale_ptr + ids.AUX_SCALE)
     grad = tl.load(grad_ptr + offs, mask=inside, other=0.0)
     tl.store(out_ptr + offs, (grad * factor).to(out_ptr.dtype.element_ty), mask=inside)
-
-
-def reduction_arguments(agg_mode: int, loss_scale_factor: float, normalizers: tuple) -> tuple:
-    """The run-time arguments of `reduce_stats` after `num_seqs`: (dp_ptr, dp_factor, tokens_ptr, tokens,
-    seqs_ptr, seqs). `normalizers` = (dp_size, batch_num_tokens, global_batch_size), each None, a number or a
-    0-dim tensor: a tensor travels as a pointer, a number as a float; absent counts are -1. dp_factor is the
-    number dp_size (1 when absent or a tensor), divided by `loss_scale_factor` for seq-mean-token-sum-norm (a
-    zero width gives 0, as a zero count does)."""
-    dp, tokens, seqs = normalizers
-    if isinstance(dp, torch.Tensor) or isinstance(tokens, torch.Tensor) or isinstance(seqs, torch.Tensor):
-        return _reduction_arguments(agg_mode, loss_scale_factor, dp, tokens, seqs)
-    return _number_reduction_arguments(agg_mode, loss_scale_factor, dp, tokens, seqs)  # the common case, cached
-
-
-def _reduction_arguments(agg_mode: int, loss_scale_factor: float, dp, tokens, seqs) -> tuple:
-    dp_ptr, dp_factor = _normalizer_args(dp, 1.0)
-    if agg_mode == ids.AGG_SEQ_MEAN_TOKEN_SUM_NORM.value:
-        dp_factor = dp_factor / loss_scale_factor if loss_scale_factor else 0.0
-    return (dp_ptr, dp_factor, *_normalizer_args(tokens, -1.0), *_normalizer_args(seqs, -1.0))
-
-
-# normalizers that are numbers or None: the arguments once per combination
-_number_reduction_arguments = functools.lru_cache(maxsize=1024)(_reduction_arguments)
-
-
-def _normalizer_args(value, absent: float) -> tuple:
-    """(pointer, number) of one global normalizer for `reduce_stats`: a tensor's pointer, or the number (`absent`
-    where there is none; beside a pointer only dp_size's is read, as a factor of 1)."""
-    if value is None or isinstance(value, torch.Tensor):
-        return value, absent
-    return None, float(value)
-
-
-def scale_grad(grad: torch.Tensor, upstream: torch.Tensor, aux: torch.Tensor, dtype: torch.dtype):
-    """Backward in one launch: grad * upstream * aux[ids.AUX_SCALE] in `dtype` (upstream: a 1-element tensor)."""
-    out = torch.empty_like(grad, dtype=dtype, memory_format=torch.contiguous_format)
-    numel = grad.numel()
-    if numel:
-        scale_grad_kernel[(-(-numel // SCALE_BLOCK),)](grad, upstream, aux, out, numel, BLOCK=SCALE_BLOCK)
-    return out

@@ -22,14 +22,13 @@ import triton
 import triton.language as tl
 
 from . import ids
-from .chunks import (finish_item, needs_prepass, num_items, publish, reset_launch_state, scratch_rows, wait_for,
+from .chunks import (finish_item, needs_prepass, publish, reset_launch_state, scratch_rows, wait_for,
                      wait_for_chunks, work_item)
 from .common import (divergence_tile, finite_or_nan, load_zeroed, log_ratio, nan_min, order_key, position_weight,
                      tile_positions, trust_region_step, valid_positions)
 from .quantile import select_quantile
 from .reduce import reduce_stats
 
-MIN_BLOCK = 16
 NUM_WARPS = 8  # 4 positions per thread: no register spills on sm_90 (4 warps: up to 255 registers and spills)
 
 
@@ -400,41 +399,3 @@ def token_kernel(
         reduce_stats(sums_ptr, loss_ptr, num_seqs, cu_ptr, extent, dp_ptr, dp_factor, tokens_ptr, tokens, seqs_ptr,
                      seqs, METHOD, MODE)
         reset_launch_state(counter_ptr, tl.num_programs(0))
-
-
-def block_size(num_tokens: int, num_seqs: int) -> int:
-    """A power of two near the mean sequence length, in [MIN_BLOCK, ids.MAX_BLOCK] (shapes only, no sync)."""
-    mean = -(-num_tokens // max(num_seqs, 1))
-    return min(max(1 << (mean - 1).bit_length(), MIN_BLOCK), ids.MAX_BLOCK.value)  # plain Python: host time per call
-
-
-def grid_size(packed: bool, num_seqs: int, extent: int, has_mask: bool, constexprs: dict) -> int:
-    """Programs of one launch (shapes only, no sync): every work item, twice when the kernel needs a pre-pass."""
-    c = constexprs
-    items = num_items(packed, num_seqs, extent, ids.TILE.value // c["BLOCK"])
-    if needs_prepass(c["METHOD"], c["BUDGET"], c["HORIZON"], c["MODE"], has_mask):
-        items *= 2
-    return max(items, 1)
-
-
-def scratch_size(grid: int, constexprs: dict) -> int:
-    """Floats of the items' scratch rows after the per-sequence rows of `sums`."""
-    return grid * (ids.TILE.value // constexprs["BLOCK"]) * ids.ITEM_WIDTH.value
-
-
-def launch_token_kernel(log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens, shard,
-                        grad, loss, sums, state, params, *, grid: int, num_seqs: int, extent: int, constexprs: dict,
-                        reduction: tuple):
-    """One launch of `token_kernel` on contiguous inputs (the mask of any dtype, or None) and preallocated outputs:
-    `grad` like log_prob, `loss []` and `sums [ids.OUT_WIDTH + max(S, 1) * ids.NUM_STATS + scratch_size]` (aux, the
-    per-sequence stats, the items' rows) f32.
-
-    `shard`: `carried_state.pack_shard(...)` for shards of longer sequences, else None; `state`:
-    `chunks.launch_state(device, grid)`; `params`: `plan.params(device)`; `grid` from `grid_size`; `extent` the
-    padded width T or N (packed); `constexprs` from `plan.layout_constexprs`; `reduction` from
-    `reduce.reduction_arguments`.
-    """
-    token_kernel[(grid,)](
-        log_prob, old_log_prob, advantages, mask, rollout_is_weights, divergence, cu_seqlens, shard, grad, loss,
-        sums, state, params, *reduction, num_seqs, extent, **constexprs,
-    )

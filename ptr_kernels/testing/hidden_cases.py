@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import mask_as_bool
+from ..validation import mask_as_bool
 from .logits_cases import random_logits_case
 from .oracle_logits import policy_loss_from_logits_literal
 

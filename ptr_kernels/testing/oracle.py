@@ -15,7 +15,7 @@ from typing import List, Optional
 import torch
 
 from ..config import PolicyLossConfig
-from ..layout import check_inputs, mask_as_bool
+from ..validation import check_inputs, mask_as_bool
 
 
 @dataclass

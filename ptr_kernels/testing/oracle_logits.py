@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import LOGIT_DIVERGENCES, PolicyLossConfig
-from ..layout import mask_as_bool
+from ..validation import mask_as_bool
 from .oracle import policy_loss_literal
 
 OTHER_FLOOR = 1e-12

@@ -2,19 +2,18 @@
 
 `log_softmax(logits / temperature)` is materialized in float64 (`[..., V]`), log pi(y_t) gathered from it (the
 gradient reaches the logits through it alone, by autograd), the Top-K divergence computed from it (no
-gradient), and the rest is the token-level reference (`reference.policy_loss_reference` with D given): the
+gradient), and the rest is the token-level reference (`tokens.reference_policy_loss` with D given): the
 same trust-region code, not a second statement of it.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from .config import LOGIT_DIVERGENCES, PolicyLossConfig
-from .layout import mask_as_bool
-from .reference import compute_dtype, policy_loss_reference
+from ..carried_state import NO_CARRIED_STATE, CarriedState
+from ..config import PolicyLossConfig
+from ..validation import Layout, mask_as_bool
+from .tokens import compute_dtype, reference_policy_loss
 
 OTHER_FLOOR = 1e-12  # p(other) floor, for mu and pi alike
 
@@ -47,19 +46,16 @@ def topk_divergence(log_pi: torch.Tensor, input_ids: torch.Tensor, old_log_prob:
     raise ValueError(f"unknown Top-K divergence {kind!r}")
 
 
-def policy_loss_from_logits_reference(logits, input_ids, old_log_prob, advantages, response_mask=None, *,
-                                      cu_seqlens=None, rollout_topk_ids=None, rollout_topk_log_probs=None,
-                                      temperature: float = 1.0, config: Optional[PolicyLossConfig] = None,
-                                      rollout_is_weights=None, dp_size=1, batch_num_tokens=None,
-                                      global_batch_size=None, **shard):
+def reference_policy_loss_from_logits(logits, input_ids, old_log_prob, advantages, response_mask, cu_seqlens,
+                                      rollout_is_weights, topk_ids, topk_log_probs, *, temperature: float,
+                                      config: PolicyLossConfig, layout: Layout, normalizers: tuple,
+                                      carried: CarriedState = NO_CARRIED_STATE):
     """`policy_loss_from_logits(..., backend="reference")` on validated inputs: `(loss, metrics)`, or
-    `(loss, metrics, final_state)` with `output_final_state` among the carried-state keywords `shard`
-    (docs/math.md section 8, as `policy_loss`).
+    `(loss, metrics, final_state)` when `carried` asks for it (docs/math.md section 8, as `policy_loss`).
 
     Loss and metrics come back in float32 (float64 for float64 logits), the logits' gradient in their dtype.
     Masked positions take no part: their logits rows and ids are replaced before any arithmetic.
     """
-    config = config or PolicyLossConfig()
     mask = mask_as_bool(response_mask, input_ids)
     # masked rows may hold anything (ids -100, NaN logits): a NaN row would reach the gradient as 0 * NaN
     z = torch.where(mask[..., None], logits, 0).to(torch.float64) / temperature
@@ -67,15 +63,13 @@ def policy_loss_from_logits_reference(logits, input_ids, old_log_prob, advantage
     ids = torch.where(mask, input_ids, 0).long()
     log_prob = log_pi.gather(-1, ids[..., None])[..., 0]
     divergence = None
-    if config.divergence in LOGIT_DIVERGENCES:
+    if topk_ids is not None:
         with torch.no_grad():
-            topk_ids = torch.where(mask[..., None], rollout_topk_ids, 0).long()
-            divergence = topk_divergence(log_pi, ids, old_log_prob, topk_ids, rollout_topk_log_probs,
-                                         config.divergence)
-    loss, metrics, *final_state = policy_loss_reference(
-        log_prob, old_log_prob, advantages, response_mask, cu_seqlens=cu_seqlens, config=config,
-        rollout_is_weights=rollout_is_weights, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
-        global_batch_size=global_batch_size, divergence_values=divergence, **shard)
+            topk_ids = torch.where(mask[..., None], topk_ids, 0).long()
+            divergence = topk_divergence(log_pi, ids, old_log_prob, topk_ids, topk_log_probs, config.divergence)
+    loss, metrics, *final_state = reference_policy_loss(
+        log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, config=config,
+        layout=layout, normalizers=normalizers, carried=carried, divergence_values=divergence)
     with torch.no_grad():
         entropy = -torch.where(log_pi == float("-inf"), 0.0, log_pi.exp() * log_pi).sum(-1)
         count = mask.sum()

@@ -21,7 +21,7 @@ import torch
 
 from ..config import PolicyLossConfig
 from ..reference import policy_loss_reference
-from ..reference_logits import topk_divergence
+from ..reference.logits import topk_divergence
 from .results import measure_into
 from .timing import Timer, peak_memory_mib
 

@@ -1,6 +1,6 @@
 """The from-hidden reference: the LM head materialized in float64, then the from-logits reference.
 
-logits = hidden @ weight^T + bias in float64 (`[..., V]`), then `reference_logits.policy_loss_from_logits_reference`
+logits = hidden @ weight^T + bias in float64 (`[..., V]`), then `reference.logits.reference_policy_loss_from_logits`
 on them: the gradients reach hidden, weight and bias by autograd through that one product. Masked positions
 take no part: their hidden states are replaced by 0 before the product, so garbage there (NaN) cannot reach
 the weight's gradient as 0 * NaN.
@@ -12,9 +12,10 @@ from typing import Optional
 
 import torch
 
-from .layout import mask_as_bool
-from .reference import compute_dtype
-from .reference_logits import policy_loss_from_logits_reference
+from ..config import PolicyLossConfig
+from ..validation import Layout, mask_as_bool
+from .logits import reference_policy_loss_from_logits
+from .tokens import compute_dtype
 
 
 def materialized_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -25,13 +26,14 @@ def materialized_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
     return logits if bias is None else logits + bias.to(torch.float64)
 
 
-def policy_loss_from_hidden_reference(hidden, weight, input_ids, old_log_prob, advantages, response_mask=None, *,
-                                      bias=None, **kwargs):
+def reference_policy_loss_from_hidden(hidden, weight, bias, input_ids, old_log_prob, advantages, response_mask,
+                                      cu_seqlens, rollout_is_weights, topk_ids, topk_log_probs, *, temperature: float,
+                                      config: PolicyLossConfig, layout: Layout, normalizers: tuple):
     """`policy_loss_from_hidden(..., backend="reference")` on validated inputs: `(loss, metrics)` in float32
-    (float64 for float64 input); `kwargs` are the from-logits reference's (cu_seqlens, the top-K, temperature,
-    config, rollout_is_weights and the normalizers)."""
+    (float64 for float64 input), the from-logits reference on the materialized logits."""
     logits = materialized_logits(hidden, weight, bias, mask_as_bool(response_mask, input_ids))
-    loss, metrics = policy_loss_from_logits_reference(logits, input_ids, old_log_prob, advantages, response_mask,
-                                                      **kwargs)
+    loss, metrics = reference_policy_loss_from_logits(
+        logits, input_ids, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, topk_ids,
+        topk_log_probs, temperature=temperature, config=config, layout=layout, normalizers=normalizers)
     out = compute_dtype(hidden.dtype)
     return loss.to(out), {name: value.to(out) for name, value in metrics.items()}

@@ -12,9 +12,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .carried_state import STATE_S, STATE_SLACK, STATE_W, STATE_WIDTH, check_carried_state
-from .config import PolicyLossConfig
-from .layout import check_inputs, mask_as_bool, max_seqlen, packed_to_rows, resolve_loss_scale_factor
+from ..carried_state import NO_CARRIED_STATE, STATE_S, STATE_SLACK, STATE_W, STATE_WIDTH, CarriedState
+from ..config import DEFAULT_CONFIG, PolicyLossConfig
+from ..validation import Layout, check_inputs, mask_as_bool, max_seqlen, packed_to_rows
 
 
 class TokenTerms(NamedTuple):
@@ -91,17 +91,15 @@ def valid_values(t: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> tor
 
 def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConfig, *,
                 rollout_is_weights=None, padded_width: Optional[int] = None, divergence_values=None,
-                initial_state=None, position_offset=None, sequence_length=None,
-                sequence_delta_b=None) -> TokenTerms:
+                carried: CarriedState = NO_CARRIED_STATE) -> TokenTerms:
     """The per-token math of docs/math.md on rows: `log_prob`, `old_log_prob`, `mask` `[S, T]`; advantages `[S, T]` or `[S]`.
 
     `padded_width` is T_w for `length_mode="padded"` (default: the row width T). `old_log_prob`, `advantages`
     and `rollout_is_weights` are detached: only `log_prob` carries a gradient. `divergence_values` `[S, T]`:
     D_t given (the Top-K divergences of docs/math.md section 7, from logits) instead of the binary one.
-    A row that is a shard of a longer sequence (docs/math.md section 8; `ptr_kernels.carried_state`) takes
-    `initial_state [S, 3]` (the prefix before the shard: the hard gate reads its slack, the soft gate S and W),
-    `position_offset [S]`,
-    `sequence_length [S]` (T_w) and `sequence_delta_b [S]`, each None for an unsplit sequence.
+    A row that is a shard of a longer sequence (docs/math.md section 8) takes its `carried` state: `initial_state
+    [S, 3]` (the prefix before the shard: the hard gate reads its slack, the soft gate S and W), `position_offset
+    [S]`, `sequence_length [S]` (T_w) and `sequence_delta_b [S]`, each None for an unsplit sequence.
     """
     dt = compute_dtype(log_prob.dtype)
     S, T = log_prob.shape
@@ -132,10 +130,10 @@ def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConf
 
         if config.method == "cppo":
             positions = torch.arange(1, T + 1, device=lp.device, dtype=dt)
-            if position_offset is not None:  # global positions of a shard
-                positions = positions + position_offset.to(dt)[:, None]
-            if sequence_length is not None:
-                horizon = sequence_length.to(dt)[:, None]
+            if carried.position_offset is not None:  # global positions of a shard
+                positions = positions + carried.position_offset.to(dt)[:, None]
+            if carried.sequence_length is not None:
+                horizon = carried.sequence_length.to(dt)[:, None]
             elif config.length_mode == "sequence":
                 horizon = (mask * positions).amax(dim=1, keepdim=True) if T else lp.new_zeros(S, 1)
             elif config.length_mode == "padded":
@@ -143,17 +141,17 @@ def token_terms(log_prob, old_log_prob, advantages, mask, config: PolicyLossConf
             else:
                 horizon = lp.new_full((), config.length_mode)
             weight = position_weight(positions, horizon, config.w_min).expand(S, T) * m
-            if sequence_delta_b is None:
+            if carried.sequence_delta_b is None:
                 delta_b = calibrated_delta_b(div, mask, config)
             else:
-                delta_b = _finite_or_nan(sequence_delta_b.detach().to(dt))
+                delta_b = _finite_or_nan(carried.sequence_delta_b.detach().to(dt))
             step = weight * div
             # exclusive prefix sums S_{t-1}, W_{t-1}: the budget at t uses the prefix before t
             prefix_div = torch.cat([step.new_zeros(S, 1), torch.cumsum(step, dim=1)[:, :-1]], dim=1)
             prefix_weight = torch.cat([step.new_zeros(S, 1), torch.cumsum(weight, dim=1)[:, :-1]], dim=1)
             slack = delta_b[:, None] * prefix_weight - prefix_div  # delta_b_i W_{t-1} - S_{t-1}
-            if initial_state is not None:  # the prefix of the earlier shards: its slack, S and W as carried
-                state = _finite_or_nan(initial_state.detach().to(dt))
+            if carried.initial_state is not None:  # the prefix of the earlier shards: its slack, S and W as carried
+                state = _finite_or_nan(carried.initial_state.detach().to(dt))
                 slack = slack + state[:, STATE_SLACK, None]
                 prefix_div = prefix_div + state[:, STATE_S, None]
                 prefix_weight = prefix_weight + state[:, STATE_W, None]
@@ -292,17 +290,31 @@ def policy_loss_reference(log_prob, old_log_prob, advantages, response_mask=None
                           initial_state=None, output_final_state: bool = False, position_offset=None,
                           sequence_length=None, sequence_delta_b=None):
     """The reference policy loss: `(loss, metrics)`, same contract as `ptr_kernels.policy_loss` (with
-    `output_final_state`: `(loss, metrics, final_state)`, docs/math.md section 8).
+    `output_final_state`: `(loss, metrics, final_state)`, docs/math.md section 8), its inputs validated as there.
+
+    `divergence_values` (shape of log_prob): D_t given instead of the binary divergence (a Top-K D from logits).
+    """
+    config = config or DEFAULT_CONFIG
+    carried = CarriedState(initial_state, position_offset, sequence_length, sequence_delta_b, output_final_state)
+    normalizers = (dp_size, batch_num_tokens, global_batch_size)
+    layout = check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
+                          normalizers, config=config, carried=carried)
+    return reference_policy_loss(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
+                                 config=config, layout=layout, normalizers=normalizers, carried=carried,
+                                 divergence_values=divergence_values)
+
+
+def reference_policy_loss(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights, *,
+                          config: PolicyLossConfig, layout: Layout, normalizers: tuple,
+                          carried: CarriedState = NO_CARRIED_STATE, divergence_values=None):
+    """`policy_loss(..., backend="reference")` on validated inputs (`layout` from `validation.check_inputs`;
+    `normalizers` = (dp_size, batch_num_tokens, global_batch_size)).
 
     Packed input is scattered into rows of the longest sequence's width (one host sync: the reference
     is the readable statement, not the fast path). `divergence_values` (shape of log_prob): D_t given instead
     of the binary divergence (the from-logits reference passes its Top-K D).
     """
-    config = config or PolicyLossConfig()
-    layout = check_inputs(log_prob, old_log_prob, advantages, response_mask, cu_seqlens, rollout_is_weights,
-                          dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
     mask = mask_as_bool(response_mask, log_prob)
-    loss_scale_factor = resolve_loss_scale_factor(config.loss_agg_mode, config.loss_scale_factor, layout)
     if layout.packed:
         width = max_seqlen(cu_seqlens)
         rows = lambda t: None if t is None else packed_to_rows(t, cu_seqlens, width)  # noqa: E731
@@ -310,16 +322,14 @@ def policy_loss_reference(log_prob, old_log_prob, advantages, response_mask=None
         divergence_values = rows(divergence_values)
         advantages = advantages if layout.adv_per_seq else rows(advantages)
         mask = packed_to_rows(mask, cu_seqlens, width, fill=False)
-    shard = dict(initial_state=initial_state, position_offset=position_offset, sequence_length=sequence_length,
-                 sequence_delta_b=sequence_delta_b)
-    check_carried_state(layout.num_seqs, mask.device, calibrated=config.calibrates_delta_b, **shard)
     terms = token_terms(log_prob, old_log_prob, advantages, mask, config,
-                        rollout_is_weights=rollout_is_weights, divergence_values=divergence_values, **shard)
+                        rollout_is_weights=rollout_is_weights, divergence_values=divergence_values, carried=carried)
+    dp_size, batch_num_tokens, global_batch_size = normalizers
     loss = aggregate(terms.loss, mask, config.loss_agg_mode, dp_size=dp_size,
                      batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
-                     loss_scale_factor=loss_scale_factor)
-    if output_final_state:
-        return loss, metrics(terms, config), final_state(terms, config, initial_state)
+                     loss_scale_factor=layout.loss_scale_factor)
+    if carried.output_final_state:
+        return loss, metrics(terms, config), final_state(terms, config, carried.initial_state)
     return loss, metrics(terms, config)
 
 
