@@ -37,7 +37,7 @@ SHARD_WIDTH = SHARD_FINAL + STATE_WIDTH
 class CarriedState(NamedTuple):
     """The shard inputs of one call (`initial_state`, `position_offset`, `sequence_length`, `sequence_delta_b`,
     each None when not given, and `output_final_state`), built once from the public keywords and handed down
-    as one value; `NO_CARRIED_STATE` when the inputs are whole sequences."""
+    as one value; all None and False (`NO_CARRIED_STATE`) when the inputs are whole sequences."""
 
     initial_state: Optional[torch.Tensor] = None
     position_offset: Optional[torch.Tensor] = None
