@@ -7,13 +7,14 @@
 #        valid positions, bad packed offsets checked in the kernel, the carried state), reliability, bad inputs,
 #        the from-logits kernels and the property tests, all handing the kernels CUDA tensors (pytest, parallel
 #        with pytest-xdist where installed: every test compiles its own kernel specializations, and compiling
-#        is CPU-bound); PTR_KERNELS_FUZZ_CASES (default 160) of the kernel tests' 400 seeded cases;
+#        is CPU-bound: on the H200's 16 cores the three steps below share them); PTR_KERNELS_FUZZ_CASES
+#        (default 100) of the kernel tests' 400 seeded cases;
 #      - the ahead-of-time compile of every kernel variant for sm_90 (registers and spills per variant);
 #      - a short correctness fuzz on CUDA (float32 up to 4096 tokens, and bfloat16) against the literal loop;
 #   2. `ptr-kernels bench --host`: wall-clock per fwd+bwd call, fused vs eager, at 8x512 and packed 8 / 4096;
-#   3. the float32 benchmark sweep (BENCH_BUDGET seconds, default 130): torch.compile of the reference first,
-#      the eager baseline, the fused kernel (the packed 8 x 131,072 shape first), the loop and verl; the
-#      targets in results.md;
+#   3. the float32 benchmark sweep at the targets' shapes (BENCH_BUDGET seconds, default 130): torch.compile of
+#      the reference first, the eager baseline, the fused kernel (the packed 8 x 131,072 shape first), the loop
+#      and verl; the targets in results.md;
 #   4. `ptr-kernels bench --from-logits` (FROM_LOGITS_BUDGET seconds, default 45): the fused loss from logits
 #      against eager log_softmax and, when their wheels were carried in .whl/ (the GPU machine reaches no
 #      package index: `pip download --no-deps liger-kernel trl -d .whl` here, then carry `.whl`), Liger-Kernel's
@@ -79,13 +80,13 @@ report() {  # report NAME [LINES]: the end of a step's log into the main log; re
 
 if [ -z "${BENCH_ONLY:-}" ]; then
     xdist=""
-    python3 -c "import xdist" 2>/dev/null && xdist="-n 10"
-    run_step fuzz_f32 150 python3 -m ptr_kernels fuzz --backend triton --device cuda --cases 100 --seed 1000 --max-len 4096 &
-    run_step fuzz_bf16 150 python3 -m ptr_kernels fuzz --backend triton --device cuda --cases 60 --seed 2000 --dtype bfloat16 &
+    python3 -c "import xdist" 2>/dev/null && xdist="-n 12"
+    run_step fuzz_f32 150 python3 -m ptr_kernels fuzz --backend triton --device cuda --cases 40 --seed 1000 --max-len 4096 &
+    run_step fuzz_bf16 150 python3 -m ptr_kernels fuzz --backend triton --device cuda --cases 25 --seed 2000 --dtype bfloat16 &
     # the ahead-of-time compile of the CPU tests, here for the card itself: compiled variants, registers, spills
     run_step aot_compile 150 bash -c "python3 tests/test_triton_compile.py && python3 tests/test_from_logits.py" &
     # each seeded case of the kernel tests compiles its own kernel variant: the first 160 of the 400 fit the limit
-    PTR_KERNELS_FUZZ_CASES=${PTR_KERNELS_FUZZ_CASES:-160} run_step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider $xdist \
+    PTR_KERNELS_FUZZ_CASES=${PTR_KERNELS_FUZZ_CASES:-100} run_step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider $xdist \
         tests/test_triton_kernel.py tests/test_chunks.py tests/test_triton_compile.py tests/test_kernel_edges.py \
         tests/test_reliability.py \
         tests/test_bad_inputs.py tests/test_from_logits.py tests/test_properties.py
@@ -101,7 +102,10 @@ run_step host 45 python3 -m ptr_kernels bench --host --device cuda --out "$dir"
 report host 12
 
 budget=${BENCH_BUDGET:-130}
-run_step bench $(( budget + 30 )) python3 -m ptr_kernels bench --device cuda --full --out "$dir" --time-budget "$budget"
+# the shapes the targets name (docs/benchmarks.md), so that the budget reaches the fused rows after the baselines
+shapes=8x512,256x4096,512x8192,4096x1024,2048x8192,1024seq/1048576tok,8seq/1048576tok,2048seq/16777216tok
+run_step bench $(( budget + 30 )) python3 -m ptr_kernels bench --device cuda --full --shapes "$shapes" --out "$dir" \
+    --time-budget "$budget"
 report bench 60
 
 if [ -d .whl ]; then  # wheels carried to the GPU machine (no index there): the from-logits comparisons

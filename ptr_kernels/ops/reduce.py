@@ -89,7 +89,7 @@ def reduce_stats(
     n_seq = tl.sum(non_empty, axis=0)
 
     # dp_size (a tensor at dp_ptr, times dp_factor; or the number dp_factor), over loss_scale_factor when MODE is
-    # seq-mean-token-sum-norm: the host folds that division into dp_factor (`reduction_arguments`)
+    # seq-mean-token-sum-norm: the host folds that division into dp_factor (`runtime.reduction_arguments`)
     dp = dp_factor
     if dp_ptr is not None:
         dp = tl.load(dp_ptr).to(tl.float32) * dp_factor
