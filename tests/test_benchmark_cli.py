@@ -121,7 +121,7 @@ def test_plan_orders_and_filters_jobs():
     order = [p for p, _, _ in jobs]
     assert all(providers.supports(p, m, s.layout) for p, m, s in jobs)
     assert {(m, s.layout) for p, m, s in jobs if p == "loop"} == {("cppo", "padded")}
-    # the compile provider first (issue 13), its first-priority shape first, then the eager baseline
+    # the compile provider first (its comparison is a target), its first-priority shape first, then the eager baseline
     compile_512 = workloads.Shape("padded", 512, 512 * 8192, compile_priority=0, loop=True)
     assert jobs[:3] == [("compile", m, compile_512) for m in workloads.METHODS]
     assert order.index("eager") == order.count("compile")

@@ -107,6 +107,24 @@ def test_bad_offsets_poison_every_output_in_the_kernel(device):
         assert torch.isnan(loss) and torch.isnan(aux).all(), method
 
 
+def test_a_bad_first_offset_in_a_tile_of_long_sequences_gives_nan(device):
+    """Tiles of two sequences (blocks of 512): the second tile's first offset is out of range while its other
+    sequence spans three chunks. That tile runs as one chunk of nothing (its offsets cannot place later chunks),
+    so no item waits for a flag outside the launch, and every output is NaN. Also no sequences but tokens."""
+    from ptr_kernels.ops.runtime import forced_block_size, fused_forward
+    from ptr_kernels.ops.plan import kernel_plan
+    n = 3 * CHUNK
+    lp = -torch.rand(n, device=device)
+    plan = kernel_plan(PolicyLossConfig(delta_b_quantile=0.9))  # the pre-pass: the deciding items wait
+    for offsets, advantages in (([0, 10, n + 100 * CHUNK, 0, n], 4), ([0], 0)):
+        cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+        with forced_block_size(512):
+            loss, aux, _ = fused_forward(lp, lp - 0.1, torch.ones(advantages, device=device), None, cu, None, None,
+                                         plan=plan, adv_per_seq=True, loss_scale_factor=0.0,
+                                         normalizers=(1, None, None))
+        assert torch.isnan(loss) and torch.isnan(aux).all(), offsets
+
+
 def test_two_runs_give_the_same_bits(device):
     """The chunks of a sequence add their sums in chunk order, whatever order the programs finish in."""
     case = _case(LENGTHS, True, CONFIGS["cppo-quantile"], seed=9)

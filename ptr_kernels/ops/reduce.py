@@ -83,6 +83,8 @@ def reduce_stats(
             wrong |= (seq == num_seqs - 1) & (end != extent)
             bad_offsets += (ok & wrong).to(tl.int32)
     offsets_ok = tl.sum(bad_offsets, axis=0) == 0
+    if cu_ptr is not None:  # no sequence, yet tokens
+        offsets_ok &= (num_seqs > 0) | (extent == 0)
     totals = tl.where(offsets_ok, totals, float("nan"))
     sum_loss_s = tl.sum(sum_loss, axis=0)
     n_tok = _column(totals, cols, ids.STAT_TOKENS)

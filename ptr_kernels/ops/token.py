@@ -173,7 +173,9 @@ def token_kernel(
     seq = tile * ROWS + tl.arange(0, ROWS)
     seq_ok = seq < num_seqs
     start, length, bad = _sequences(cu_ptr, seq, seq_ok, num_seqs, extent, PACKED)
-    tile_len = tl.max(length, axis=0)
+    # a tile holding a bad packed sequence is one chunk of nothing: its offsets would place later chunks (and the
+    # flags they wait for) anywhere; the loss is NaN anyway
+    tile_len = tl.where(tl.max(bad.to(tl.int32), axis=0) > 0, 0, tl.max(length, axis=0))
     num_chunks = tl.maximum(tl.cdiv(tile_len, ids.CHUNK), 1)
     lo_pos = chunk * ids.CHUNK
     hi_pos = tl.minimum(lo_pos + ids.CHUNK, tile_len)
@@ -183,7 +185,8 @@ def token_kernel(
     delta_b_hi = tl.load(params_ptr + ids.P_DELTA_B_HI)
     quantile_scale = tl.load(params_ptr + ids.P_QUANTILE_SCALE)
 
-    if (tile >= num_tiles) | (chunk >= num_chunks) | (chunk < 0):  # a gap: no chunk here
+    # a gap: no chunk here (an overflow item can only land on chunk 0 through bad offsets)
+    if (tile >= num_tiles) | (chunk >= num_chunks) | (chunk < 0) | ((chunk < 1) & (item >= num_tiles)):
         finish_item(counter_ptr, ticket)
     elif is_prepass:
         if PREPASS:
