@@ -25,14 +25,13 @@ import triton.language as tl
 from . import ids
 
 
-
-
 @triton.constexpr_function
 def needs_prepass(method, budget, horizon, mode, has_mask):
     """Whether a token's decision needs its whole sequence first: the calibrated delta_b_i, or (under a mask) n_i
     for seq-mean-token-mean or cppo's T_w = the last valid position."""
-    return budget == ids.BUDGET_QUANTILE.value or (has_mask and (
-        mode == ids.AGG_SEQ_MEAN_TOKEN_MEAN.value or (method == ids.METHOD_CPPO.value and horizon == ids.HORIZON_LAST.value)))
+    per_seq_mean = mode == ids.AGG_SEQ_MEAN_TOKEN_MEAN.value
+    cppo_last = method == ids.METHOD_CPPO.value and horizon == ids.HORIZON_LAST.value
+    return budget == ids.BUDGET_QUANTILE.value or (has_mask and (per_seq_mean or cppo_last))
 
 
 @triton.jit
@@ -83,8 +82,16 @@ def item_index(tile, chunk, first_over, num_tiles):
 
 @triton.jit
 def scratch_rows(scratch_ptr, index, ROWS: tl.constexpr):
-    """Pointers `[ROWS]` to the scratch rows of item `index` (a ticket: pre-pass and deciding items apart)."""
+    """Pointers to the scratch rows of item `index` (a ticket: pre-pass and deciding items apart): `[ROWS]`, or
+    `[C, ROWS]` for an index `[C, 1]`."""
     return scratch_ptr + (index.to(tl.int64) * ROWS + tl.arange(0, ROWS)) * ids.ITEM_WIDTH
+
+
+@triton.jit
+def read_rows(rows, field, ok):
+    """Column `field` of published scratch rows `[C, ROWS]` (0 where the chunk mask `ok [C, 1]` is False), from L2
+    (`.cg`): other programs wrote them, and an L1 line could be stale."""
+    return tl.load(rows + field, mask=ok, other=0.0, cache_modifier=".cg")
 
 
 @triton.jit
@@ -96,25 +103,18 @@ def publish(counter_ptr, index, state):
 
 @triton.jit
 def finish_item(counter_ptr, index):
-    """Item `index` is ids.DONE with nothing more to hand on (relaxed: no data is published with it); a flag that
+    """Item `index` is done, with nothing more to hand on (relaxed: no data is published with it); a flag that
     only ends the waits of items mapped onto it by bad packed offsets."""
     tl.atomic_xchg(counter_ptr + ids.FLAGS + index, ids.DONE, sem="relaxed")
-
-
-@triton.jit
-def wait_for(counter_ptr, index, state):
-    """Spin until item `index`'s flag is at least `state` (acquire); read its rows with `.cg` loads after."""
-    seen = tl.atomic_add(counter_ptr + ids.FLAGS + index, 0, sem="acquire")
-    while seen < state:
-        seen = tl.atomic_add(counter_ptr + ids.FLAGS + index, 0, sem="acquire")
 
 
 @triton.jit
 def wait_for_chunks(counter_ptr, scratch_ptr, base, tile, first_over, num_tiles, c0, count, state,
                     ROWS: tl.constexpr, CHUNK_STEP: tl.constexpr):
     """The scratch rows `[CHUNK_STEP, ROWS]` of a tile's chunks c0 .. c0 + CHUNK_STEP - 1 (those below `count`,
-    the mask `[CHUNK_STEP]`) in the stage whose items start at `base`, once every one's flag is at least
-    `state`: one vector of acquire loads per spin, so waiting for many chunks costs one round trip, not one each."""
+    the mask `[CHUNK_STEP, 1]`; read them with `read_rows`) in the stage whose items start at `base`, once every
+    one's flag is at least `state`: one vector of acquire loads per spin, so waiting for many chunks costs one
+    round trip, not one each."""
     c = c0 + tl.arange(0, CHUNK_STEP)
     ok = c < count
     index = base + item_index(tile, c, first_over, num_tiles)
@@ -122,7 +122,7 @@ def wait_for_chunks(counter_ptr, scratch_ptr, base, tile, first_over, num_tiles,
     while ready == 0:
         seen = tl.atomic_add(counter_ptr + ids.FLAGS + index, 0, mask=ok, sem="acquire")
         ready = (tl.min(tl.where(ok, seen, state), axis=0) >= state).to(tl.int32)
-    return scratch_ptr + (index.to(tl.int64)[:, None] * ROWS + tl.arange(0, ROWS)[None, :]) * ids.ITEM_WIDTH, ok
+    return scratch_rows(scratch_ptr, index[:, None], ROWS), ok[:, None]
 
 
 @triton.jit

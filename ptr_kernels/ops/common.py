@@ -161,7 +161,8 @@ def trust_region_step(
             gate = tl.where(limit != limit, limit, gate)  # a NaN budget (state, delta_b or a D before) shows
             carry_slack += tl.sum(slack_step, axis=1)
         else:  # dppo
-            threshold = tl.where(adv > 0.0, tl.load(params_ptr + ids.P_DELTA_HIGH), tl.load(params_ptr + ids.P_DELTA_LOW))
+            threshold = tl.where(adv > 0.0, tl.load(params_ptr + ids.P_DELTA_HIGH),
+                                 tl.load(params_ptr + ids.P_DELTA_LOW))
             inside = d <= threshold
             rej_token = valid & ~toward & ~inside
             gate = (toward | inside).to(tl.float32)

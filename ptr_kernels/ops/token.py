@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import ids
-from .chunks import (finish_item, needs_prepass, publish, reset_launch_state, scratch_rows, wait_for,
+from .chunks import (finish_item, needs_prepass, publish, read_rows, reset_launch_state, scratch_rows,
                      wait_for_chunks, work_item)
 from .common import (divergence_tile, finite_or_nan, load_zeroed, log_ratio, nan_min, order_key, position_weight,
                      tile_positions, trust_region_step, valid_positions)
@@ -139,10 +139,10 @@ def token_kernel(
     METHOD: tl.constexpr, DIVERGENCE: tl.constexpr, GATE: tl.constexpr, SURROGATE: tl.constexpr,
     BUDGET: tl.constexpr, HORIZON: tl.constexpr, ADV_PER_SEQ: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One work item (chunks.py) per program: ids.CHUNK positions of a tile of ROWS = ids.TILE // BLOCK sequences, walked in
-    blocks of BLOCK positions (mask, loss, gradient, per-sequence sums). The last program to finish turns every
-    sequence's sums into the loss and the metrics (`reduce.reduce_stats`), so the forward is one launch at every
-    shape.
+    """One work item (chunks.py) per program: CHUNK positions of a tile of ROWS = TILE // BLOCK sequences (`ids`),
+    walked in blocks of BLOCK positions (mask, loss, gradient, per-sequence sums). The last program to finish
+    turns every sequence's sums into the loss and the metrics (`reduce.reduce_stats`), so the forward is one
+    launch at every shape.
 
     `sums` holds aux (the backward scale, then the metrics), from ids.OUT_WIDTH on a row of ids.NUM_STATS per sequence,
     then the items' scratch rows; the loss has its own `[]`. A shard of a longer sequence (docs/math.md section
@@ -219,22 +219,15 @@ def token_kernel(
             for c0 in range(0, num_chunks, CHUNK_STEP):
                 rows, ok = wait_for_chunks(counter_ptr, scratch, 0, tile, first_over, num_tiles, c0, num_chunks,
                                            ids.DONE, ROWS, CHUNK_STEP)
-                ok = ok[:, None]
-                n_valid += tl.sum(tl.load(rows + ids.ITEM_N, mask=ok, other=0.0, cache_modifier=".cg").to(tl.int32),
-                                  axis=0)
-                last_max = tl.maximum(last_max, tl.max(tl.load(rows + ids.ITEM_LAST, mask=ok, other=0.0,
-                                                               cache_modifier=".cg"), axis=0))
+                n_valid += tl.sum(read_rows(rows, ids.ITEM_N, ok).to(tl.int32), axis=0)
+                last_max = tl.maximum(last_max, tl.max(read_rows(rows, ids.ITEM_LAST, ok), axis=0))
                 if QUANTILE:
-                    n_lo += tl.sum(tl.load(rows + ids.ITEM_LO, mask=ok, other=0.0, cache_modifier=".cg")
-                                   .to(tl.int32), axis=0)
-                    n_hi += tl.sum(tl.load(rows + ids.ITEM_HI, mask=ok, other=0.0, cache_modifier=".cg")
-                                   .to(tl.int32), axis=0)
-                    low = tl.load(rows + ids.ITEM_KEY_MIN, mask=ok, other=0.0, cache_modifier=".cg")
-                    high = tl.load(rows + ids.ITEM_KEY_MAX, mask=ok, other=0.0, cache_modifier=".cg")
-                    key_lo = tl.minimum(key_lo, tl.min(tl.where(ok, low.to(tl.int32, bitcast=True), ids.INT32_MAX),
-                                                       axis=0))
-                    key_hi = tl.maximum(key_hi, tl.max(tl.where(ok, high.to(tl.int32, bitcast=True), ids.INT32_MIN),
-                                                       axis=0))
+                    n_lo += tl.sum(read_rows(rows, ids.ITEM_LO, ok).to(tl.int32), axis=0)
+                    n_hi += tl.sum(read_rows(rows, ids.ITEM_HI, ok).to(tl.int32), axis=0)
+                    low = read_rows(rows, ids.ITEM_KEY_MIN, ok).to(tl.int32, bitcast=True)
+                    high = read_rows(rows, ids.ITEM_KEY_MAX, ok).to(tl.int32, bitcast=True)
+                    key_lo = tl.minimum(key_lo, tl.min(tl.where(ok, low, ids.INT32_MAX), axis=0))
+                    key_hi = tl.maximum(key_hi, tl.max(tl.where(ok, high, ids.INT32_MIN), axis=0))
             if HAS_MASK:
                 last = last_max
         offset = tl.zeros([ROWS], dtype=tl.int64)
@@ -272,19 +265,17 @@ def token_kernel(
                 if chunk == 0:
                     if tile_len <= ids.RESIDENT_BLOCKS * BLOCK:
                         value = select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, need,
-                                                 kb, ka, frac, key_lo, key_hi, DIVERGENCE, HAS_MASK, ROWS, BLOCK,
-                                                 True)
+                                                kb, ka, frac, key_lo, key_hi, DIVERGENCE, HAS_MASK, ROWS, BLOCK, True)
                     else:
                         value = select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, need,
-                                                 kb, ka, frac, key_lo, key_hi, DIVERGENCE, HAS_MASK, ROWS, BLOCK,
-                                                 False)
+                                                kb, ka, frac, key_lo, key_hi, DIVERGENCE, HAS_MASK, ROWS, BLOCK, False)
                     db = tl.where(need, tl.minimum(tl.maximum(quantile_scale * value, delta_b), delta_b_hi), db)
                     tl.store(own + ids.ITEM_DELTA_B, db)
                     publish(counter_ptr, ticket, ids.READY_DELTA_B)
                 else:
-                    wait_for(counter_ptr, decide_base + tile, ids.READY_DELTA_B)
-                    db = tl.load(scratch_rows(scratch, decide_base + tile, ROWS) + ids.ITEM_DELTA_B,
-                                 cache_modifier=".cg")
+                    rows, ok = wait_for_chunks(counter_ptr, scratch, decide_base, tile, first_over, num_tiles, 0,
+                                               1, ids.READY_DELTA_B, ROWS, CHUNK_STEP)  # chunk 0 alone
+                    db = tl.sum(read_rows(rows, ids.ITEM_DELTA_B, ok), axis=0)
 
         # ---- the carried state before this chunk: the shard's, plus the budget sums of the earlier chunks ----
         if HAS_SHARD:
@@ -306,10 +297,9 @@ def token_kernel(
             for c0 in range(0, chunk, CHUNK_STEP):  # the same tree of sums in every run
                 rows, ok = wait_for_chunks(counter_ptr, scratch, decide_base, tile, first_over, num_tiles, c0,
                                            chunk, ids.READY_SUMS, ROWS, CHUNK_STEP)
-                ok = ok[:, None]
-                carry_slack += tl.sum(tl.load(rows + ids.ITEM_SLACK, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
-                carry_s += tl.sum(tl.load(rows + ids.ITEM_S, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
-                carry_w += tl.sum(tl.load(rows + ids.ITEM_W, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+                carry_slack += tl.sum(read_rows(rows, ids.ITEM_SLACK, ok), axis=0)
+                carry_s += tl.sum(read_rows(rows, ids.ITEM_S, ok), axis=0)
+                carry_w += tl.sum(read_rows(rows, ids.ITEM_W, ok), axis=0)
 
         # ---- per-token mask, loss and gradient; the chunk's per-sequence sums ----
         if ADV_PER_SEQ:
@@ -380,8 +370,8 @@ def token_kernel(
                 rows, ok = wait_for_chunks(counter_ptr, scratch, decide_base, tile, first_over, num_tiles, c0,
                                            chunk, ids.READY_STATS, ROWS, CHUNK_STEP)
                 for j in tl.static_range(ids.NUM_STATS):  # a column at a time: `[chunks, rows]` loads
-                    part = tl.load(rows + ids.ITEM_STATS + j, mask=ok[:, None], other=0.0, cache_modifier=".cg")
-                    total = tl.where(cols == j, total + tl.sum(part, axis=0)[:, None], total)
+                    part = tl.sum(read_rows(rows, ids.ITEM_STATS + j, ok), axis=0)
+                    total = tl.where(cols == j, total + part[:, None], total)
             total += stats
             n_tokens = tl.sum(tl.where(cols == ids.STAT_TOKENS, total, 0.0), axis=1)
             total = tl.where(cols == ids.STAT_DELTA_B, tl.where(n_tokens > 0, db, 0.0)[:, None], total)
