@@ -92,6 +92,95 @@ def test_a_shard_spanning_chunks_hands_on_its_state(gate, device):
     torch.testing.assert_close(final_t, final_r, rtol=2e-5, atol=1e-4)
 
 
+def _order_keys(values: torch.Tensor) -> torch.Tensor:
+    bits = values.float().view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _gathers(d: torch.Tensor, q: float, lo: float, hi: float) -> bool:
+    """Whether the kernel selects among gathered keys (ops/quantile.py, with k = 1): no key inside (lo, hi) past
+    the histogram's window, and at most SELECT_CANDIDATES keys in the bins of the two ranks."""
+    keys = _order_keys(d)
+    base = int(_order_keys(torch.tensor([lo]))[0]) - ids.SELECT_MARGIN.value
+    inside = (d > lo) & (d < hi)
+    in_window = inside & (keys - base >= 0) & (keys - base < ids.SELECT_BINS.value << ids.SELECT_SHIFT.value)
+    if (inside & ~in_window).any():
+        return False
+    rank = torch.tensor(q, dtype=torch.float32) * (len(d) - 1)
+    kb = int(torch.floor(rank))
+    ka = kb + int(rank > kb)
+    n_lo = int((d <= lo).sum())
+    bins = ((keys[in_window] - base) >> ids.SELECT_SHIFT.value).sort().values
+    wanted = [bins[r] for r in (kb - n_lo, ka - n_lo) if 0 <= r < len(bins)]
+    return not wanted or int(((bins >= min(wanted)) & (bins <= max(wanted))).sum()) <= ids.SELECT_CANDIDATES.value
+
+
+def _select_case(kind: str, packed: bool = True) -> tuple:
+    """One sequence of 2 CHUNK + 5 tokens (and a short one) whose D = |pi - mu| is placed on purpose: 0 (below
+    lo = delta_b), inside (lo, hi), or far above hi = 2 delta_b; q puts torch.quantile's two ranks where `kind`
+    says. Returns the case and whether its tile selects among gathered keys (else: bisection over memory)."""
+    n, short, lo = 2 * CHUNK + 5, 300, 0.01
+    g = torch.Generator().manual_seed(11)
+    where = torch.rand(n, generator=g)
+    inside = torch.rand(n, generator=g, dtype=torch.float64) * 0.6 * lo + 1.2 * lo
+    d = torch.where(where < 0.5, 0.0, torch.where(where < 0.8, inside, 3 * 2 * lo))  # 50 % 0, 30 % inside
+    config = dict(method="cppo", delta=0.2, delta_b=lo, delta_b_max_mult=2.0)
+    if kind == "few inside":  # about 40 keys inside, evenly spaced: a rank off by one changes delta_b_i by 0.4 %
+        few = (where >= 0.5) & (where < 0.5 + 40 / n)
+        spaced = 1.2 * lo + 0.6 * lo * few.cumsum(0).double() / 40
+        d = torch.where(where < 0.5, 0.0, torch.where(few, spaced, 6 * lo))
+    elif kind == "none inside":
+        d = torch.where(where < 0.5, 0.0, torch.full_like(inside, 6 * lo))
+    elif kind == "one crowded bin":  # 30 % share one value: more keys in its bin than gathered at most
+        d = torch.where(where < 0.5, 0.0, torch.where(where < 0.8, torch.full_like(inside, 1.5 * lo), inside))
+    elif kind == "past the window":  # hi = 20 lo: keys inside (lo, hi) beyond the window's 2^24 keys
+        d = torch.where(where < 0.5, 0.0, inside * torch.exp(torch.rand(n, generator=g, dtype=torch.float64) * 2.5))
+        config["delta_b_max_mult"] = 20.0
+    old = torch.full((n,), -0.6931471805599453, dtype=torch.float64)
+    lp = torch.log(torch.exp(old) + d)
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[1000:1010] = False
+    # the kernel's view: float32 D, its counts and ranks (q chosen for the kind)
+    d32 = (torch.exp(lp.float()) - torch.exp(old.float())).abs()[mask]
+    count, n_lo, n_hi = len(d32), int((d32 <= lo).sum()), int((d32 < 2 * lo).sum())
+    q = {"below": (n_lo - 0.5) / (count - 1), "above": (n_hi - 0.5) / (count - 1),
+         "none inside": (n_lo - 0.5) / (count - 1), "few inside": (n_lo + 10.5) / (count - 1)}.get(kind, 0.65)
+    config["delta_b_quantile"] = q
+    if kind in ("below", "above"):
+        assert n_hi - n_lo > 100
+    gathered = _gathers(d32, q, lo, config["delta_b_max_mult"] * lo)
+    lp = torch.cat([lp, old[:short] + 0.01])
+    old = torch.cat([old, old[:short]])
+    mask = torch.cat([mask, torch.ones(short, dtype=torch.bool)])
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    cu = torch.tensor([0, n, n + short], dtype=torch.int32) if packed else None
+    if not packed:  # padded rows of n
+        lp = torch.cat([lp, torch.zeros(n - short, dtype=torch.float64)]).view(2, n)
+        old = torch.cat([old, torch.zeros(n - short, dtype=torch.float64)]).view(2, n)
+        mask = torch.cat([mask, torch.zeros(n - short, dtype=torch.bool)]).view(2, n)
+    case = Case(seed=-1, log_prob=lp, old_log_prob=old, advantages=adv, response_mask=mask, cu_seqlens=cu,
+                rollout_is_weights=None, config=PolicyLossConfig(**config),
+                kwargs=dict(dp_size=1, batch_num_tokens=None, global_batch_size=None))
+    return case, gathered
+
+
+@pytest.mark.parametrize("kind", ["random", "below", "above", "few inside", "none inside", "one crowded bin",
+                                  "past the window"])
+def test_a_long_sequence_selects_its_quantile_across_chunks(kind, device, run_policy_loss):
+    """A one-row tile of three chunks: the pre-pass items build a histogram of the keys inside (lo, hi), the
+    gathering items collect the keys of the bins holding the two ranks, chunk 0 selects among them. The ranks
+    inside the region, d_(kb) the largest key <= lo, d_(ka) the smallest >= hi, no key inside, and the two
+    fallbacks to bisection over memory (a crowded bin, keys past the window) agree with the reference."""
+    case, gathered = _select_case(kind)
+    assert gathered == (kind not in ("one crowded bin", "past the window"))
+    check_case(case, torch.float32, device, run_policy_loss)
+
+
+def test_padded_rows_select_their_quantile_across_chunks(device, run_policy_loss):
+    """The same with padded rows (the histogram rows are indexed by the tile's first overflow item)."""
+    check_case(_select_case("random", packed=False)[0], torch.float32, device, run_policy_loss)
+
+
 def test_bad_offsets_poison_every_output_in_the_kernel(device):
     """Offsets out of order make the items' map of tiles meaningless: no hang, no read outside the tensors, and
     the loss and every metric are NaN (the kernel directly: on CPU tensors the API raises before the launch)."""

@@ -49,20 +49,22 @@ def work_item(cu_ptr, item, num_tiles, extent, ROWS: tl.constexpr, PACKED: tl.co
     Items below num_tiles are chunk 0 of that tile. The overflow items of tile t are num_tiles + o(t) + c - 1
     for its chunks c >= 1: o(t) = t (chunks per row - 1) for padded rows (every tile has the same chunks),
     or start(t) // ids.CHUNK for packed ones, which leaves room for them (a tile of sum L tokens has at most
-    L // ids.CHUNK chunks beyond its first), found by bisection over the tiles. An overflow item beyond its tile's
-    chunks is a gap (chunk >= the tile's chunks)."""
+    L // ids.CHUNK chunks beyond its first), found by a search over the tiles' starts. An overflow item beyond its
+    tile's chunks is a gap (chunk >= the tile's chunks)."""
     is_main = item < num_tiles
     over = (item - num_tiles).to(tl.int64)
     tile = item.to(tl.int64)
     if PACKED:
         if item >= num_tiles:
-            lo = tl.zeros([], dtype=tl.int64)  # the last tile whose o(t) <= over
+            # the last tile whose o(t) <= over: SEARCH_WAYS tiles probed per step, so a few dependent loads
+            lo = tl.zeros([], dtype=tl.int64)
             hi = tl.maximum(num_tiles - 1, 0).to(tl.int64)
             while lo < hi:
-                mid = (lo + hi + 1) // 2
-                below = tile_start(cu_ptr, mid, extent, ROWS, PACKED) // ids.CHUNK <= over
-                lo = tl.where(below, mid, lo)
-                hi = tl.where(below, hi, mid - 1)
+                stride = (hi - lo + ids.SEARCH_WAYS) // ids.SEARCH_WAYS  # cdiv(hi - lo + 1, ways)
+                probe = lo + tl.arange(0, ids.SEARCH_WAYS).to(tl.int64) * stride
+                first = tl.load(cu_ptr + probe * ROWS, mask=probe <= hi, other=0).to(tl.int64) // ids.CHUNK
+                lo = tl.max(tl.where((probe <= hi) & (first <= over), probe, lo), axis=0)
+                hi = tl.minimum(hi, lo + stride - 1)
             tile = lo
         first_over = tile_start(cu_ptr, tile, extent, ROWS, PACKED) // ids.CHUNK
     else:

@@ -112,6 +112,7 @@ TILE = tl.constexpr(1024)  # ROWS * BLOCK positions per program step: ROWS = TIL
 RESIDENT_BLOCKS = tl.constexpr(4)  # a tile of at most 4 blocks per row selects its quantile in registers
 CHUNK = tl.constexpr(4096)  # positions of a sequence per work item (a multiple of every BLOCK)
 CHUNK_ROWS = tl.constexpr(256)  # chunks x rows read at once when a chunk reads the rows of the earlier ones
+SEARCH_WAYS = tl.constexpr(128)  # tiles probed per step when an overflow item looks for its packed tile
 # the int32 launch state: the count of finished programs, the next ticket, then a flag per ticket
 COUNT_DONE = tl.constexpr(0)
 COUNT_TICKET = tl.constexpr(1)
@@ -130,12 +131,29 @@ ITEM_LO = tl.constexpr(2)
 ITEM_HI = tl.constexpr(3)
 ITEM_KEY_MIN = tl.constexpr(4)
 ITEM_KEY_MAX = tl.constexpr(5)
+ITEM_KEY_BELOW = tl.constexpr(6)  # the largest key with k D <= lo (the calibrated delta_b of a long sequence)
+ITEM_KEY_ABOVE = tl.constexpr(7)  # the smallest key with k D >= hi
+ITEM_OUTSIDE = tl.constexpr(8)  # keys neither <= lo, >= hi nor in the histogram's window (NaN D among them)
 ITEM_SLACK = tl.constexpr(0)
 ITEM_S = tl.constexpr(1)
 ITEM_W = tl.constexpr(2)
 ITEM_DELTA_B = tl.constexpr(3)
 ITEM_STATS = tl.constexpr(4)
 ITEM_WIDTH = tl.constexpr(4 + NUM_STATS.value)
+
+# the calibrated delta_b of a sequence over several chunks (ops/quantile.py): a row of the launch state per such
+# tile (after the flags) holds a histogram of the keys strictly inside the clamp's bounds (lo, hi), over a window
+# of 2^24 keys from SELECT_MARGIN below the key of lo / k (a binade and more: delta_b_max_mult = 2), then the
+# keys of the one or two bins that hold the wanted order statistics; zero between launches
+SELECT_BINS = tl.constexpr(1024)
+SELECT_SHIFT = tl.constexpr(14)  # 2^24 keys / SELECT_BINS
+SELECT_MARGIN = tl.constexpr(4096)
+SELECT_CANDIDATES = tl.constexpr(1024)  # keys gathered at most; more, and the tile bisects over memory
+SELECT_ARRIVED = tl.constexpr(0)  # the tile's deciding items that have gathered their keys
+SELECT_GATHERED = tl.constexpr(1)  # keys gathered so far
+SELECT_HIST = tl.constexpr(2)
+SELECT_KEYS = tl.constexpr(2 + SELECT_BINS.value)
+SELECT_WIDTH = tl.constexpr(2 + SELECT_BINS.value + SELECT_CANDIDATES.value)
 
 # ---- the vocabulary kernels (ops/logits.py) ----
 TOPK_NONE = tl.constexpr(0)  # a binary divergence: the token kernel computes it from log_prob itself

@@ -96,10 +96,24 @@ def num_items(packed: bool, num_seqs: int, extent: int, rows: int) -> int:
     return tiles * max(-(-extent // ids.CHUNK.value), 1)
 
 
-def grid_size(packed: bool, num_seqs: int, extent: int, block: int, prepass: bool) -> int:
-    """Programs of one launch (shapes only, no sync): every work item, twice when the kernel needs a pre-pass."""
-    items = num_items(packed, num_seqs, extent, ids.TILE.value // block)
-    return max(2 * items if prepass else items, 1)
+def stage_count(prepass: bool, quantile: bool, packed: bool, extent: int, block: int) -> int:
+    """Stages of work items in one launch (the token kernel decides the same): 1, or when the kernel needs a
+    pre-pass and a tile can have several chunks (packed, or rows longer than a chunk) the pre-pass items, for a
+    calibrated delta_b with one-row tiles the gathering items (quantile.gather_keys), then the deciding items."""
+    if not prepass or not (packed or extent > ids.CHUNK.value):
+        return 1
+    return 3 if quantile and block == ids.TILE.value else 2
+
+
+def grid_size(packed: bool, num_seqs: int, extent: int, block: int, stages: int) -> int:
+    """Programs of one launch (shapes only, no sync): every work item, once per stage."""
+    return stages * max(num_items(packed, num_seqs, extent, ids.TILE.value // block), 1)
+
+
+def select_rows(packed: bool, num_seqs: int, extent: int, stages: int) -> int:
+    """Histogram rows of the launch state (quantile.gather_keys) when the launch has gathering items: one per
+    possible first overflow index of a one-row tile of several chunks (shapes only)."""
+    return num_items(packed, num_seqs, extent, 1) - num_seqs + 1 if stages == 3 else 0
 
 
 def scratch_size(grid: int, block: int) -> int:
@@ -107,15 +121,16 @@ def scratch_size(grid: int, block: int) -> int:
     return grid * (ids.TILE.value // block) * ids.ITEM_WIDTH.value
 
 
-def launch_state(device: torch.device, grid: int) -> torch.Tensor:
-    """The int32 launch state of `device` (the count, the ticket, a flag per program), zero, with room for `grid`
-    programs: allocated on the first call and when a larger grid comes (make those calls outside a CUDA graph
-    capture). Launches in one stream run in order and share it; two losses running at once on two streams of
-    one device would not (docs/kernels.md)."""
+def launch_state(device: torch.device, grid: int, rows: int = 0) -> torch.Tensor:
+    """The int32 launch state of `device` (the count, the ticket, a flag per program, then `rows` histogram rows
+    of ids.SELECT_WIDTH), zero, with room for `grid` programs: allocated on the first call and when a larger
+    launch comes (make those calls outside a CUDA graph capture). Launches in one stream run in order and share
+    it; two losses running at once on two streams of one device would not (docs/kernels.md)."""
+    size = ids.FLAGS.value + grid + rows * ids.SELECT_WIDTH.value
     state = _LAUNCH_STATES.get(device)
-    if state is None or state.numel() < ids.FLAGS.value + grid:
-        state = _LAUNCH_STATES[device] = torch.zeros(ids.FLAGS.value + max(2 * grid, MIN_FLAGS),
-                                                     dtype=torch.int32, device=device)
+    if state is None or state.numel() < size:
+        state = _LAUNCH_STATES[device] = torch.zeros(max(2 * size, ids.FLAGS.value + MIN_FLAGS), dtype=torch.int32,
+                                                     device=device)
     elif device.type == "cpu":  # the interpreter: a launch stopped part-way (an exception, Ctrl-C) left counts
         state.zero_()
     return state
@@ -177,7 +192,8 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     block = _forced_block or block_size(numel, num_seqs)
     constexprs, prepass = token_launch(plan, packed, adv_per_seq, response_mask is not None,
                                        carried.sequence_length is not None, carried.sequence_delta_b is not None, block)
-    grid = grid_size(packed, num_seqs, extent, block, prepass)
+    stages = stage_count(prepass, constexprs["BUDGET"] == ids.BUDGET_QUANTILE.value, packed, extent, block)
+    grid = grid_size(packed, num_seqs, extent, block, stages)
     # outputs: grad like log_prob (contiguous, as the kernel writes it; log_prob may be a view), the loss (a tensor
     # of its own: a user may modify it in place), and one buffer for aux, the per-sequence sums (a row at least:
     # a batch without sequences still launches) and the work items' rows
@@ -191,7 +207,7 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     token.token_kernel[(grid,)](
         contiguous(log_prob), contiguous(old_log_prob), contiguous(advantages), contiguous(response_mask),
         contiguous(rollout_is_weights), contiguous(divergence), contiguous(cu_seqlens), shard, grad, loss, sums,
-        launch_state(device, grid), plan.params(device),
+        launch_state(device, grid, select_rows(packed, num_seqs, extent, stages)), plan.params(device),
         *reduction_arguments(constexprs["MODE"], loss_scale_factor, normalizers), num_seqs, extent, **constexprs)
     aux = sums[:plan.aux_size]  # OUT_AUX = 0
     if carried.output_final_state:  # a tensor of its own, not a view that would keep the shard rows alive

@@ -26,7 +26,8 @@ from .chunks import (finish_item, needs_prepass, publish, read_rows, reset_launc
                      wait_for_chunks, work_item)
 from .common import (divergence_tile, finite_or_nan, load_zeroed, log_ratio, nan_min, order_key, position_weight,
                      tile_positions, trust_region_step, valid_positions)
-from .quantile import select_quantile
+from .quantile import (clear_select_row, gather_keys, quantile_ranks, select_gathered, select_quantile, window_base,
+                       window_bins)
 from .reduce import reduce_stats
 
 NUM_WARPS = 8  # 4 positions per thread: no register spills on sm_90 (4 warps: up to 255 registers and spills)
@@ -67,17 +68,24 @@ def _longest(cu_ptr, num_seqs):
 
 @triton.jit
 def _prepass(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, lo_pos, hi_pos, delta_b, delta_b_hi, quantile_scale,
-             DIVERGENCE: tl.constexpr, HAS_MASK: tl.constexpr, QUANTILE: tl.constexpr, ROWS: tl.constexpr,
-             BLOCK: tl.constexpr):
+             select_row, DIVERGENCE: tl.constexpr, HAS_MASK: tl.constexpr, QUANTILE: tl.constexpr,
+             HISTOGRAM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """Per row over positions [lo_pos, hi_pos): n, the last valid position + 1, and for the calibrated delta_b
     #{k D <= lo}, #{k D < hi} and the range of D's order keys (the clamp applies to k * Quantile_q(D): compare k * D
-    with its bounds, monotone in D)."""
+    with its bounds, monotone in D). HISTOGRAM (a chunk of a one-row tile of several chunks): also the largest key
+    with k D <= lo, the smallest with k D >= hi, the keys outside the window, and the keys inside (lo, hi) added to
+    the tile's histogram at `select_row` (quantile.gather_keys)."""
     last_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     n_acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
     lo_acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
     hi_acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
     kmin_acc = tl.full([ROWS, BLOCK], ids.INT32_MAX, dtype=tl.int32)
     kmax_acc = tl.full([ROWS, BLOCK], ids.INT32_MIN, dtype=tl.int32)
+    below_acc = tl.full([ROWS, BLOCK], ids.INT32_MIN, dtype=tl.int32)
+    above_acc = tl.full([ROWS, BLOCK], ids.INT32_MAX, dtype=tl.int32)
+    outside_acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
+    hist = tl.zeros([ids.SELECT_BINS], dtype=tl.int32)
+    base = window_base(delta_b, quantile_scale)
     for off in range(lo_pos, hi_pos, BLOCK):
         pos, inside, offs = tile_positions(start, length, off, BLOCK)
         valid = valid_positions(mask_ptr, offs, inside, HAS_MASK)
@@ -90,8 +98,56 @@ def _prepass(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, lo_pos, hi_pos, 
             hi_acc += (valid & (d * quantile_scale < delta_b_hi)).to(tl.int32)
             kmin_acc = tl.minimum(kmin_acc, tl.where(valid, key, ids.INT32_MAX))
             kmax_acc = tl.maximum(kmax_acc, tl.where(valid, key, ids.INT32_MIN))
+            if HISTOGRAM:
+                below = valid & (d * quantile_scale <= delta_b)
+                above = valid & (d * quantile_scale >= delta_b_hi)
+                in_window, key_bin = window_bins(d, key, valid, delta_b, delta_b_hi, base, quantile_scale)
+                below_acc = tl.maximum(below_acc, tl.where(below, key, ids.INT32_MIN))
+                above_acc = tl.minimum(above_acc, tl.where(above, key, ids.INT32_MAX))
+                outside_acc += (valid & ~below & ~above & ~in_window).to(tl.int32)  # NaN D among them
+                hist += tl.histogram(tl.reshape(key_bin, [BLOCK]), ids.SELECT_BINS, mask=tl.reshape(in_window, [BLOCK]))
+    if HISTOGRAM:  # integer adds: the same histogram whatever the order
+        tl.atomic_add(select_row + ids.SELECT_HIST + tl.arange(0, ids.SELECT_BINS), hist, mask=hist > 0,
+                      sem="relaxed")
     return (tl.sum(n_acc, axis=1), tl.max(last_acc, axis=1), tl.sum(lo_acc, axis=1), tl.sum(hi_acc, axis=1),
-            tl.min(kmin_acc, axis=1), tl.max(kmax_acc, axis=1))
+            tl.min(kmin_acc, axis=1), tl.max(kmax_acc, axis=1), tl.max(below_acc, axis=1), tl.min(above_acc, axis=1),
+            tl.sum(outside_acc, axis=1))
+
+
+@triton.jit
+def _prepass_totals(counter_ptr, scratch, tile, first_over, num_tiles, num_chunks, QUANTILE: tl.constexpr,
+                    SELECT: tl.constexpr, ROWS: tl.constexpr, CHUNK_STEP: tl.constexpr):
+    """The sums of `_prepass` over the tile's pre-pass items (stage 0), once each has published: n, the last valid
+    position + 1, #{k D <= lo}, #{k D < hi}, the range of the keys, and (SELECT) the largest key <= lo, the
+    smallest >= hi and the keys outside the histogram's window, `[ROWS]` each."""
+    n = tl.zeros([ROWS], dtype=tl.int32)
+    last = tl.zeros([ROWS], dtype=tl.float32)
+    n_lo = tl.zeros([ROWS], dtype=tl.int32)
+    n_hi = tl.zeros([ROWS], dtype=tl.int32)
+    key_lo = tl.full([ROWS], ids.INT32_MAX, dtype=tl.int32)
+    key_hi = tl.full([ROWS], ids.INT32_MIN, dtype=tl.int32)
+    key_below = tl.full([ROWS], ids.INT32_MIN, dtype=tl.int32)
+    key_above = tl.full([ROWS], ids.INT32_MAX, dtype=tl.int32)
+    outside = tl.zeros([ROWS], dtype=tl.int32)
+    for c0 in range(0, num_chunks, CHUNK_STEP):
+        rows, ok = wait_for_chunks(counter_ptr, scratch, 0, tile, first_over, num_tiles, c0, num_chunks, ids.DONE,
+                                   ROWS, CHUNK_STEP)
+        n += tl.sum(read_rows(rows, ids.ITEM_N, ok).to(tl.int32), axis=0)
+        last = tl.maximum(last, tl.max(read_rows(rows, ids.ITEM_LAST, ok), axis=0))
+        if QUANTILE:
+            n_lo += tl.sum(read_rows(rows, ids.ITEM_LO, ok).to(tl.int32), axis=0)
+            n_hi += tl.sum(read_rows(rows, ids.ITEM_HI, ok).to(tl.int32), axis=0)
+            low = read_rows(rows, ids.ITEM_KEY_MIN, ok).to(tl.int32, bitcast=True)
+            high = read_rows(rows, ids.ITEM_KEY_MAX, ok).to(tl.int32, bitcast=True)
+            key_lo = tl.minimum(key_lo, tl.min(tl.where(ok, low, ids.INT32_MAX), axis=0))
+            key_hi = tl.maximum(key_hi, tl.max(tl.where(ok, high, ids.INT32_MIN), axis=0))
+            if SELECT:
+                below = read_rows(rows, ids.ITEM_KEY_BELOW, ok).to(tl.int32, bitcast=True)
+                above = read_rows(rows, ids.ITEM_KEY_ABOVE, ok).to(tl.int32, bitcast=True)
+                key_below = tl.maximum(key_below, tl.max(tl.where(ok, below, ids.INT32_MIN), axis=0))
+                key_above = tl.minimum(key_above, tl.min(tl.where(ok, above, ids.INT32_MAX), axis=0))
+                outside += tl.sum(read_rows(rows, ids.ITEM_OUTSIDE, ok).to(tl.int32), axis=0)
+    return n, last, n_lo, n_hi, key_lo, key_hi, key_below, key_above, outside
 
 
 @triton.jit
@@ -158,14 +214,21 @@ def token_kernel(
     PREPASS: tl.constexpr = needs_prepass(METHOD, BUDGET, HORIZON, MODE, HAS_MASK)
     ticket = tl.atomic_add(counter_ptr + ids.COUNT_TICKET, 1, sem="relaxed")  # start order, nothing published
     CHUNK_STEP: tl.constexpr = ids.CHUNK_ROWS // ROWS  # earlier chunks read at once
-    if PREPASS:  # the pre-pass items first, then the deciding ones
-        items = tl.num_programs(0) // 2
-        is_prepass = ticket < items
-        item = tl.where(is_prepass, ticket, ticket - items)
-        decide_base = items
+    # a one-row tile of several chunks selects its quantile from a histogram, gathering the keys of its bins
+    SELECT: tl.constexpr = QUANTILE and ROWS == 1
+    STAGES: tl.constexpr = 3 if SELECT else 2
+    if PREPASS:
+        # the pre-pass items (stage 0), the gathering items (stage 1, SELECT), then the deciding ones, when a tile
+        # can have several chunks (runtime.stage_count decides the same); a tile of one chunk makes its pre-pass
+        # in the deciding item
+        staged = tl.full([], PACKED, tl.int1) | (extent > ids.CHUNK)
+        items = tl.num_programs(0) // tl.where(staged, STAGES, 1)
+        stage = tl.where(staged, ticket // items, STAGES - 1)
+        item = ticket - tl.where(staged, stage * items, 0)
+        decide_base = tl.where(staged, (STAGES - 1) * items, 0)
     else:
         items = tl.num_programs(0)
-        is_prepass = ticket < 0
+        stage = tl.zeros([], dtype=tl.int32) + STAGES - 1
         item = ticket
         decide_base = 0
     num_tiles = tl.cdiv(num_seqs, ROWS)
@@ -184,21 +247,38 @@ def token_kernel(
     delta_b = tl.load(params_ptr + ids.P_DELTA_B)
     delta_b_hi = tl.load(params_ptr + ids.P_DELTA_B_HI)
     quantile_scale = tl.load(params_ptr + ids.P_QUANTILE_SCALE)
+    select_row = counter_ptr + ids.FLAGS + tl.num_programs(0) + first_over * ids.SELECT_WIDTH  # SELECT's
 
     # a gap: no chunk here (an overflow item can only land on chunk 0 through bad offsets)
     if (tile >= num_tiles) | (chunk >= num_chunks) | (chunk < 0) | ((chunk < 1) & (item >= num_tiles)):
         finish_item(counter_ptr, ticket)
-    elif is_prepass:
+    elif stage == 0:
         if PREPASS:
-            n, last, n_lo, n_hi, key_min, key_max = _prepass(
-                lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, lo_pos, hi_pos, delta_b, delta_b_hi,
-                quantile_scale, DIVERGENCE, HAS_MASK, QUANTILE, ROWS, BLOCK)
-            tl.store(own + ids.ITEM_N, n.to(tl.float32))
-            tl.store(own + ids.ITEM_LAST, last)
-            tl.store(own + ids.ITEM_LO, n_lo.to(tl.float32))
-            tl.store(own + ids.ITEM_HI, n_hi.to(tl.float32))
-            tl.store(own + ids.ITEM_KEY_MIN, key_min.to(tl.float32, bitcast=True))
-            tl.store(own + ids.ITEM_KEY_MAX, key_max.to(tl.float32, bitcast=True))
+            if num_chunks > 1:  # (a tile of one chunk: its deciding item does this)
+                n, last, n_lo, n_hi, key_min, key_max, key_below, key_above, outside = _prepass(
+                    lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, lo_pos, hi_pos, delta_b, delta_b_hi,
+                    quantile_scale, select_row, DIVERGENCE, HAS_MASK, QUANTILE, SELECT, ROWS, BLOCK)
+                tl.store(own + ids.ITEM_N, n.to(tl.float32))
+                tl.store(own + ids.ITEM_LAST, last)
+                tl.store(own + ids.ITEM_LO, n_lo.to(tl.float32))
+                tl.store(own + ids.ITEM_HI, n_hi.to(tl.float32))
+                tl.store(own + ids.ITEM_KEY_MIN, key_min.to(tl.float32, bitcast=True))
+                tl.store(own + ids.ITEM_KEY_MAX, key_max.to(tl.float32, bitcast=True))
+                if SELECT:
+                    tl.store(own + ids.ITEM_KEY_BELOW, key_below.to(tl.float32, bitcast=True))
+                    tl.store(own + ids.ITEM_KEY_ABOVE, key_above.to(tl.float32, bitcast=True))
+                    tl.store(own + ids.ITEM_OUTSIDE, outside.to(tl.float32))
+        publish(counter_ptr, ticket, ids.DONE)
+    elif stage < STAGES - 1:  # gathering (SELECT)
+        if SELECT:
+            if num_chunks > 1:
+                n, _, n_lo, n_hi, _, _, _, _, outside = _prepass_totals(
+                    counter_ptr, scratch, tile, first_over, num_tiles, num_chunks, QUANTILE, SELECT, ROWS, CHUNK_STEP)
+                kb, ka, _, _, need = quantile_ranks(params_ptr, n, n_lo, n_hi, seq_ok)
+                if tl.max(need.to(tl.int32), axis=0) > 0:
+                    gather_keys(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, lo_pos, hi_pos, select_row, n_lo,
+                                n_hi, outside, kb, ka, delta_b, delta_b_hi, quantile_scale, DIVERGENCE, HAS_MASK,
+                                BLOCK)
         publish(counter_ptr, ticket, ids.DONE)
     else:
         w_min = tl.load(params_ptr + ids.P_W_MIN)
@@ -210,24 +290,13 @@ def token_kernel(
         last = length.to(tl.float32)
         n_valid = length.to(tl.int32)
         if PREPASS:
-            n_valid = tl.zeros([ROWS], dtype=tl.int32)
-            last_max = tl.zeros([ROWS], dtype=tl.float32)
-            n_lo = tl.zeros([ROWS], dtype=tl.int32)
-            n_hi = tl.zeros([ROWS], dtype=tl.int32)
-            key_lo = tl.full([ROWS], ids.INT32_MAX, dtype=tl.int32)
-            key_hi = tl.full([ROWS], ids.INT32_MIN, dtype=tl.int32)
-            for c0 in range(0, num_chunks, CHUNK_STEP):
-                rows, ok = wait_for_chunks(counter_ptr, scratch, 0, tile, first_over, num_tiles, c0, num_chunks,
-                                           ids.DONE, ROWS, CHUNK_STEP)
-                n_valid += tl.sum(read_rows(rows, ids.ITEM_N, ok).to(tl.int32), axis=0)
-                last_max = tl.maximum(last_max, tl.max(read_rows(rows, ids.ITEM_LAST, ok), axis=0))
-                if QUANTILE:
-                    n_lo += tl.sum(read_rows(rows, ids.ITEM_LO, ok).to(tl.int32), axis=0)
-                    n_hi += tl.sum(read_rows(rows, ids.ITEM_HI, ok).to(tl.int32), axis=0)
-                    low = read_rows(rows, ids.ITEM_KEY_MIN, ok).to(tl.int32, bitcast=True)
-                    high = read_rows(rows, ids.ITEM_KEY_MAX, ok).to(tl.int32, bitcast=True)
-                    key_lo = tl.minimum(key_lo, tl.min(tl.where(ok, low, ids.INT32_MAX), axis=0))
-                    key_hi = tl.maximum(key_hi, tl.max(tl.where(ok, high, ids.INT32_MIN), axis=0))
+            if num_chunks == 1:  # the whole tile is this item's
+                n_valid, last_max, n_lo, n_hi, key_lo, key_hi, key_below, key_above, outside = _prepass(
+                    lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, 0, tile_len, delta_b, delta_b_hi,
+                    quantile_scale, select_row, DIVERGENCE, HAS_MASK, QUANTILE, False, ROWS, BLOCK)
+            else:
+                n_valid, last_max, n_lo, n_hi, key_lo, key_hi, key_below, key_above, outside = _prepass_totals(
+                    counter_ptr, scratch, tile, first_over, num_tiles, num_chunks, QUANTILE, SELECT, ROWS, CHUNK_STEP)
             if HAS_MASK:
                 last = last_max
         offset = tl.zeros([ROWS], dtype=tl.int64)
@@ -251,18 +320,11 @@ def token_kernel(
         if BUDGET == ids.BUDGET_GIVEN:
             db = finite_or_nan(tl.load(shard_row + ids.SHARD_DELTA_B, mask=seq_ok, other=0.0).to(tl.float32))
         if QUANTILE:
-            n = n_valid
-            # torch.quantile: position q (n - 1), linear interpolation between ranks floor and ceil
-            rank = tl.load(params_ptr + ids.P_QUANTILE) * (n - 1).to(tl.float32)
-            kb = tl.floor(rank).to(tl.int32)
-            frac = rank - kb.to(tl.float32)
-            ka = kb + (frac > 0).to(tl.int32)
             # k d_(ka) <= lo: k * quantile clamps to lo; k d_(kb) >= hi: to hi (an empty row keeps lo, unused)
-            at_lo = (n == 0) | (n_lo >= ka + 1)
+            kb, ka, frac, at_lo, need = quantile_ranks(params_ptr, n_valid, n_lo, n_hi, seq_ok)
             db = tl.where(at_lo, delta_b, delta_b_hi)
-            need = seq_ok & ~at_lo & (n_hi > kb)
-            if tl.max(need.to(tl.int32), axis=0) > 0:  # the tile's chunk 0 selects, the later ones read it
-                if chunk == 0:
+            if tl.max(need.to(tl.int32), axis=0) > 0:
+                if num_chunks == 1:  # the whole sequence is this item's
                     if tile_len <= ids.RESIDENT_BLOCKS * BLOCK:
                         value = select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, need,
                                                 kb, ka, frac, key_lo, key_hi, DIVERGENCE, HAS_MASK, ROWS, BLOCK, True)
@@ -270,12 +332,27 @@ def token_kernel(
                         value = select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, need,
                                                 kb, ka, frac, key_lo, key_hi, DIVERGENCE, HAS_MASK, ROWS, BLOCK, False)
                     db = tl.where(need, tl.minimum(tl.maximum(quantile_scale * value, delta_b), delta_b_hi), db)
+                elif chunk == 0:  # selects for the tile's chunks, which read delta_b_i in its row
+                    if SELECT:  # among the keys the gathering items gathered (each of them has published)
+                        for c0 in range(0, num_chunks, CHUNK_STEP):
+                            wait_for_chunks(counter_ptr, scratch, items, tile, first_over, num_tiles, c0, num_chunks,
+                                            ids.DONE, ROWS, CHUNK_STEP)
+                        value = select_gathered(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len,
+                                                select_row, need, n_lo, n_hi, outside, kb, ka, frac, key_below,
+                                                key_above, key_lo, key_hi, DIVERGENCE, HAS_MASK, BLOCK)
+                    else:  # bisecting over the whole tile
+                        value = select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, need,
+                                                kb, ka, frac, key_lo, key_hi, DIVERGENCE, HAS_MASK, ROWS, BLOCK, False)
+                    db = tl.where(need, tl.minimum(tl.maximum(quantile_scale * value, delta_b), delta_b_hi), db)
                     tl.store(own + ids.ITEM_DELTA_B, db)
                     publish(counter_ptr, ticket, ids.READY_DELTA_B)
                 else:
                     rows, ok = wait_for_chunks(counter_ptr, scratch, decide_base, tile, first_over, num_tiles, 0,
-                                               1, ids.READY_DELTA_B, ROWS, CHUNK_STEP)  # chunk 0 alone
+                                               1, ids.READY_DELTA_B, ROWS, CHUNK_STEP)  # chunk 0's row
                     db = tl.sum(read_rows(rows, ids.ITEM_DELTA_B, ok), axis=0)
+            elif SELECT:
+                if (num_chunks > 1) & (chunk == 0):  # nobody reads the tile's histogram: back to zero
+                    clear_select_row(select_row)
 
         # ---- the carried state before this chunk: the shard's, plus the budget sums of the earlier chunks ----
         if HAS_SHARD:
