@@ -184,7 +184,9 @@ def _stats_row(cols, loss, tokens, rej_token, rej_budget, clip_low, clip_high, c
     return tl.where(cols == ids.STAT_RATIO_CAPPED, capped[:, None], row)
 
 
-@triton.jit
+# num_seqs is never specialized: a launch with S == 1 would compile a variant of its own, and Triton 3.6 fails
+# to compile that packed variant (its coalescing pass asserts on the constant tile search in chunks.work_item)
+@triton.jit(do_not_specialize=["num_seqs"])
 def token_kernel(
     lp_ptr, olp_ptr, adv_ptr, mask_ptr, rw_ptr, div_ptr, cu_ptr,  # inputs; mask, rw, div, cu may be None
     shard_ptr,  # a shard of longer sequences: [S, ids.SHARD_WIDTH] f64 in and out (carried_state.py), or None
