@@ -73,6 +73,13 @@ def select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len,
     return d_b + frac * (d_a - d_b)
 
 
+@triton.jit
+def calibrated_budget(value, need, db, delta_b, delta_b_hi, quantile_scale):
+    """delta_b_i = clamp(k * Quantile_q(D), delta_b, max_mult * delta_b) where the row needs its quantile `value`;
+    elsewhere `db` (the clamp's bound that the pre-pass counts already decided)."""
+    return tl.where(need, tl.minimum(tl.maximum(quantile_scale * value, delta_b), delta_b_hi), db)
+
+
 # ---- a sequence over several chunks (tiles of one row): a histogram, then the keys of one or two bins ----
 
 @triton.jit
@@ -142,6 +149,13 @@ def target_bins(row, n_lo, n_hi, kb, ka):
 
 
 @triton.jit
+def gathers(outside, count):
+    """Whether a tile's keys are gathered and selected in registers: every key inside (lo, hi) fell in the window
+    and the target bins hold at most ids.SELECT_CANDIDATES keys (else chunk 0 bisects over memory)."""
+    return (tl.sum(outside, axis=0) == 0) & (count <= ids.SELECT_CANDIDATES)
+
+
+@triton.jit
 def gather_keys(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, lo_pos, hi_pos, row, n_lo, n_hi, outside,
                 kb, ka, delta_b, delta_b_hi, quantile_scale,
                 DIVERGENCE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
@@ -149,7 +163,7 @@ def gather_keys(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, lo_pos, hi_po
     bins, appended to the tile's row (in any order: only their order statistics are read), unless keys fell
     outside the window or the bins hold more than ids.SELECT_CANDIDATES (chunk 0 then bisects over memory)."""
     first, last, count, _, _, _, _, _ = target_bins(row, n_lo, n_hi, kb, ka)
-    if (tl.sum(outside, axis=0) == 0) & (count <= ids.SELECT_CANDIDATES) & (count > 0):
+    if gathers(outside, count) & (count > 0):
         base = window_base(delta_b, quantile_scale)
         for off in range(lo_pos, hi_pos, BLOCK):
             key, valid = tile_keys(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, off, DIVERGENCE, HAS_MASK,
@@ -171,7 +185,7 @@ def select_gathered(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len,
     d_(kb)) `[1]` from the gathered keys in registers, or (keys outside the window, too many in the bins) by
     bisection over the whole sequence; the tile's row is then set back to zero."""
     _, _, count, before, in_b, in_a, low, high = target_bins(row, n_lo, n_hi, kb, ka)
-    if (tl.sum(outside, axis=0) == 0) & (count <= ids.SELECT_CANDIDATES):
+    if gathers(outside, count):
         c = tl.arange(0, ids.SELECT_CANDIDATES)
         ok = c < count
         keys = tl.load(row + ids.SELECT_KEYS + c, mask=ok, other=0, cache_modifier=".cg")

@@ -26,8 +26,8 @@ from .chunks import (finish_item, needs_prepass, publish, read_rows, reset_launc
                      wait_for_chunks, work_item)
 from .common import (divergence_tile, finite_or_nan, load_zeroed, log_ratio, nan_min, order_key, position_weight,
                      tile_positions, trust_region_step, valid_positions)
-from .quantile import (clear_select_row, gather_keys, quantile_ranks, select_gathered, select_quantile, window_base,
-                       window_bins)
+from .quantile import (calibrated_budget, clear_select_row, gather_keys, quantile_ranks, select_gathered,
+                       select_quantile, window_base, window_bins)
 from .reduce import reduce_stats
 
 NUM_WARPS = 8  # 4 positions per thread: no register spills on sm_90 (4 warps: up to 255 registers and spills)
@@ -84,7 +84,6 @@ def _prepass(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, lo_pos, hi_pos, 
     below_acc = tl.full([ROWS, BLOCK], ids.INT32_MIN, dtype=tl.int32)
     above_acc = tl.full([ROWS, BLOCK], ids.INT32_MAX, dtype=tl.int32)
     outside_acc = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
-    hist = tl.zeros([ids.SELECT_BINS], dtype=tl.int32)
     base = window_base(delta_b, quantile_scale)
     for off in range(lo_pos, hi_pos, BLOCK):
         pos, inside, offs = tile_positions(start, length, off, BLOCK)
@@ -105,10 +104,9 @@ def _prepass(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, lo_pos, hi_pos, 
                 below_acc = tl.maximum(below_acc, tl.where(below, key, ids.INT32_MIN))
                 above_acc = tl.minimum(above_acc, tl.where(above, key, ids.INT32_MAX))
                 outside_acc += (valid & ~below & ~above & ~in_window).to(tl.int32)  # NaN D among them
-                hist += tl.histogram(tl.reshape(key_bin, [BLOCK]), ids.SELECT_BINS, mask=tl.reshape(in_window, [BLOCK]))
-    if HISTOGRAM:  # integer adds: the same histogram whatever the order
-        tl.atomic_add(select_row + ids.SELECT_HIST + tl.arange(0, ids.SELECT_BINS), hist, mask=hist > 0,
-                      sem="relaxed")
+                # integer adds, so the same histogram in any order; a key at a time: a [SELECT_BINS] accumulator
+                # held across the loop took the kernel past 128 registers, one program per SM instead of two
+                tl.atomic_add(select_row + ids.SELECT_HIST + key_bin, 1, mask=in_window, sem="relaxed")
     return (tl.sum(n_acc, axis=1), tl.max(last_acc, axis=1), tl.sum(lo_acc, axis=1), tl.sum(hi_acc, axis=1),
             tl.min(kmin_acc, axis=1), tl.max(kmax_acc, axis=1), tl.max(below_acc, axis=1), tl.min(above_acc, axis=1),
             tl.sum(outside_acc, axis=1))
@@ -326,16 +324,17 @@ def token_kernel(
             kb, ka, frac, at_lo, need = quantile_ranks(params_ptr, n_valid, n_lo, n_hi, seq_ok)
             db = tl.where(at_lo, delta_b, delta_b_hi)
             if tl.max(need.to(tl.int32), axis=0) > 0:
-                if num_chunks == 1:  # the whole sequence is this item's
-                    if tile_len <= ids.RESIDENT_BLOCKS * BLOCK:
-                        value = select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, need,
-                                                kb, ka, frac, key_lo, key_hi, DIVERGENCE, HAS_MASK, ROWS, BLOCK, True)
-                    else:
-                        value = select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, need,
-                                                kb, ka, frac, key_lo, key_hi, DIVERGENCE, HAS_MASK, ROWS, BLOCK, False)
-                    db = tl.where(need, tl.minimum(tl.maximum(quantile_scale * value, delta_b), delta_b_hi), db)
-                elif chunk == 0:  # selects for the tile's chunks, which read delta_b_i in its row
-                    if SELECT:  # among the keys the gathering items gathered (each of them has published)
+                if (num_chunks == 1) | (chunk == 0):  # selects; chunk 0 for the tile's chunks
+                    if num_chunks == 1:  # the whole sequence is this item's
+                        if tile_len <= ids.RESIDENT_BLOCKS * BLOCK:
+                            value = select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len,
+                                                    need, kb, ka, frac, key_lo, key_hi, DIVERGENCE, HAS_MASK, ROWS,
+                                                    BLOCK, True)
+                        else:
+                            value = select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len,
+                                                    need, kb, ka, frac, key_lo, key_hi, DIVERGENCE, HAS_MASK, ROWS,
+                                                    BLOCK, False)
+                    elif SELECT:  # among the keys the gathering items gathered (each of them has published)
                         for c0 in range(0, num_chunks, CHUNK_STEP):
                             wait_for_chunks(counter_ptr, scratch, items, tile, first_over, num_tiles, c0, num_chunks,
                                             ids.DONE, ROWS, CHUNK_STEP)
@@ -345,9 +344,10 @@ def token_kernel(
                     else:  # bisecting over the whole tile
                         value = select_quantile(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, tile_len, need,
                                                 kb, ka, frac, key_lo, key_hi, DIVERGENCE, HAS_MASK, ROWS, BLOCK, False)
-                    db = tl.where(need, tl.minimum(tl.maximum(quantile_scale * value, delta_b), delta_b_hi), db)
-                    tl.store(own + ids.ITEM_DELTA_B, db)
-                    publish(counter_ptr, ticket, ids.READY_DELTA_B)
+                    db = calibrated_budget(value, need, db, delta_b, delta_b_hi, quantile_scale)
+                    if num_chunks > 1:  # the tile's other chunks read delta_b_i in chunk 0's row
+                        tl.store(own + ids.ITEM_DELTA_B, db)
+                        publish(counter_ptr, ticket, ids.READY_DELTA_B)
                 else:
                     rows, ok = wait_for_chunks(counter_ptr, scratch, decide_base, tile, first_over, num_tiles, 0,
                                                1, ids.READY_DELTA_B, ROWS, CHUNK_STEP)  # chunk 0's row
