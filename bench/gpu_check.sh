@@ -81,23 +81,28 @@ report() {  # report NAME [LINES]: the end of a step's log into the main log; re
 if [ -z "${BENCH_ONLY:-}" ]; then
     xdist=""
     python3 -c "import xdist" 2>/dev/null && xdist="-n 12"
-    # a case compiles its own kernel variant (about 5 s on the H200's host): as many as fit the step's limit
-    run_step fuzz_f32 150 python3 -m ptr_kernels fuzz --backend triton --device cuda --cases 24 --seed 1000 --max-len 4096 &
-    run_step fuzz_bf16 150 python3 -m ptr_kernels fuzz --backend triton --device cuda --cases 16 --seed 2000 --dtype bfloat16 &
+    # a case compiles its own kernel variant (6-10 s on the H200's host, beside the other steps): as many as
+    # fit the step's limit
+    run_step fuzz_f32 150 python3 -m ptr_kernels fuzz --backend triton --device cuda --cases 20 --seed 1000 \
+        --max-len 4096 &
+    run_step fuzz_bf16 150 python3 -m ptr_kernels fuzz --backend triton --device cuda --cases 12 --seed 2000 \
+        --dtype bfloat16 &
     # the ahead-of-time compile of the CPU tests, here for the card itself: compiled variants, registers, spills
     run_step aot_compile 150 bash -c "python3 tests/test_triton_compile.py && python3 tests/test_from_logits.py" &
-    # each seeded case of the kernel tests compiles its own kernel variant: the first 24 of the 400 fit the limit
-    # (at 100, the step ran out of time at 64 %); the edge tests first, so that they run even if it does; a line
-    # per test (-v), so that the failures are named even when the limit ends the step before pytest's summary
-    PTR_KERNELS_FUZZ_CASES=${PTR_KERNELS_FUZZ_CASES:-24} run_step cuda_tests 150 python3 -m pytest -v -rf \
+    # each seeded case of the kernel tests compiles its own kernel variant: the first 24 of the 400 (at 100 the
+    # step ran out of time at 64 %; at 24 it may still not finish); the edge tests first, so that they run even
+    # then; a line per test (-v), so that failures are named when the limit ends the step before pytest's summary
+    PTR_KERNELS_FUZZ_CASES=${PTR_KERNELS_FUZZ_CASES:-24} run_step cuda_tests 150 python3 -m pytest -v -rfE \
         -p no:cacheprovider $xdist tests/test_kernel_edges.py tests/test_reliability.py tests/test_bad_inputs.py \
         tests/test_chunks.py tests/test_properties.py tests/test_from_logits.py tests/test_triton_compile.py \
         tests/test_triton_kernel.py
     wait
-    grep -a -E '(FAILED|ERROR) ' "$dir/cuda_tests.log" | grep -a -o -E 'tests/[^ ]+::[^ ]+' | sort -u \
+    # failed tests, and errors (a collection error names a file, not a test)
+    grep -a -E '(FAILED|ERROR) ' "$dir/cuda_tests.log" | grep -a -o -E 'tests/[^ ]+(::[^ ]+)?' | sort -u \
         >"$dir/cuda_failures.txt"
     report cuda_tests 20
-    { echo "=== cuda_tests: $(grep -a -c ' PASSED ' "$dir/cuda_tests.log") passed, $(wc -l <"$dir/cuda_failures.txt") failed"
+    { echo "=== cuda_tests: $(grep -a -c ' PASSED ' "$dir/cuda_tests.log") passed," \
+           "$(wc -l <"$dir/cuda_failures.txt") failed or in error"
       head -n 30 "$dir/cuda_failures.txt"; } | tee -a "$log"
     report aot_compile 12
     report fuzz_f32 16
