@@ -252,3 +252,30 @@ def test_long_packed_sequences_spread_over_many_programs(method, quantile, devic
                     cu_seqlens=cu, config=config, backend="triton")[0].backward()
         assert launches["launches"] == 2
     assert grids and all(g >= 128 for g in grids if g > 1), grids
+
+
+@pytest.mark.parametrize("method, quantile, programs", [
+    ("cppo", 0.9, 1024 + 3 * 256),  # the pre-pass, gathering and deciding stages
+    ("cppo", None, 1024 + 2 * 256),  # cppo's T_w under a mask: the pre-pass and deciding stages
+    ("dppo", None, 1024 + 256),  # one stage
+])
+def test_earlier_stages_run_on_the_overflow_items_only(method, quantile, programs, device):
+    """1024 packed sequences of 1024 tokens: 1024 tiles of one chunk and room for N // 4096 = 256 overflow
+    items per stage. The stages before the deciding one run on the overflow items only (a tile of one chunk
+    makes its pre-pass in its deciding item), so the grid is 1024 + stages x 256, not stages x 1280."""
+    n, S = 1024, 1024
+    lp = torch.zeros(S * n, device=device)
+    cu = torch.arange(S + 1, dtype=torch.int32, device=device) * n
+    grids = []
+    original = token.token_kernel.__class__.__getitem__
+
+    def recording(kernel, grid):
+        grids.append(grid[0])
+        return original(kernel, grid)
+
+    config = PolicyLossConfig(method=method, delta_b_quantile=quantile)
+    with stubbed_triton_launches(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(token.token_kernel.__class__, "__getitem__", recording)
+        policy_loss(lp.clone().requires_grad_(True), lp, torch.ones(S, device=device),
+                    torch.ones(S * n, dtype=torch.bool, device=device), cu_seqlens=cu, config=config, backend="triton")
+    assert grids == [programs]

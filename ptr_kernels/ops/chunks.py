@@ -10,8 +10,10 @@ Deadlock freedom: a program takes its item from a ticket (an atomic count in sta
 waits for items of smaller tickets, which have started and wait only for smaller ones still. In the Triton
 interpreter, which runs the programs one after another in order, every wait is already satisfied. When the
 kernel needs a whole sequence before deciding any token (`needs_prepass`: the calibrated delta_b, n_i or the last
-valid position under a mask), the grid holds every item twice: the pre-pass items first (tickets below `items`),
-then the deciding ones, which read the pre-pass rows of their tile.
+valid position under a mask), the pre-pass items come first (and for a long sequence's quantile the gathering
+items), then the deciding ones, which read the pre-pass rows of their tile. The stages before the deciding one
+run on the overflow items only: chunk 1's item also does chunk 0's part, and a tile of one chunk makes its
+pre-pass in its deciding item. Each item has a slot per stage (a flag, a scratch row), `stage * items + item`.
 
 The flags, the ticket and the count of finished programs live in one int32 buffer per device (`runtime.launch_state`),
 all zero between launches: the last program to finish sets them back.

@@ -97,7 +97,7 @@ class TokenLaunch(NamedTuple):
     """What a token-kernel launch takes beyond the plan, once per combination of the layout's options."""
 
     constexprs: dict  # every keyword of the launch
-    prepass: bool  # whether the grid runs every work item twice, the pre-pass items first (chunks.needs_prepass)
+    prepass: bool  # whether a long tile's chunks run a pre-pass stage before deciding (chunks.needs_prepass)
 
 
 @functools.lru_cache(maxsize=1024)

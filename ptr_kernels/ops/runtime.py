@@ -87,13 +87,17 @@ def block_size(num_tokens: int, num_seqs: int) -> int:
     return min(max(1 << (mean - 1).bit_length(), MIN_BLOCK), ids.MAX_BLOCK.value)  # plain Python: host time
 
 
-def num_items(packed: bool, num_seqs: int, extent: int, rows: int) -> int:
-    """Work items of one stage (shapes only, no sync): a main item per tile, and room for the later chunks, as
-    `chunks.work_item` numbers them."""
-    tiles = -(-num_seqs // rows)
+def overflow_items(packed: bool, num_seqs: int, extent: int, rows: int) -> int:
+    """Work items of one stage after the tiles' main items (shapes only, no sync): room for the tiles' later
+    chunks, as `chunks.work_item` numbers them."""
     if packed:
-        return tiles + extent // ids.CHUNK.value
-    return tiles * max(-(-extent // ids.CHUNK.value), 1)
+        return extent // ids.CHUNK.value
+    return -(-num_seqs // rows) * (max(-(-extent // ids.CHUNK.value), 1) - 1)
+
+
+def num_items(packed: bool, num_seqs: int, extent: int, rows: int) -> int:
+    """Work items of the deciding stage (shapes only, no sync): a main item per tile, then the overflow items."""
+    return -(-num_seqs // rows) + overflow_items(packed, num_seqs, extent, rows)
 
 
 def stage_count(prepass: bool, quantile: bool, packed: bool, extent: int, block: int) -> int:
@@ -106,27 +110,37 @@ def stage_count(prepass: bool, quantile: bool, packed: bool, extent: int, block:
 
 
 def grid_size(packed: bool, num_seqs: int, extent: int, block: int, stages: int) -> int:
-    """Programs of one launch (shapes only, no sync): every work item, once per stage."""
-    return stages * max(num_items(packed, num_seqs, extent, ids.TILE.value // block), 1)
+    """Programs of one launch (shapes only, no sync): every work item of the deciding stage, and in each earlier
+    stage the overflow items only (chunk 1's item also does chunk 0's part; a tile of one chunk needs none)."""
+    rows = ids.TILE.value // block
+    earlier = (stages - 1) * overflow_items(packed, num_seqs, extent, rows)
+    return max(num_items(packed, num_seqs, extent, rows) + earlier, 1)
+
+
+def item_slots(packed: bool, num_seqs: int, extent: int, block: int, stages: int) -> int:
+    """Flags and scratch rows of one launch: a slot per work item and stage, main items included (their
+    earlier stages' slots are chunk 1's to fill), at least one per program."""
+    items = num_items(packed, num_seqs, extent, ids.TILE.value // block)
+    return max(stages * items, grid_size(packed, num_seqs, extent, block, stages))
 
 
 def select_rows(packed: bool, num_seqs: int, extent: int, stages: int) -> int:
     """Histogram rows of the launch state (quantile.gather_keys) when the launch has gathering items: one per
     possible first overflow index of a one-row tile of several chunks (shapes only)."""
-    return num_items(packed, num_seqs, extent, 1) - num_seqs + 1 if stages == 3 else 0
+    return overflow_items(packed, num_seqs, extent, 1) + 1 if stages == 3 else 0
 
 
-def scratch_size(grid: int, block: int) -> int:
+def scratch_size(slots: int, block: int) -> int:
     """Floats of the items' scratch rows after the per-sequence rows of `sums`."""
-    return grid * (ids.TILE.value // block) * ids.ITEM_WIDTH.value
+    return slots * (ids.TILE.value // block) * ids.ITEM_WIDTH.value
 
 
-def launch_state(device: torch.device, grid: int, rows: int = 0) -> torch.Tensor:
-    """The int32 launch state of `device` (the count, the ticket, a flag per program, then `rows` histogram rows
-    of ids.SELECT_WIDTH), zero, with room for `grid` programs: allocated on the first call and when a larger
+def launch_state(device: torch.device, slots: int, rows: int = 0) -> torch.Tensor:
+    """The int32 launch state of `device` (the count, the ticket, a flag per item slot, then `rows` histogram
+    rows of ids.SELECT_WIDTH), zero, with room for `slots` flags: allocated on the first call and when a larger
     launch comes (make those calls outside a CUDA graph capture). Launches in one stream run in order and share
     it; two losses running at once on two streams of one device would not (docs/kernels.md)."""
-    size = ids.FLAGS.value + grid + rows * ids.SELECT_WIDTH.value
+    size = ids.FLAGS.value + slots + rows * ids.SELECT_WIDTH.value
     state = _LAUNCH_STATES.get(device)
     if state is None or state.numel() < size:
         state = _LAUNCH_STATES[device] = torch.zeros(max(2 * size, ids.FLAGS.value + MIN_FLAGS), dtype=torch.int32,
@@ -194,20 +208,21 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
                                        carried.sequence_length is not None, carried.sequence_delta_b is not None, block)
     stages = stage_count(prepass, constexprs["BUDGET"] == ids.BUDGET_QUANTILE.value, packed, extent, block)
     grid = grid_size(packed, num_seqs, extent, block, stages)
+    slots = item_slots(packed, num_seqs, extent, block, stages)
     # outputs: grad like log_prob (contiguous, as the kernel writes it; log_prob may be a view), the loss (a tensor
     # of its own: a user may modify it in place), and one buffer for aux, the per-sequence sums (a row at least:
     # a batch without sequences still launches) and the work items' rows
     grad = torch.empty_like(log_prob, dtype=torch.float32, memory_format=torch.contiguous_format)
     loss = grad.new_empty(())
     sums = grad.new_empty(ids.OUT_WIDTH.value + max(num_seqs, 1) * ids.NUM_STATS.value
-                          + scratch_size(grid, block))
+                          + scratch_size(slots, block))
     device = log_prob.device
     shard = carried.pack(num_seqs, device) if carried.given else None
     # contiguous inputs (a mask of any dtype: != 0 is valid)
     token.token_kernel[(grid,)](
         contiguous(log_prob), contiguous(old_log_prob), contiguous(advantages), contiguous(response_mask),
         contiguous(rollout_is_weights), contiguous(divergence), contiguous(cu_seqlens), shard, grad, loss, sums,
-        launch_state(device, grid, select_rows(packed, num_seqs, extent, stages)), plan.params(device),
+        launch_state(device, slots, select_rows(packed, num_seqs, extent, stages)), plan.params(device),
         *reduction_arguments(constexprs["MODE"], loss_scale_factor, normalizers), num_seqs, extent, **constexprs)
     aux = sums[:plan.aux_size]  # OUT_AUX = 0
     if carried.output_final_state:  # a tensor of its own, not a view that would keep the shard rows alive

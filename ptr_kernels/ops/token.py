@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import ids
-from .chunks import (finish_item, needs_prepass, publish, read_rows, reset_launch_state, scratch_rows,
+from .chunks import (finish_item, item_index, needs_prepass, publish, read_rows, reset_launch_state, scratch_rows,
                      wait_for_chunks, work_item)
 from .common import (divergence_tile, finite_or_nan, load_zeroed, log_ratio, nan_min, order_key, position_weight,
                      tile_positions, trust_region_step, valid_positions)
@@ -217,21 +217,27 @@ def token_kernel(
     # a one-row tile of several chunks selects its quantile from a histogram, gathering the keys of its bins
     SELECT: tl.constexpr = QUANTILE and ROWS == 1
     STAGES: tl.constexpr = 3 if SELECT else 2
+    num_tiles = tl.cdiv(num_seqs, ROWS)
     if PREPASS:
         # the pre-pass items (stage 0), the gathering items (stage 1, SELECT), then the deciding ones, when a tile
-        # can have several chunks (runtime.stage_count decides the same); a tile of one chunk makes its pre-pass
-        # in the deciding item
+        # can have several chunks (runtime.stage_count decides the same). The stages before the last run on the
+        # overflow items only (runtime.grid_size): chunk 1's item also does chunk 0's part, and a tile of one
+        # chunk makes its pre-pass in its deciding item. A slot (flag, scratch row) per item and stage.
         staged = tl.full([], PACKED, tl.int1) | (extent > ids.CHUNK)
-        items = tl.num_programs(0) // tl.where(staged, STAGES, 1)
-        stage = tl.where(staged, ticket // items, STAGES - 1)
-        item = ticket - tl.where(staged, stage * items, 0)
+        overflow = tl.where(staged, (tl.num_programs(0) - num_tiles) // STAGES, 0)
+        items = tl.where(staged, num_tiles + overflow, tl.num_programs(0))
+        early = ticket < (STAGES - 1) * overflow
+        stage = tl.where(early, ticket // tl.maximum(overflow, 1), STAGES - 1)
+        item = tl.where(early, num_tiles + ticket % tl.maximum(overflow, 1), ticket - (STAGES - 1) * overflow)
         decide_base = tl.where(staged, (STAGES - 1) * items, 0)
+        slots = tl.where(staged, tl.maximum(STAGES * items, tl.num_programs(0)), tl.num_programs(0))
     else:
         items = tl.num_programs(0)
         stage = tl.zeros([], dtype=tl.int32) + STAGES - 1
         item = ticket
         decide_base = 0
-    num_tiles = tl.cdiv(num_seqs, ROWS)
+        slots = tl.num_programs(0)
+    index = tl.where(stage == STAGES - 1, decide_base, stage * items) + item  # the item's slot
     tile, chunk, first_over = work_item(cu_ptr, item, num_tiles, extent, ROWS, PACKED)
     seq = tile * ROWS + tl.arange(0, ROWS)
     seq_ok = seq < num_seqs
@@ -243,43 +249,48 @@ def token_kernel(
     lo_pos = chunk * ids.CHUNK
     hi_pos = tl.minimum(lo_pos + ids.CHUNK, tile_len)
     scratch = sums_ptr + ids.OUT_WIDTH + tl.maximum(num_seqs, 1).to(tl.int64) * ids.NUM_STATS
-    own = scratch_rows(scratch, ticket, ROWS)
+    own = scratch_rows(scratch, index, ROWS)
     delta_b = tl.load(params_ptr + ids.P_DELTA_B)
     delta_b_hi = tl.load(params_ptr + ids.P_DELTA_B_HI)
     quantile_scale = tl.load(params_ptr + ids.P_QUANTILE_SCALE)
-    select_row = counter_ptr + ids.FLAGS + tl.num_programs(0) + first_over * ids.SELECT_WIDTH  # SELECT's
+    select_row = counter_ptr + ids.FLAGS + slots + first_over * ids.SELECT_WIDTH  # SELECT's
 
     # a gap: no chunk here (an overflow item can only land on chunk 0 through bad offsets)
     if (tile >= num_tiles) | (chunk >= num_chunks) | (chunk < 0) | ((chunk < 1) & (item >= num_tiles)):
-        finish_item(counter_ptr, ticket)
-    elif stage == 0:
-        if PREPASS:
-            if num_chunks > 1:  # (a tile of one chunk: its deciding item does this)
-                n, last, n_lo, n_hi, key_min, key_max, key_below, key_above, outside = _prepass(
-                    lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, lo_pos, hi_pos, delta_b, delta_b_hi,
-                    quantile_scale, select_row, DIVERGENCE, HAS_MASK, QUANTILE, SELECT, ROWS, BLOCK)
-                tl.store(own + ids.ITEM_N, n.to(tl.float32))
-                tl.store(own + ids.ITEM_LAST, last)
-                tl.store(own + ids.ITEM_LO, n_lo.to(tl.float32))
-                tl.store(own + ids.ITEM_HI, n_hi.to(tl.float32))
-                tl.store(own + ids.ITEM_KEY_MIN, key_min.to(tl.float32, bitcast=True))
-                tl.store(own + ids.ITEM_KEY_MAX, key_max.to(tl.float32, bitcast=True))
-                if SELECT:
-                    tl.store(own + ids.ITEM_KEY_BELOW, key_below.to(tl.float32, bitcast=True))
-                    tl.store(own + ids.ITEM_KEY_ABOVE, key_above.to(tl.float32, bitcast=True))
-                    tl.store(own + ids.ITEM_OUTSIDE, outside.to(tl.float32))
-        publish(counter_ptr, ticket, ids.DONE)
-    elif stage < STAGES - 1:  # gathering (SELECT)
-        if SELECT:
-            if num_chunks > 1:
+        finish_item(counter_ptr, index)
+    elif stage < STAGES - 1:  # an overflow item: its chunk, and chunk 0 too for chunk 1's item
+        first = tl.where(chunk == 1, 0, chunk)
+        if stage == 0:
+            if PREPASS:
+                for c in range(first, chunk + 1):
+                    c_index = item_index(tile, c, first_over, num_tiles)
+                    c_own = scratch_rows(scratch, c_index, ROWS)
+                    n, last, n_lo, n_hi, key_min, key_max, key_below, key_above, outside = _prepass(
+                        lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, c * ids.CHUNK,
+                        tl.minimum((c + 1) * ids.CHUNK, tile_len), delta_b, delta_b_hi, quantile_scale, select_row,
+                        DIVERGENCE, HAS_MASK, QUANTILE, SELECT, ROWS, BLOCK)
+                    tl.store(c_own + ids.ITEM_N, n.to(tl.float32))
+                    tl.store(c_own + ids.ITEM_LAST, last)
+                    tl.store(c_own + ids.ITEM_LO, n_lo.to(tl.float32))
+                    tl.store(c_own + ids.ITEM_HI, n_hi.to(tl.float32))
+                    tl.store(c_own + ids.ITEM_KEY_MIN, key_min.to(tl.float32, bitcast=True))
+                    tl.store(c_own + ids.ITEM_KEY_MAX, key_max.to(tl.float32, bitcast=True))
+                    if SELECT:
+                        tl.store(c_own + ids.ITEM_KEY_BELOW, key_below.to(tl.float32, bitcast=True))
+                        tl.store(c_own + ids.ITEM_KEY_ABOVE, key_above.to(tl.float32, bitcast=True))
+                        tl.store(c_own + ids.ITEM_OUTSIDE, outside.to(tl.float32))
+                    publish(counter_ptr, c_index, ids.DONE)
+        else:  # gathering (SELECT)
+            if SELECT:
                 n, _, n_lo, n_hi, _, _, _, _, outside = _prepass_totals(
                     counter_ptr, scratch, tile, first_over, num_tiles, num_chunks, QUANTILE, SELECT, ROWS, CHUNK_STEP)
                 kb, ka, _, _, need = quantile_ranks(params_ptr, n, n_lo, n_hi, seq_ok)
-                if tl.max(need.to(tl.int32), axis=0) > 0:
-                    gather_keys(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, lo_pos, hi_pos, select_row, n_lo,
-                                n_hi, outside, kb, ka, delta_b, delta_b_hi, quantile_scale, DIVERGENCE, HAS_MASK,
-                                BLOCK)
-        publish(counter_ptr, ticket, ids.DONE)
+                for c in range(first, chunk + 1):
+                    if tl.max(need.to(tl.int32), axis=0) > 0:
+                        gather_keys(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, c * ids.CHUNK,
+                                    tl.minimum((c + 1) * ids.CHUNK, tile_len), select_row, n_lo, n_hi, outside, kb,
+                                    ka, delta_b, delta_b_hi, quantile_scale, DIVERGENCE, HAS_MASK, BLOCK)
+                    publish(counter_ptr, items + item_index(tile, c, first_over, num_tiles), ids.DONE)
     else:
         w_min = tl.load(params_ptr + ids.P_W_MIN)
         ratio_cap = tl.load(params_ptr + ids.P_RATIO_CAP)
@@ -347,7 +358,7 @@ def token_kernel(
                     db = calibrated_budget(value, need, db, delta_b, delta_b_hi, quantile_scale)
                     if num_chunks > 1:  # the tile's other chunks read delta_b_i in chunk 0's row
                         tl.store(own + ids.ITEM_DELTA_B, db)
-                        publish(counter_ptr, ticket, ids.READY_DELTA_B)
+                        publish(counter_ptr, index, ids.READY_DELTA_B)
                 else:
                     rows, ok = wait_for_chunks(counter_ptr, scratch, decide_base, tile, first_over, num_tiles, 0,
                                                1, ids.READY_DELTA_B, ROWS, CHUNK_STEP)  # chunk 0's row
@@ -372,7 +383,7 @@ def token_kernel(
                 tl.store(own + ids.ITEM_SLACK, slack)
                 tl.store(own + ids.ITEM_S, s)
                 tl.store(own + ids.ITEM_W, w)
-                publish(counter_ptr, ticket, ids.READY_SUMS)
+                publish(counter_ptr, index, ids.READY_SUMS)
             for c0 in range(0, chunk, CHUNK_STEP):  # the same tree of sums in every run
                 rows, ok = wait_for_chunks(counter_ptr, scratch, decide_base, tile, first_over, num_tiles, c0,
                                            chunk, ids.READY_SUMS, ROWS, CHUNK_STEP)
@@ -442,7 +453,7 @@ def token_kernel(
         in_stats = cols < ids.NUM_STATS
         if chunk < num_chunks - 1:  # the tile's last chunk adds these
             tl.store(own[:, None] + ids.ITEM_STATS + cols, stats, mask=in_stats)
-            publish(counter_ptr, ticket, ids.READY_STATS)
+            publish(counter_ptr, index, ids.READY_STATS)
         else:
             total = tl.zeros([ROWS, ids.STATS_POW2], dtype=tl.float32)
             for c0 in range(0, chunk, CHUNK_STEP):  # the same tree of sums in every run
@@ -463,11 +474,11 @@ def token_kernel(
                 tl.store(shard_row + ids.SHARD_FINAL + ids.STATE_SLACK, carry_slack + poison, mask=seq_ok)
                 tl.store(shard_row + ids.SHARD_FINAL + ids.STATE_S, carry_s + poison, mask=seq_ok)
                 tl.store(shard_row + ids.SHARD_FINAL + ids.STATE_W, carry_w + poison, mask=seq_ok)
-            finish_item(counter_ptr, ticket)
+            finish_item(counter_ptr, index)
     # ---- the reduction, by the last program to finish (the others' stats are then in memory) ----
     tl.debug_barrier()  # every thread's stores are issued before this program counts itself done
     done = tl.atomic_add(counter_ptr + ids.COUNT_DONE, 1, sem="acq_rel")
     if done == tl.num_programs(0) - 1:
         reduce_stats(sums_ptr, loss_ptr, num_seqs, cu_ptr, extent, dp_ptr, dp_factor, tokens_ptr, tokens, seqs_ptr,
                      seqs, METHOD, MODE)
-        reset_launch_state(counter_ptr, tl.num_programs(0))
+        reset_launch_state(counter_ptr, slots)
