@@ -234,9 +234,17 @@ def test_two_runs_give_the_same_bits(device):
 def test_long_packed_sequences_spread_over_many_programs(method, quantile, device):
     """8 x 131,072 packed tokens: two launches per forward + backward, and every launch of more than one
     program has at least 128 (launches stubbed: only the grids are recorded)."""
-    n, S = 131_072, 8
-    lp = torch.zeros(S * n, device=device)
-    cu = torch.arange(S + 1, dtype=torch.int32, device=device) * n
+    config = PolicyLossConfig(method=method, delta_b_quantile=quantile if method == "cppo" else None)
+    grids, launches = _packed_grids(131_072, 8, config, device, backward=True)
+    assert launches == 2
+    assert grids and all(g >= 128 for g in grids if g > 1), grids
+
+
+def _packed_grids(length: int, num_seqs: int, config, device, backward: bool = False) -> tuple:
+    """The token kernel's grids and the number of launches of one call (and its backward) on `num_seqs` packed
+    sequences of `length` tokens, launches stubbed."""
+    lp = torch.zeros(num_seqs * length, device=device)
+    cu = torch.arange(num_seqs + 1, dtype=torch.int32, device=device) * length
     grids = []
     original = token.token_kernel.__class__.__getitem__
 
@@ -244,14 +252,14 @@ def test_long_packed_sequences_spread_over_many_programs(method, quantile, devic
         grids.append(grid[0])
         return original(kernel, grid)
 
-    config = PolicyLossConfig(method=method, delta_b_quantile=quantile if method == "cppo" else None)
     with stubbed_triton_launches() as launches, pytest.MonkeyPatch.context() as patch:
         patch.setattr(token.token_kernel.__class__, "__getitem__", recording)
-        x = lp.clone().requires_grad_(True)
-        policy_loss(x, lp, torch.ones(S, device=device), torch.ones(S * n, dtype=torch.bool, device=device),
-                    cu_seqlens=cu, config=config, backend="triton")[0].backward()
-        assert launches["launches"] == 2
-    assert grids and all(g >= 128 for g in grids if g > 1), grids
+        loss = policy_loss(lp.clone().requires_grad_(True), lp, torch.ones(num_seqs, device=device),
+                           torch.ones(num_seqs * length, dtype=torch.bool, device=device), cu_seqlens=cu,
+                           config=config, backend="triton")[0]
+        if backward:
+            loss.backward()
+        return grids, launches["launches"]
 
 
 @pytest.mark.parametrize("method, quantile, programs", [
@@ -263,19 +271,5 @@ def test_earlier_stages_run_on_the_overflow_items_only(method, quantile, program
     """1024 packed sequences of 1024 tokens: 1024 tiles of one chunk and room for N // 4096 = 256 overflow
     items per stage. The stages before the deciding one run on the overflow items only (a tile of one chunk
     makes its pre-pass in its deciding item), so the grid is 1024 + stages x 256, not stages x 1280."""
-    n, S = 1024, 1024
-    lp = torch.zeros(S * n, device=device)
-    cu = torch.arange(S + 1, dtype=torch.int32, device=device) * n
-    grids = []
-    original = token.token_kernel.__class__.__getitem__
-
-    def recording(kernel, grid):
-        grids.append(grid[0])
-        return original(kernel, grid)
-
-    config = PolicyLossConfig(method=method, delta_b_quantile=quantile)
-    with stubbed_triton_launches(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(token.token_kernel.__class__, "__getitem__", recording)
-        policy_loss(lp.clone().requires_grad_(True), lp, torch.ones(S, device=device),
-                    torch.ones(S * n, dtype=torch.bool, device=device), cu_seqlens=cu, config=config, backend="triton")
+    grids, _ = _packed_grids(1024, 1024, PolicyLossConfig(method=method, delta_b_quantile=quantile), device)
     assert grids == [programs]
