@@ -188,12 +188,15 @@ def test_bad_offsets_poison_every_output_in_the_kernel(device):
     from ptr_kernels.ops.runtime import fused_forward
     n = 3 * CHUNK
     lp = -torch.rand(n, device=device)
-    cu = torch.tensor([0, 2 * CHUNK, CHUNK, n], dtype=torch.int32, device=device)
-    for method in ("cppo", "dppo", "ppo"):
-        loss, aux, _ = fused_forward(lp, lp - 0.1, torch.ones(3, device=device), None, cu, None, None,
-                                     plan=kernel_plan(PolicyLossConfig(method=method)), adv_per_seq=True,
-                                     loss_scale_factor=0.0, normalizers=(1, None, None))
-        assert torch.isnan(loss) and torch.isnan(aux).all(), method
+    # the second: the overflow item of sequence 0's second chunk is handed to sequence 2 (which starts in
+    # the first chunk), so sequence 0 must not wait for what that item does for its chunk 0 in the pre-pass
+    for offsets in ([0, 2 * CHUNK, CHUNK, n], [0, 2 * CHUNK, 1, n]):
+        cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+        for method in ("cppo", "dppo", "ppo"):
+            loss, aux, _ = fused_forward(lp, lp - 0.1, torch.ones(3, device=device), None, cu, None, None,
+                                         plan=kernel_plan(PolicyLossConfig(method=method)), adv_per_seq=True,
+                                         loss_scale_factor=0.0, normalizers=(1, None, None))
+            assert torch.isnan(loss) and torch.isnan(aux).all(), (offsets, method)
 
 
 def test_a_bad_first_offset_in_a_tile_of_long_sequences_gives_nan(device):

@@ -86,8 +86,8 @@ def item_index(tile, chunk, first_over, num_tiles):
 
 @triton.jit
 def scratch_rows(scratch_ptr, index, ROWS: tl.constexpr):
-    """Pointers to the scratch rows of item `index` (a ticket: pre-pass and deciding items apart): `[ROWS]`, or
-    `[C, ROWS]` for an index `[C, 1]`."""
+    """Pointers to the scratch rows of slot `index` (stage * items + item: pre-pass and deciding items apart):
+    `[ROWS]`, or `[C, ROWS]` for an index `[C, 1]`."""
     return scratch_ptr + (index.to(tl.int64) * ROWS + tl.arange(0, ROWS)) * ids.ITEM_WIDTH
 
 

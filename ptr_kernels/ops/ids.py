@@ -113,12 +113,14 @@ RESIDENT_BLOCKS = tl.constexpr(4)  # a tile of at most 4 blocks per row selects 
 CHUNK = tl.constexpr(4096)  # positions of a sequence per work item (a multiple of every BLOCK)
 CHUNK_ROWS = tl.constexpr(256)  # chunks x rows read at once when a chunk reads the rows of the earlier ones
 SEARCH_WAYS = tl.constexpr(128)  # tiles probed per step when an overflow item looks for its packed tile
-# the int32 launch state: the count of finished programs, the next ticket, then a flag per ticket
+# the int32 launch state: the count of finished programs, the next ticket, then a flag per item slot (an item's
+# slot in a stage: stage * items + item)
 COUNT_DONE = tl.constexpr(0)
 COUNT_TICKET = tl.constexpr(1)
 FLAGS = tl.constexpr(2)
 # an item's flag: delta_b_i published (chunk 0, when it selected the quantile), the chunk's budget sums, its
-# statistics; DONE (= READY_STATS) ends every item, pre-pass or gap, so a wait never outlives its item
+# statistics; DONE (= READY_STATS) ends every slot, pre-pass or gap (chunk 0's pre-pass and gathering slots by
+# chunk 1's item), so a wait never outlives what it waits for
 READY_DELTA_B = tl.constexpr(1)
 READY_SUMS = tl.constexpr(2)
 READY_STATS = tl.constexpr(3)

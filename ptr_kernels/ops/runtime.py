@@ -26,7 +26,7 @@ from . import logits as logits_kernels
 from .plan import KernelPlan, token_launch
 
 MIN_BLOCK = 16
-MIN_FLAGS = 1 << 16  # flags of the launch state allocated at least (one per program)
+MIN_FLAGS = 1 << 16  # flags of the launch state allocated at least (one per item slot)
 SCALE_BLOCK = 1024  # positions per program of the backward
 MAX_BLOCK_V = 4096  # vocabulary entries per step of the logits kernels
 CHUNK_BUDGET_BYTES = 1 << 30  # the LM head: one chunk's logits and their gradient, at most

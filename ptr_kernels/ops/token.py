@@ -246,6 +246,13 @@ def token_kernel(
     # flags they wait for) anywhere; the loss is NaN anyway
     tile_len = tl.where(tl.max(bad.to(tl.int32), axis=0) > 0, 0, tl.max(length, axis=0))
     num_chunks = tl.maximum(tl.cdiv(tile_len, ids.CHUNK), 1)
+    if PREPASS and PACKED:
+        # chunk 0's early stages are done by the item that work_item hands chunk 1; offsets out of order elsewhere
+        # can hand it to another tile, and then this one runs as one chunk of nothing too, rather than wait
+        if num_chunks > 1:
+            owner, owner_chunk, _ = work_item(cu_ptr, num_tiles + first_over, num_tiles, extent, ROWS, PACKED)
+            tile_len = tl.where((owner != tile) | (owner_chunk != 1), 0, tile_len)
+            num_chunks = tl.maximum(tl.cdiv(tile_len, ids.CHUNK), 1)
     lo_pos = chunk * ids.CHUNK
     hi_pos = tl.minimum(lo_pos + ids.CHUNK, tile_len)
     scratch = sums_ptr + ids.OUT_WIDTH + tl.maximum(num_seqs, 1).to(tl.int64) * ids.NUM_STATS
