@@ -87,19 +87,6 @@ def block_size(num_tokens: int, num_seqs: int) -> int:
     return min(max(1 << (mean - 1).bit_length(), MIN_BLOCK), ids.MAX_BLOCK.value)  # plain Python: host time
 
 
-def overflow_items(packed: bool, num_seqs: int, extent: int, rows: int) -> int:
-    """Work items of one stage after the tiles' main items (shapes only, no sync): room for the tiles' later
-    chunks, as `chunks.work_item` numbers them."""
-    if packed:
-        return extent // ids.CHUNK.value
-    return -(-num_seqs // rows) * (max(-(-extent // ids.CHUNK.value), 1) - 1)
-
-
-def num_items(packed: bool, num_seqs: int, extent: int, rows: int) -> int:
-    """Work items of the deciding stage (shapes only, no sync): a main item per tile, then the overflow items."""
-    return -(-num_seqs // rows) + overflow_items(packed, num_seqs, extent, rows)
-
-
 def stage_count(prepass: bool, quantile: bool, packed: bool, extent: int, block: int) -> int:
     """Stages of work items in one launch (the token kernel decides the same): 1, or when the kernel needs a
     pre-pass and a tile can have several chunks (packed, or rows longer than a chunk) the pre-pass items, for a
@@ -109,25 +96,22 @@ def stage_count(prepass: bool, quantile: bool, packed: bool, extent: int, block:
     return 3 if quantile and block == ids.TILE.value else 2
 
 
-def grid_size(packed: bool, num_seqs: int, extent: int, block: int, stages: int) -> int:
-    """Programs of one launch (shapes only, no sync): every work item of the deciding stage, and in each earlier
-    stage the overflow items only (chunk 1's item also does chunk 0's part; a tile of one chunk needs none)."""
-    rows = ids.TILE.value // block
-    earlier = (stages - 1) * overflow_items(packed, num_seqs, extent, rows)
-    return max(num_items(packed, num_seqs, extent, rows) + earlier, 1)
+def launch_sizes(packed: bool, num_seqs: int, extent: int, block: int, stages: int) -> tuple:
+    """(programs, item slots, histogram rows) of one launch, from the shapes alone (no sync).
 
-
-def item_slots(packed: bool, num_seqs: int, extent: int, block: int, stages: int) -> int:
-    """Flags and scratch rows of one launch: a slot per work item and stage, main items included (their
-    earlier stages' slots are chunk 1's to fill), at least one per program."""
-    items = num_items(packed, num_seqs, extent, ids.TILE.value // block)
-    return max(stages * items, grid_size(packed, num_seqs, extent, block, stages))
-
-
-def select_rows(packed: bool, num_seqs: int, extent: int, stages: int) -> int:
-    """Histogram rows of the launch state (quantile.gather_keys) when the launch has gathering items: one per
-    possible first overflow index of a one-row tile of several chunks (shapes only)."""
-    return overflow_items(packed, num_seqs, extent, 1) + 1 if stages == 3 else 0
+    Work items (`chunks.work_item` numbers them): a main item per tile, then room for the tiles' later chunks,
+    the overflow items. The deciding stage runs every item; each earlier stage the overflow items only (chunk
+    1's item also does chunk 0's part; a tile of one chunk needs none). A slot (flag, scratch row) per item and
+    stage, at least one per program. With gathering items (3 stages, one-row tiles), a histogram row of the
+    launch state per possible first overflow index (quantile.gather_keys)."""
+    tiles = -(-num_seqs // (ids.TILE.value // block))
+    if packed:
+        overflow = extent // ids.CHUNK.value
+    else:
+        overflow = tiles * (max(-(-extent // ids.CHUNK.value), 1) - 1)
+    items = tiles + overflow
+    grid = max(items + (stages - 1) * overflow, 1)
+    return grid, max(stages * items, grid), overflow + 1 if stages == 3 else 0
 
 
 def scratch_size(slots: int, block: int) -> int:
@@ -207,8 +191,7 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     constexprs, prepass = token_launch(plan, packed, adv_per_seq, response_mask is not None,
                                        carried.sequence_length is not None, carried.sequence_delta_b is not None, block)
     stages = stage_count(prepass, constexprs["BUDGET"] == ids.BUDGET_QUANTILE.value, packed, extent, block)
-    grid = grid_size(packed, num_seqs, extent, block, stages)
-    slots = item_slots(packed, num_seqs, extent, block, stages)
+    grid, slots, select_rows = launch_sizes(packed, num_seqs, extent, block, stages)
     # outputs: grad like log_prob (contiguous, as the kernel writes it; log_prob may be a view), the loss (a tensor
     # of its own: a user may modify it in place), and one buffer for aux, the per-sequence sums (a row at least:
     # a batch without sequences still launches) and the work items' rows
@@ -222,7 +205,7 @@ def fused_forward(log_prob, old_log_prob, advantages, response_mask, cu_seqlens,
     token.token_kernel[(grid,)](
         contiguous(log_prob), contiguous(old_log_prob), contiguous(advantages), contiguous(response_mask),
         contiguous(rollout_is_weights), contiguous(divergence), contiguous(cu_seqlens), shard, grad, loss, sums,
-        launch_state(device, slots, select_rows(packed, num_seqs, extent, stages)), plan.params(device),
+        launch_state(device, slots, select_rows), plan.params(device),
         *reduction_arguments(constexprs["MODE"], loss_scale_factor, normalizers), num_seqs, extent, **constexprs)
     aux = sums[:plan.aux_size]  # OUT_AUX = 0
     if carried.output_final_state:  # a tensor of its own, not a view that would keep the shard rows alive

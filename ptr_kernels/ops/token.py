@@ -221,7 +221,7 @@ def token_kernel(
     if PREPASS:
         # the pre-pass items (stage 0), the gathering items (stage 1, SELECT), then the deciding ones, when a tile
         # can have several chunks (runtime.stage_count decides the same). The stages before the last run on the
-        # overflow items only (runtime.grid_size): chunk 1's item also does chunk 0's part, and a tile of one
+        # overflow items only (runtime.launch_sizes): chunk 1's item also does chunk 0's part, and a tile of one
         # chunk makes its pre-pass in its deciding item. A slot (flag, scratch row) per item and stage.
         staged = tl.full([], PACKED, tl.int1) | (extent > ids.CHUNK)
         overflow = tl.where(staged, (tl.num_programs(0) - num_tiles) // STAGES, 0)
@@ -292,8 +292,9 @@ def token_kernel(
                 n, _, n_lo, n_hi, _, _, _, _, outside = _prepass_totals(
                     counter_ptr, scratch, tile, first_over, num_tiles, num_chunks, QUANTILE, SELECT, ROWS, CHUNK_STEP)
                 kb, ka, _, _, need = quantile_ranks(params_ptr, n, n_lo, n_hi, seq_ok)
+                gather = tl.max(need.to(tl.int32), axis=0) > 0
                 for c in range(first, chunk + 1):
-                    if tl.max(need.to(tl.int32), axis=0) > 0:
+                    if gather:
                         gather_keys(lp_ptr, olp_ptr, div_ptr, mask_ptr, start, length, c * ids.CHUNK,
                                     tl.minimum((c + 1) * ids.CHUNK, tile_len), select_row, n_lo, n_hi, outside, kb,
                                     ka, delta_b, delta_b_hi, quantile_scale, DIVERGENCE, HAS_MASK, BLOCK)
